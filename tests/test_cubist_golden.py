@@ -194,3 +194,27 @@ def test_unmerge_checks_shape():
 def test_merge_1d_bad_r():
     with pytest.raises(ValueError, match="r must be an integer >= 0"):
         merge_1d(torch.zeros(4, 2), -1)
+
+
+def test_bench_plugin_reports_ratio_and_agreement(capsys):
+    import argparse
+    import json
+
+    from golden import bench_cubist
+
+    parser = argparse.ArgumentParser()
+    bench_cubist.add_arguments(parser)
+    args = parser.parse_args(["--repeats", "2", "--agreement", "2", "--json"])
+    assert bench_cubist.run(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["threads"] == 1 and res["tome_r"] == 52 and res["repeats"] == 2
+    assert res["ratio"] == pytest.approx(res["median_ms"]["cubist"] / res["median_ms"]["tome"],
+                                         abs=0.01)
+    assert res["met"] == (res["ratio"] <= 2.0)
+    assert [(a["inputs"], a["frac_bits"]) for a in res["agreement"]] == [
+        (k, f) for k in ("random", "smooth") for f in (12, 16, 20)
+    ]
+    assert all(a["removed"] == 2 * 52 for a in res["agreement"])
+    assert "ratio cubist/tome" in bench_cubist.to_markdown(res)
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1, got 0"):
+        bench_cubist.run_bench(repeats=0)
