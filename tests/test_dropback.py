@@ -1,0 +1,208 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from golden.dropback import Dropback
+from golden.prng import CounterInit
+from golden.quantile import quantile_pass
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(40, 30, generator=g).requires_grad_(),
+            torch.randn(40, generator=g).requires_grad_(),
+            torch.randn(10, 40, generator=g).requires_grad_()]
+
+
+def _grads(params, step, scale=0.1):
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * scale
+
+
+def _flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def test_topk_exact_count_reset_and_decay_sequence():
+    ps = _params()
+    w0 = [p.detach().clone() for p in ps]
+    opt = Dropback(ps, lr=0.5, track_size=123, init_decay=0.8)
+    decays = []
+    for t in range(6):
+        _grads(ps, t)
+        opt.step()
+        decays.append(opt.decay)
+        mask = _flat(opt.mask)
+        assert int(mask.sum()) == 123 == opt.tracked_count
+        target = _flat([w * np.float32(opt.decay) for w in w0])
+        assert torch.equal(_flat(ps)[~mask], target[~mask])
+    expect = [1.0]
+    for _ in range(5):
+        expect.append(expect[-1] * 0.8)  # multiplied once per step after the first
+    assert decays == expect
+
+
+def test_topk_tracks_largest_scores_and_ties_go_to_lower_index():
+    p = torch.zeros(10, requires_grad=True)
+    opt = Dropback([p], lr=1.0, track_size=4)
+    p.grad = -torch.tensor([1.0, 5.0, 2.0, 2.0, 5.0, 2.0, 0.0, 2.0, 3.0, 2.0])
+    opt.step()
+    # 5, 5, 3 are tracked; of the five 2.0 ties the lowest index (2) wins
+    assert opt.mask[0].nonzero().view(-1).tolist() == [1, 2, 4, 8]
+    assert opt.threshold == 2.0
+
+
+def test_full_budget_equals_sgd_with_momentum_and_weight_decay():
+    ps, ref = _params(), _params()
+    opt = Dropback(ps, lr=0.1, track_size=sum(p.numel() for p in ps),
+                   momentum=0.9, weight_decay=1e-2)
+    sgd = torch.optim.SGD(ref, lr=0.1, momentum=0.9, weight_decay=1e-2)
+    for t in range(5):
+        _grads(ps, t)
+        _grads(ref, t)
+        opt.step()
+        sgd.step()
+        for p, r in zip(ps, ref):
+            assert torch.equal(p, r)
+        for p, r in zip(ps, ref):
+            assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[r]["momentum_buffer"])
+
+
+def test_tracked_weights_follow_sgd_and_untracked_momentum_is_reset():
+    ps = _params()
+    opt = Dropback(ps, lr=0.1, track_size=500, momentum=0.9)
+    _grads(ps, 0)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in ps]
+    _grads(ps, 1)
+    expect = [w - 0.1 * (0.9 * b + p.grad) for w, b, p in zip(before, bufs, ps)]
+    opt.step()
+    m = _flat(opt.mask)
+    assert torch.allclose(_flat(ps)[m], _flat(expect)[m], rtol=0, atol=1e-6)
+    assert torch.all(_flat([opt.state[p]["momentum_buffer"] for p in ps])[~m] == 0)
+    # untracked buffers were reset at step 1, so a tracked buffer is g1 + 0.9*(g0 or 0)
+    assert bool(_flat([opt.state[p]["momentum_buffer"] for p in ps])[m].abs().gt(0).all())
+
+
+def test_quantile_mode_matches_sgd_then_estimator_pass():
+    ps, ref = _params(), _params()
+    n = sum(p.numel() for p in ps)
+    q = 1 - 300 / n
+    opt = Dropback(ps, lr=0.3, track_size=300, quantile=q, q_init=0.05, q_step=1e-3,
+                   init_decay=0.9)
+    w0 = [p.detach().clone() for p in ref]
+    theta = np.float32(0.05)
+    decay = 1.0
+    for t in range(4):
+        _grads(ps, t)
+        _grads(ref, t)
+        opt.step()
+        decay = decay * 0.9 if t else 1.0
+        with torch.no_grad():
+            for r in ref:
+                r.add_(r.grad, alpha=-0.3)
+            scores = _flat([(r - np.float32(decay) * w).abs() for r, w in zip(ref, w0)])
+            mask, theta = quantile_pass(scores.numpy(), theta, q, 1e-3)
+            mask = torch.from_numpy(mask)
+            flat = _flat(ref)
+            flat[~mask] = _flat([np.float32(decay) * w for w in w0])[~mask]
+            off = 0
+            for r in ref:
+                r.copy_(flat[off:off + r.numel()].view(r.shape))
+                off += r.numel()
+        assert torch.equal(_flat(opt.mask), mask)
+        assert opt.tracked_count == int(mask.sum())
+        assert opt.threshold == float(theta)
+        for p, r in zip(ps, ref):
+            assert torch.equal(p, r)
+
+
+def test_counter_init_keeps_no_copy_and_matches_stored():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 4))
+    b = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 4))
+    CounterInit(5).apply_(a.parameters())
+    CounterInit(5).apply_(b.parameters())
+    oa = Dropback(a.parameters(), lr=0.2, track_size=40, init_decay=0.9,
+                  init=CounterInit(5))
+    ob = Dropback(b.parameters(), lr=0.2, track_size=40, init_decay=0.9)
+    for p in a.parameters():
+        for v in oa.state[p].values():
+            assert not (isinstance(v, torch.Tensor) and v.is_floating_point()
+                        and v.numel() == p.numel())
+    x = torch.randn(32, 12)
+    y = torch.randint(0, 4, (32,))
+    for _ in range(8):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.equal(pa, pb)
+    assert torch.equal(_flat(oa.mask), _flat(ob.mask))
+
+
+_RUN = """
+import torch
+from golden.dropback import Dropback
+from golden.prng import CounterInit
+ps = [torch.zeros(50, 20, requires_grad=True), torch.zeros(50, requires_grad=True)]
+CounterInit(9).apply_(ps)
+o = Dropback(ps, lr=0.1, track_size=100, quantile=0.9, q_step=1e-3, init=CounterInit(9))
+for t in range(3):
+    g = torch.Generator().manual_seed(t)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+    o.step()
+print(torch.cat([p.detach().view(-1) for p in ps]).tolist())
+"""
+
+
+def test_regeneration_reproducible_across_processes():
+    outs = [subprocess.run([sys.executable, "-c", _RUN], capture_output=True, text=True,
+                           check=True).stdout for _ in range(2)]
+    assert outs[0] == outs[1] and len(outs[0]) > 100
+
+
+def test_params_without_grad_are_left_alone():
+    ps = _params()
+    before = ps[1].detach().clone()
+    opt = Dropback(ps, lr=0.1, track_size=100)
+    _grads(ps, 0)
+    ps[1].grad = None
+    opt.step()
+    assert torch.equal(ps[1], before)
+    assert int(opt.mask[0].sum() + opt.mask[2].sum()) == 100
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(track_size=-1), r"track_size must be an integer in \[0, 1640\]"),
+    (dict(track_size=1641), r"track_size must be an integer in \[0, 1640\]"),
+    (dict(track_size=2.5), r"track_size must be an integer in \[0, 1640\]"),
+    (dict(lr=-0.1), r"lr must be a finite number >= 0"),
+    (dict(momentum=-0.5), r"momentum must be in \[0, 1\)"),
+    (dict(weight_decay=-1), r"weight_decay must be a finite number >= 0"),
+    (dict(init_decay=0.0), r"init_decay must be in \(0, 1\]"),
+    (dict(init_decay=1.5), r"init_decay must be in \(0, 1\]"),
+    (dict(quantile=1.0), r"quantile must be in \(0, 1\)"),
+    (dict(quantile=0.0), r"quantile must be in \(0, 1\)"),
+    (dict(quantile=0.5, q_step=0), r"q_step must be in \(0, 1\)"),
+    (dict(quantile=0.5, q_init=-1), r"q_init must be a finite number > 0"),
+    (dict(init=3), r"init must be None or a CounterInit"),
+])
+def test_bad_arguments(kwargs, msg):
+    args = dict(lr=0.1, track_size=10)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=msg):
+        Dropback(_params(), **args)
+
+
+def test_non_float32_params_rejected():
+    with pytest.raises(ValueError, match="params must be contiguous float32 CPU tensors"):
+        Dropback([torch.zeros(3, dtype=torch.float64, requires_grad=True)], lr=0.1,
+                 track_size=1)
