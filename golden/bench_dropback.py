@@ -1,0 +1,140 @@
+"""Benchmark: one Dropback/Procrustes optimizer step vs one ``torch.optim.SGD`` step.
+
+Parameter set: the 62 tensors of torchvision's ResNet-18 (11,689,512 elements),
+built as plain float32 tensors with random gradients; ``track_size = N/10``.
+Modes run interleaved (one step of each per repeat, fresh copies of the same
+weights), the median per mode is taken, and each is reported as a ratio to
+the SGD median measured in the same run. Target: ratio <= 3.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from golden.dropback import Dropback
+from golden.prng import CounterInit
+
+HELP = "optimizer step time of Dropback/Procrustes vs torch SGD on ResNet-18-sized parameters"
+TARGET_RATIO = 3.0
+RESNET18_NUMEL = 11_689_512
+
+
+def resnet18_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of ResNet-18 (ImageNet head), in ``model.parameters()`` order."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            first_in = cin if block == 0 else cout
+            shapes += [(cout, first_in, 3, 3), (cout,), (cout,)]
+            shapes += [(cout, cout, 3, 3), (cout,), (cout,)]
+            if block == 0 and (stride != 1 or cin != cout):
+                shapes += [(cout, cin, 1, 1), (cout,), (cout,)]
+        cin = cout
+    shapes += [(1000, 512), (1000,)]
+    return shapes
+
+
+def make_params(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in resnet18_shapes():
+        p = (torch.rand(shape, generator=gen) * 2 - 1) * 0.05
+        p.requires_grad_(True)
+        p.grad = torch.randn(shape, generator=gen) * 1e-3
+        params.append(p)
+    return params
+
+
+def _clone(params):
+    out = []
+    for p in params:
+        c = p.detach().clone().requires_grad_(True)
+        c.grad = p.grad.clone()
+        out.append(c)
+    return out
+
+
+def run_bench(repeats: int = 7, lr: float = 0.01, ratio: int = 10, threads: int = 1) -> dict:
+    """Medians and ratios vs SGD. ``threads``: torch threads during the run (the
+    numba kernels are single-threaded, so 1 compares like with like; on shared
+    cores a multi-threaded SGD step is also very noisy)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, not {repeats}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, not {threads}")
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(repeats, lr, ratio)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(repeats: int, lr: float, ratio: int) -> dict:
+    base = make_params()
+    n = sum(p.numel() for p in base)
+    k = n // ratio
+    q = 1.0 - k / n
+    makers = {
+        "sgd": lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.0),
+        "dropback_topk": lambda ps: Dropback(ps, lr, k),
+        "dropback_topk_counter": lambda ps: Dropback(ps, lr, k, init=CounterInit(1)),
+        "procrustes_quantile": lambda ps: Dropback(ps, lr, k, quantile=q, init_decay=0.9),
+        "procrustes_quantile_counter": lambda ps: Dropback(
+            ps, lr, k, quantile=q, init_decay=0.9, init=CounterInit(1)),
+    }
+    opts = {}
+    for name, make in makers.items():
+        opts[name] = make(_clone(base))
+        opts[name].step()  # warm-up: numba compilation, first-step buffers
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    tracked: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+            if isinstance(opt, Dropback):
+                tracked[name] = opt.tracked_count
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = []
+    for name in makers:
+        if name == "sgd":
+            continue
+        r = med[name] / med["sgd"]
+        rows.append(dict(mode=name, ratio_vs_sgd=round(r, 2), met=bool(r <= TARGET_RATIO),
+                         tracked=tracked[name], target_tracked=k))
+    return dict(numel=n, track_size=k, repeats=repeats, threads=torch.get_num_threads(),
+                median_ms={name: round(t * 1e3, 2) for name, t in med.items()},
+                target_ratio=TARGET_RATIO, rows=rows)
+
+
+def to_markdown(res: dict) -> str:
+    lines = [f"Optimizer step, ResNet-18 parameter set: N = {res['numel']:,}, "
+             f"track_size = {res['track_size']:,}, median of {res['repeats']} interleaved "
+             f"repeats, {res['threads']} torch threads",
+             "",
+             "| mode | step time / SGD step | target <= 3.0 | tracked |",
+             "|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['mode']} | {r['ratio_vs_sgd']:.2f} | "
+                     f"{'met' if r['met'] else 'NOT met'} | {r['tracked']:,} |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+
+
+def run(args) -> int:
+    res = run_bench(repeats=args.repeats, threads=args.threads)
+    print(json.dumps(res, indent=2) if args.json else to_markdown(res))
+    return 0
