@@ -82,8 +82,11 @@ class Merge2D(NamedTuple):
 
 def adjacent_cosine(lines: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of adjacent tokens, ``[..., N, C] -> [..., N - 1]`` float32."""
+    # The formula of torch.nn.functional.cosine_similarity (each vector divided by
+    # max(norm, eps), then the dot product), normalizing every token once.
     x = lines.float()
-    return F.cosine_similarity(x[..., :-1, :], x[..., 1:, :], dim=-1)
+    unit = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-8)
+    return (unit[..., :-1, :] * unit[..., 1:, :]).sum(-1)
 
 
 def _lowest(dtype: torch.dtype) -> float | int:
@@ -97,7 +100,6 @@ def _pass_1d(x: torch.Tensor, s: torch.Tensor, r: int) -> Merge1D:
     """
     n = x.shape[-2]
     k = n // 2
-    e = (n + 1) // 2
     r = min(r, k)
     lead = x.shape[:-2]
     dev = x.device
@@ -115,21 +117,23 @@ def _pass_1d(x: torch.Tensor, s: torch.Tensor, r: int) -> Merge1D:
     removed = torch.zeros(lead + (n,), dtype=torch.bool, device=dev)
     removed[..., 1 : 2 * k : 2] = removed_cand
 
-    # Merge into the even positions e = 2m: left source is odd token m-1 (if removed
-    # and pointing right), right source is odd token m (if removed and pointing left).
-    acc = x[..., 0::2, :]
-    odd = F.pad(x[..., 1::2, :], (0, 0, 1, e - k))  # index j+1 holds odd token j
-    from_left = F.pad(removed_cand & points_right, (1, e - k))
-    from_right = F.pad(removed_cand & ~points_right, (1, e - k))
-    sources = ((from_left[..., :e], odd[..., :e, :]), (from_right[..., 1:], odd[..., 1:, :]))
-    for flags, src in sources:  # left source first: it wins a tie against the right one
-        take = flags.unsqueeze(-1) & (src.abs() > acc.abs())
-        acc = torch.where(take, src, acc)
-    y = x.clone()
-    y[..., 0::2, :] = acc
-
-    keep_pos = torch.argsort(removed.to(torch.uint8), dim=-1, stable=True)[..., : n - r]
-    merged = torch.gather(y, -2, keep_pos.unsqueeze(-1).expand(lead + (n - r, x.shape[-1])))
+    # Merge, touching only the r removed tokens per line (flattened to rows).  Sources
+    # pointing right are the left sources of their destination and go first; a
+    # destination has at most one source of each kind, so no phase writes it twice.
+    c = x.shape[-1]
+    xf = x.reshape(-1, n, c)
+    nrows = xf.shape[0]
+    rows = torch.arange(nrows, device=dev).unsqueeze(-1).expand(nrows, r)
+    src = order[..., :r].reshape(nrows, r)
+    src_right = torch.gather(points_right.reshape(nrows, k), -1, src)
+    src_val = xf[rows, 2 * src + 1]
+    dst = 2 * src + 2 * src_right.long()
+    y = xf.clone()
+    for phase in (src_right, ~src_right):
+        at = (rows[phase], dst[phase])
+        cur, val = y[at], src_val[phase]
+        y[at] = torch.where(val.abs() > cur.abs(), val, cur)
+    merged = y[~removed.reshape(nrows, n)].reshape(lead + (n - r, c))
 
     arange = torch.arange(n, device=dev)
     target = arange.expand(lead + (n,)).clone()
