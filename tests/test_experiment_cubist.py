@@ -37,7 +37,7 @@ def test_quick_run_writes_outputs_and_is_deterministic(tmp_path, capsys):
     assert len(rows) == 3 * 5
     assert first["config"]["quick"] and first["config"]["train_images"] == 512
     by = {(r["kind"], r["method"], r["setting"][:8]): r for r in rows}
-    for kind, prefix in (("deit", 1), ("sam", 0), ("dino", 3)):
+    for kind in ("deit", "sam", "dino"):
         assert by[(kind, "baseline", "-")]["tokens_final"] == 64
         cub = [r for r in rows if r["kind"] == kind and r["method"] == "CubistMerge"]
         assert [r["tokens_final"] for r in cub] == [49, 36]
@@ -48,7 +48,9 @@ def test_quick_run_writes_outputs_and_is_deterministic(tmp_path, capsys):
     tome = [r for r in rows if r["method"] == "ToMe"]
     assert [r["note"] for r in tome if r["kind"] != "deit"] == [cubist.TOME_NA] * 4
     deit_tome = [r for r in tome if r["kind"] == "deit"]
-    cub_avg = [r["tokens_avg"] for r in rows if r["kind"] == "deit" and r["method"] == "CubistMerge"]
+    cub_avg = [
+        r["tokens_avg"] for r in rows if r["kind"] == "deit" and r["method"] == "CubistMerge"
+    ]
     for r, target in zip(deit_tome, cub_avg):
         assert r["note"] == "" and abs(r["tokens_avg"] - target) <= 1.5  # matched count
     assert "n/a: ToMe breaks the rectangular grid" in printed
