@@ -52,7 +52,8 @@ def _load_plugin(module: str, what: str):
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and (module == e.name or module.startswith(e.name + ".")):
-            raise UsageError(f"procube: {what} is not available yet ({module} does not exist)")
+            raise UsageError(
+                f"procube: {what} is not available yet ({module} does not exist)") from None
         raise
 
 

@@ -108,7 +108,8 @@ class StructCodec:
             shape = Shape.cast(fld.shape)
             fields.append((name, fld.width, shape.signed))
         codec = cls(fields)
-        for (name, offset, _, _), (_, fld) in zip(codec.fields, sorted(layout, key=lambda i: i[1].offset)):
+        ordered = sorted(layout, key=lambda item: item[1].offset)
+        for (name, offset, _, _), (_, fld) in zip(codec.fields, ordered):
             if offset != fld.offset:
                 raise ValueError(f"field {name} is not packed contiguously")
         return codec
