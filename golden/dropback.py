@@ -126,14 +126,55 @@ def _topk_mask(bits, thr, need_eq, eq_seen, mask):
     return eq_seen
 
 
-@numba.njit(cache=False)
-def _reset(w, buf, w0, seed, bound, counter, mom, d32, mask):
-    """Every untracked weight to d32*w0, its momentum to 0 (branch-free)."""
+@numba.njit(inline="always")
+def _reset_loop(w, buf, w0, seed, bound, counter, mom, d32, mask):
     for j in range(w.shape[0]):
         t = mask[j]
         w[j] = w[j] if t else d32 * _w0(w0, j, seed, bound, counter)
         if mom != 0:
             buf[j] = buf[j] if t else np.float32(0)
+
+
+@numba.njit(inline="always")
+def _reset_thr_loop(w, buf, w0, seed, bound, counter, mom, d32, bits, thr, mask):
+    for j in range(w.shape[0]):
+        t = bits[j] >= thr
+        mask[j] = t
+        w[j] = w[j] if t else d32 * _w0(w0, j, seed, bound, counter)
+        if mom != 0:
+            buf[j] = buf[j] if t else np.float32(0)
+
+
+@numba.njit(cache=False)
+def _reset(w, buf, w0, seed, bound, counter, mom, d32, mask):
+    """Every untracked weight to d32*w0, its momentum to 0 (branch-free; the
+    flags are literals in each inlined variant, as in :func:`_update_score`)."""
+    z = np.float32(0)
+    if counter:
+        if mom == 0:
+            _reset_loop(w, buf, w0, seed, bound, True, z, d32, mask)
+        else:
+            _reset_loop(w, buf, w0, seed, bound, True, mom, d32, mask)
+    elif mom == 0:
+        _reset_loop(w, buf, w0, seed, bound, False, z, d32, mask)
+    else:
+        _reset_loop(w, buf, w0, seed, bound, False, mom, d32, mask)
+
+
+@numba.njit(cache=False)
+def _reset_thr(w, buf, w0, seed, bound, counter, mom, d32, bits, thr, mask):
+    """Top-k mask ``bits >= thr`` and reset, in one pass (when every score equal
+    to the threshold is tracked, the common case)."""
+    z = np.float32(0)
+    if counter:
+        if mom == 0:
+            _reset_thr_loop(w, buf, w0, seed, bound, True, z, d32, bits, thr, mask)
+        else:
+            _reset_thr_loop(w, buf, w0, seed, bound, True, mom, d32, bits, thr, mask)
+    elif mom == 0:
+        _reset_thr_loop(w, buf, w0, seed, bound, False, z, d32, bits, thr, mask)
+    else:
+        _reset_thr_loop(w, buf, w0, seed, bound, False, mom, d32, bits, thr, mask)
 
 
 def _select_threshold(hist_hi: np.ndarray, k: int):
@@ -293,22 +334,30 @@ class Dropback(torch.optim.Optimizer):
         bits = self._scores.view(np.uint32)  # scores >= 0: bit order == value order
         k = min(self.track_size, n_scored)
         if k == 0:
-            thr, need_eq = np.uint32(0xFFFFFFFF), 0  # nothing is above: all untracked
+            for (_, w, _, buf, w0, seed, bound, counter, _, mom, _, mask) in work:
+                mask[:] = False
+            self._reset_all(work, d32)
             self.threshold = math.inf
-        else:
-            hist = np.zeros(65536, dtype=np.int64)
-            for (i, *_r) in work:
-                _high_hist(bits[off[i]:off[i + 1]], hist)
-            hi, gt = _select_threshold(hist, k)
-            low = np.zeros(65536, dtype=np.int64)
-            for (i, *_r) in work:
-                _low_hist(bits[off[i]:off[i + 1]], np.uint32(hi), low)
-            lo, gt2 = _select_threshold(low, k - gt)
-            thr = np.uint32((hi << 16) | lo)
-            need_eq = k - gt - gt2
-            self.threshold = float(thr.view(np.float32))
-        eq_seen = 0
-        for (i, *_r, mask) in work:
-            eq_seen = _topk_mask(bits[off[i]:off[i + 1]], thr, need_eq, eq_seen, mask)
-        self._reset_all(work, d32)
+            self.tracked_count = 0
+            return
+        hist = np.zeros(65536, dtype=np.int64)
+        for (i, *_r) in work:
+            _high_hist(bits[off[i]:off[i + 1]], hist)
+        hi, gt = _select_threshold(hist, k)
+        low = np.zeros(65536, dtype=np.int64)
+        for (i, *_r) in work:
+            _low_hist(bits[off[i]:off[i + 1]], np.uint32(hi), low)
+        lo, gt2 = _select_threshold(low, k - gt)
+        thr = np.uint32((hi << 16) | lo)
+        need_eq = k - gt - gt2
+        self.threshold = float(thr.view(np.float32))
+        if need_eq == low[lo]:  # every tie at the threshold fits: one fused pass
+            for (i, w, _, buf, w0, seed, bound, counter, _, mom, _, mask) in work:
+                _reset_thr(w, buf, w0, seed, bound, counter, mom, d32,
+                           bits[off[i]:off[i + 1]], thr, mask)
+        else:  # ties broken by index: mask pass, then reset
+            eq_seen = 0
+            for (i, *_r, mask) in work:
+                eq_seen = _topk_mask(bits[off[i]:off[i + 1]], thr, need_eq, eq_seen, mask)
+            self._reset_all(work, d32)
         self.tracked_count = k  # exact by construction (tests count the masks)

@@ -206,3 +206,17 @@ def test_non_float32_params_rejected():
     with pytest.raises(ValueError, match="params must be contiguous float32 CPU tensors"):
         Dropback([torch.zeros(3, dtype=torch.float64, requires_grad=True)], lr=0.1,
                  track_size=1)
+
+
+def test_zero_budget_and_all_tied_scores():
+    p = torch.ones(8, requires_grad=True)
+    opt = Dropback([p], lr=1.0, track_size=0)
+    p.grad = torch.full((8,), 0.5)
+    opt.step()
+    assert opt.tracked_count == 0 and not opt.mask[0].any()
+    assert torch.equal(p.detach(), torch.ones(8))
+    q = torch.ones(8, requires_grad=True)
+    opt = Dropback([q], lr=1.0, track_size=3)
+    q.grad = torch.zeros(8)  # every score is 0: the three lowest indices win
+    opt.step()
+    assert opt.mask[0].nonzero().view(-1).tolist() == [0, 1, 2]
