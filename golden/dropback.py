@@ -334,7 +334,7 @@ class Dropback(torch.optim.Optimizer):
         bits = self._scores.view(np.uint32)  # scores >= 0: bit order == value order
         k = min(self.track_size, n_scored)
         if k == 0:
-            for (_, w, _, buf, w0, seed, bound, counter, _, mom, _, mask) in work:
+            for (*_r, mask) in work:
                 mask[:] = False
             self._reset_all(work, d32)
             self.threshold = math.inf

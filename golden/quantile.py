@@ -63,9 +63,15 @@ def quantile_pass_reference(scores, theta: float, q: float, q_step: float):
 @numba.njit(cache=False)
 def _pass(s, theta, up, down, mask):
     for i in range(s.shape[0] - 1, -1, -1):
+        # Both products are formed while the compare resolves; up >= down and
+        # theta >= 0, so max/min pick theta*up / theta*down exactly. Written as
+        # theta * (up if t else down) LLVM keeps the multiply after the compare
+        # on the loop-carried chain (measured 51 ms vs 38 ms for 11.7M scores).
+        a = theta * up
+        b = theta * down
         t = theta < s[i]
         mask[i] = t
-        theta = theta * (up if t else down)  # a select, not a branch
+        theta = max(a, b) if t else min(a, b)
     return theta
 
 
