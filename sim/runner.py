@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -78,6 +79,18 @@ def to_verilog(component, name: str = "top") -> str:
     from amaranth.back import verilog
 
     return verilog.convert(component, name=name, emit_src=False)
+
+
+_YOSYS_TIME0 = re.compile(r"^(\s*reg (\\\$auto\$verilog_backend\S+\s+))= 0;$", re.M)
+
+
+def _icarus_compat(text: str) -> str:
+    """Icarus 11 applies declaration initializers before any process starts, so the
+    register Yosys adds to evaluate every ``always @*`` block at time 0 never changes,
+    and a block whose inputs keep their initial values (e.g. an FSM output decoded from a
+    state that stays at its reset value) is never run: its outputs stay X. Assigning
+    that register after a ``#0`` delay makes it an event every such block sees."""
+    return _YOSYS_TIME0.sub(r"\1;\n  initial #0 \2= 1'h0;", text)
 
 
 def _verilator_root() -> Path | None:
@@ -173,6 +186,8 @@ def simulate(
         raise SimulatorUnavailable(f"{simulator}: {reason}")
     if verilog is None:
         verilog = to_verilog(component, name=name)
+    if simulator == "icarus":
+        verilog = _icarus_compat(verilog)
     build_args: list[str] = []
     if simulator == "verilator":
         build_args = [f"-Wno-{w}" for w in VERILATOR_WAIVERS] + ["-O2", "--x-assign", "0"]

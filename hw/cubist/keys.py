@@ -1,0 +1,253 @@
+"""Similarity-key datapath of the merge unit: dot products, norms and the key divider.
+
+* :class:`KeyFront` takes a stream of token beats (P lanes each, B beats a token) and,
+  at the end of every token that has a predecessor, emits a job ``(d, na, nb)``:
+  ``d = <prev, new>``, ``na = |prev|^2`` (stored when ``prev`` went through) and
+  ``nb = |new|^2``. The predecessor's beats are kept in a token memory indexed by
+  ``tok`` (one slot for the horizontal pass, one per column for the vertical pass).
+* :class:`KeyDivider` turns jobs into keys ``sign(d) * floor(d^2 * 2^F / (na * nb))``
+  (0 if ``na * nb == 0``): two multipliers, then ``n`` restoring dividers used round
+  robin, each producing ``k`` quotient bits a cycle.
+
+Neither has backpressure: jobs come at most one per B cycles (one per token), and the
+divider bank is sized at elaboration so that it accepts one job every B cycles. Keys
+leave in job order (all dividers have the same latency).
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.lib.memory import Memory
+
+__all__ = ["KeyDivider", "KeyFront", "clog2", "divider_plan", "lanes_of", "norm_bits"]
+
+
+def clog2(n: int) -> int:
+    """Bits of an index into ``n`` entries (0 for n <= 1)."""
+    return max(n - 1, 0).bit_length()
+
+
+def norm_bits(c: int, width: int) -> int:
+    """Bits of the largest squared norm ``C * 4^(width-1)``."""
+    return (c << (2 * (width - 1))).bit_length()
+
+
+def lanes_of(value, p: int, width: int) -> list:
+    """The P signed lanes of a raw ``P*width``-bit vector (lane 0 in the low bits)."""
+    return [value[k * width:(k + 1) * width].as_signed() for k in range(p)]
+
+
+def _tree(m: Module, terms: list, shape, name: str, levels_per_stage: int = 2):
+    """Pipelined adder tree: returns (sum, stages added)."""
+    level, stages, depth = list(terms), 0, 0
+    while len(level) > 1:
+        nxt = [level[i] + level[i + 1] if i + 1 < len(level) else level[i]
+               for i in range(0, len(level), 2)]
+        depth += 1
+        if depth % levels_per_stage == 0 and len(nxt) > 1:
+            regs = []
+            for n, v in enumerate(nxt):
+                r = Signal(shape, name=f"{name}_s{stages}_{n}")
+                m.d.sync += r.eq(v)
+                regs.append(r)
+            nxt, stages = regs, stages + 1
+        level = nxt
+    return level[0], stages
+
+
+class KeyFront(Elaboratable):
+    """Dot product and norms of each token with its predecessor (same ``tok`` slot).
+
+    Inputs (one beat per cycle at most): ``valid``, ``data`` (P*width bits), ``c``
+    (beat index), ``tok`` (slot of the predecessor / of this token), ``end`` (last
+    beat of the token), ``has_prev`` (emit a job at this token's end).
+    Outputs: ``job_valid`` (one cycle), ``job_d``, ``job_na``, ``job_nb``.
+    """
+
+    def __init__(self, *, p: int, width: int, beats: int, tokens: int, c: int):
+        self.p, self.width, self.beats, self.tokens = p, width, beats, tokens
+        self.cb, self.tb = clog2(beats), clog2(tokens)
+        self.nw = norm_bits(c, width)
+        self.dw = self.nw + 1
+        self.valid = Signal()
+        self.data = Signal(p * width)
+        self.c = Signal(range(beats))
+        self.tok = Signal(range(tokens))
+        self.end = Signal()
+        self.has_prev = Signal()
+        self.job_valid = Signal()
+        self.job_d = Signal(signed(self.dw))
+        self.job_na = Signal(unsigned(self.nw))
+        self.job_nb = Signal(unsigned(self.nw))
+
+    def elaborate(self, platform):
+        m = Module()
+        p, w = self.p, self.width
+        m.submodules.prev = prev = Memory(shape=p * w, depth=1 << (self.cb + self.tb), init=[])
+        pw = prev.write_port()
+        pr = prev.read_port(transparent_for=())  # old value: the predecessor's beat
+        addr = Cat(self.c, self.tok) if self.cb + self.tb else Const(0, 1)
+        m.d.comb += [pw.addr.eq(addr), pw.data.eq(self.data), pw.en.eq(self.valid),
+                     pr.addr.eq(addr)]
+
+        # stage 1: new beat registered beside the old beat from memory
+        v1, x1 = Signal(), Signal(p * w)
+        ctl = [(self.c == 0, "first"), (self.end, "end"), (self.has_prev, "hp")]
+        c1 = {n: Signal(name=f"{n}1") for _, n in ctl}
+        tok1 = Signal.like(self.tok)
+        m.d.sync += [v1.eq(self.valid), x1.eq(self.data), tok1.eq(self.tok)]
+        m.d.sync += [c1[n].eq(s) for s, n in ctl]
+
+        # stage 2: products registered
+        prod = signed(2 * w + 1)
+        new, old = lanes_of(x1, p, w), lanes_of(pr.data, p, w)
+        pd = [Signal(prod, name=f"pd{k}") for k in range(p)]
+        ps = [Signal(prod, name=f"ps{k}") for k in range(p)]
+        m.d.sync += [pd[k].eq(new[k] * old[k]) for k in range(p)]
+        m.d.sync += [ps[k].eq(new[k] * new[k]) for k in range(p)]
+
+        # adder trees (registered every two levels), then one more register
+        sum_shape = signed(2 * w + 1 + clog2(p) + 1)
+        sd, st = _tree(m, pd, sum_shape, "td")
+        sn, _ = _tree(m, ps, sum_shape, "tn")
+        delay = 2 + st  # stages from the input register to the sum register
+        sdr, snr = Signal(sum_shape), Signal(sum_shape)
+        m.d.sync += [sdr.eq(sd), snr.eq(sn)]
+
+        def delayed(sig, n, name):
+            for i in range(n):
+                r = Signal.like(sig, name=f"{name}_d{i}")
+                m.d.sync += r.eq(sig)
+                sig = r
+            return sig
+
+        va = delayed(v1, delay, "v")
+        ca = {n: delayed(c1[n], delay, n) for _, n in ctl}
+        toka = delayed(tok1, delay, "tok")
+
+        # accumulate stage (a): running sums, predecessor's norm read at the first beat
+        acc_d = Signal(signed(self.dw + 1))
+        acc_n = Signal(unsigned(self.nw + 1))
+        m.submodules.norms = norms = Memory(shape=self.nw, depth=max(self.tokens, 1), init=[])
+        nw_ = norms.write_port()
+        nr = norms.read_port(transparent_for=(nw_,))
+        with m.If(va):
+            m.d.sync += [acc_d.eq(Mux(ca["first"], 0, acc_d) + sdr),
+                         acc_n.eq(Mux(ca["first"], 0, acc_n) + snr)]
+        m.d.comb += [nr.addr.eq(toka), nr.en.eq(va & ca["first"])]
+        vb, endb, hpb, tokb = Signal(), Signal(), Signal(), Signal.like(self.tok)
+        m.d.sync += [vb.eq(va), endb.eq(ca["end"]), hpb.eq(ca["hp"]), tokb.eq(toka)]
+        # stage b: token complete
+        done = vb & endb
+        m.d.comb += [nw_.addr.eq(tokb), nw_.data.eq(acc_n), nw_.en.eq(done),
+                     self.job_valid.eq(done & hpb), self.job_d.eq(acc_d),
+                     self.job_na.eq(nr.data), self.job_nb.eq(acc_n)]
+        return m
+
+
+def divider_plan(frac_bits: int, beats: int, max_units: int = 3) -> tuple[int, int]:
+    """``(bits_per_cycle, units)``: the slowest divider bank that takes a job every
+    ``beats`` cycles, with at most ``max_units`` dividers."""
+    for k in range(1, frac_bits + 1):
+        busy = -(-frac_bits // k) + 1  # cycles a divider is occupied per job
+        units = -(-busy // beats)
+        if units <= max_units:
+            return k, units
+    return frac_bits, 2
+
+
+class _Divider(Elaboratable):
+    """Restoring fraction divider: ``q = floor(num * 2^F / den)`` for ``num <= den``."""
+
+    def __init__(self, nbits: int, frac_bits: int, k: int):
+        self.f, self.k = frac_bits, k
+        self.start = Signal()
+        self.num = Signal(nbits)
+        self.den = Signal(nbits)
+        self.neg = Signal()
+        self.done = Signal()
+        self.key = Signal(signed(frac_bits + 2))
+        self.rbits = nbits + 1
+
+    def _steps(self, r, qq, den, n):
+        for _ in range(n):
+            r2 = Cat(Const(0, 1), r)[:self.rbits]
+            ge = r2 >= den
+            r = Mux(ge, r2 - den, r2)
+            qq = Cat(ge, qq)[:self.f + 1]
+        return r, qq
+
+    def elaborate(self, platform):
+        m = Module()
+        f, k = self.f, self.k
+        rem = Signal(self.rbits)
+        den = Signal(self.rbits)
+        q = Signal(f + 1)
+        neg, zero = Signal(), Signal()
+        cycles = -(-f // k)
+        first = f - k * (cycles - 1)  # fraction steps done in the load cycle (1..k)
+        cnt = Signal(range(cycles + 1))
+
+        m.d.sync += self.done.eq(0)
+        with m.If(self.start):
+            # the integer bit, then the first fraction steps, against the input divisor
+            ge0 = self.num >= self.den
+            r, qq = self._steps(Mux(ge0, self.num - self.den, self.num), ge0, self.den, first)
+            m.d.sync += [rem.eq(r), q.eq(qq), den.eq(self.den), neg.eq(self.neg),
+                         zero.eq(self.den == 0), cnt.eq(cycles - 1)]
+            if cycles == 1:
+                m.d.sync += self.done.eq(1)
+        with m.Elif(cnt != 0):
+            r, qq = self._steps(rem, q, den, k)
+            m.d.sync += [rem.eq(r), q.eq(qq), cnt.eq(cnt - 1)]
+            with m.If(cnt == 1):
+                m.d.sync += self.done.eq(1)
+        qs = Signal(signed(f + 2))
+        m.d.comb += [qs.eq(q), self.key.eq(Mux(zero, 0, Mux(neg, -qs, qs)))]
+        return m
+
+
+class KeyDivider(Elaboratable):
+    """Jobs ``(d, na, nb)`` in, keys out in order; ``latency`` cycles from job to key."""
+
+    def __init__(self, *, dw: int, nw: int, frac_bits: int, beats: int):
+        self.f = frac_bits
+        self.k, self.units = divider_plan(frac_bits, beats)
+        self.valid = Signal()
+        self.d = Signal(signed(dw))
+        self.na = Signal(unsigned(nw))
+        self.nb = Signal(unsigned(nw))
+        self.key_valid = Signal()
+        self.key = Signal(signed(frac_bits + 2))
+        self.nbits = 2 * nw
+        cycles = -(-frac_bits // self.k)
+        self.latency = 3 + cycles
+
+    def elaborate(self, platform):
+        m = Module()
+        nb = self.nbits
+        # M1: magnitudes registered; M2: products registered; M3: products again (DSP out)
+        v1, ad, neg1, a1, b1 = Signal(), Signal(self.d.shape().width), Signal(), \
+            Signal.like(self.na), Signal.like(self.nb)
+        m.d.sync += [v1.eq(self.valid), ad.eq(abs(self.d)), neg1.eq(self.d < 0),
+                     a1.eq(self.na), b1.eq(self.nb)]
+        v2, num2, den2, neg2 = Signal(), Signal(nb), Signal(nb), Signal()
+        m.d.sync += [v2.eq(v1), num2.eq(ad * ad), den2.eq(a1 * b1), neg2.eq(neg1)]
+        v3, num3, den3, neg3 = Signal(), Signal(nb), Signal(nb), Signal()
+        m.d.sync += [v3.eq(v2), num3.eq(num2), den3.eq(den2), neg3.eq(neg2)]
+        rr = Signal(range(max(self.units, 2)))
+        keys = []
+        for n in range(self.units):
+            div = _Divider(nb, self.f, self.k)
+            m.submodules[f"div{n}"] = div
+            m.d.comb += [div.start.eq(v3 & (rr == n)), div.num.eq(num3), div.den.eq(den3),
+                         div.neg.eq(neg3)]
+            keys.append(div)
+        with m.If(v3):
+            m.d.sync += rr.eq(Mux(rr == self.units - 1, 0, rr + 1))
+        m.d.comb += self.key_valid.eq(Cat(d.done for d in keys).any())
+        key = keys[0].key
+        for d in keys[1:]:
+            key = Mux(d.done, d.key, key)
+        m.d.comb += self.key.eq(key)
+        return m

@@ -1,0 +1,675 @@
+"""The CubistMerge spatial merge unit: ``golden/CUBIST_FIXED.md`` in gateware.
+
+The micro-architecture is described in ``hw/cubist/README.md``. In short, five stages
+run concurrently on up to three frames:
+
+``IN``     takes ``cfg`` and the token beats, checks the frame, writes prefix tokens to the
+           prefix buffer and grid tokens to the row buffer (a circular token buffer),
+           and computes the horizontal keys (``KeyFront`` + ``KeyDivider``).
+``H-RANK`` ranks the candidates of a row as their keys arrive (rank counters and
+           parallel comparators) and writes the row's decision to ``hdec``.
+``H-MERGE`` streams each decided row out of the row buffer, merging removed tokens into
+           their destination on the fly, writes the merged row into the frame buffer
+           (banked by row parity, double-buffered by frame) and computes the vertical keys
+           against the line buffer of the previous merged row.
+``V-RANK`` ranks the vertical candidates of every column (read-modify-write of a
+           per-column rank word) and writes each column's decision to ``vdec``.
+``OUT``    once a frame's vertical decisions are complete, emits the prefix tokens and the
+           merged grid (a token reads its destination and a source in one pass; a
+           three-way merge takes a second pass), and, concurrently, the merge map.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from ..common import StreamFIFO, check_int, check_pow2
+from .keys import KeyDivider, KeyFront, clog2, lanes_of
+from .layouts import (
+    ERR_CONFIG,
+    ERR_LAST_TOKEN,
+    ERR_LONG,
+    ERR_SHORT,
+    cfg_layout,
+    map_layout,
+    status_layout,
+    token_layout,
+    um_cfg_layout,
+)
+
+__all__ = ["CubistMerge", "mm_lanes"]
+
+SLOTS = 4  # per-frame slots of cfg / prefix / hdec; at most 3 frames in flight
+MAX_IN_FLIGHT = 3
+FIFO_DEPTH = 8
+
+
+def mm_lanes(a, b, p: int, width: int):
+    """Per lane: ``b`` if ``|b| > |a|`` else ``a`` (magnitudes with one extra bit)."""
+    out = []
+    for x, y in zip(lanes_of(a, p, width), lanes_of(b, p, width)):
+        ma = Mux(x < 0, -x, x)
+        mb = Mux(y < 0, -y, y)
+        out.append(Mux(mb > ma, y, x))
+    return Cat(*out)
+
+
+def _bits(value, n: int):
+    """The low ``n`` bits of an address field (n may be 0)."""
+    return value[:n]
+
+
+def rank_insert(k, score, scores, ranks, rank_shape):
+    """Insert candidate ``k`` with ``score`` among candidates ``0..k-1``.
+
+    Returns the new ranks: each earlier candidate with a lower score moves one place
+    back; the new candidate's rank is the number of earlier candidates with a score
+    at least as high (ties go to the earlier position).
+    """
+    gts = [score > s for s in scores]
+    before = [k > j for j in range(len(scores))]
+    ahead = [Mux(before[j] & ~gts[j], 1, 0) for j in range(len(scores))]
+    count = sum(ahead[1:], ahead[0]) if ahead else Const(0)
+    new = []
+    for j, r in enumerate(ranks):
+        bumped = Mux(before[j] & gts[j], r + 1, r)
+        new.append(Mux(k == j, count, bumped)[:rank_shape])
+    return new
+
+
+class CubistMerge(wiring.Component):
+    """CubistMerge spatial merge unit (bit-exact ``golden.cubist_fixed``).
+
+    Parameters (checked here, ``ValueError`` naming the parameter and its range):
+    ``h_max``, ``w_max`` (2..64), ``c`` (channels, 1..1024), ``lanes`` (power of two
+    dividing ``c``), ``width`` (8 or 16), ``frac_bits`` (8..24), ``max_prefix`` (0..16),
+    ``unmerge`` (include the unmerge unit), ``buffers`` (2: frame buffer double-buffered
+    so frames overlap; 1: single frame buffer, half the memory, frames no longer fully
+    overlapped).
+    """
+
+    def __init__(self, *, h_max: int = 14, w_max: int = 14, c: int = 64, lanes: int = 4,
+                 width: int = 8, frac_bits: int = 16, max_prefix: int = 4,
+                 unmerge: bool = True, buffers: int = 2):
+        self.h_max = check_int("h_max", h_max, 2, 64)
+        self.w_max = check_int("w_max", w_max, 2, 64)
+        self.c = check_int("c", c, 1, 1024)
+        self.lanes = check_pow2("lanes", lanes, 1, self.c)
+        if self.c % self.lanes:
+            raise ValueError(f"lanes must be a power of two dividing c={self.c}, not {lanes}")
+        if width not in (8, 16) or isinstance(width, bool):
+            raise ValueError(f"width must be 8 or 16, not {width!r}")
+        self.width = width
+        self.frac_bits = check_int("frac_bits", frac_bits, 8, 24)
+        self.max_prefix = check_int("max_prefix", max_prefix, 0, 16)
+        if unmerge not in (0, 1, True, False):
+            raise ValueError(f"unmerge must be 0 or 1, not {unmerge!r}")
+        self.has_unmerge = bool(unmerge)
+        if buffers not in (1, 2) or isinstance(buffers, bool):
+            raise ValueError(f"buffers must be 1 or 2, not {buffers!r}")
+        self.buffers = buffers
+        self.beats = self.c // self.lanes
+        tok = token_layout(width, lanes)
+        sig = {
+            "cfg": In(stream.Signature(cfg_layout())),
+            "i": In(stream.Signature(tok)),
+            "o": Out(stream.Signature(tok)),
+            "map": Out(stream.Signature(map_layout(h_max, w_max))),
+            "status": Out(stream.Signature(status_layout())),
+        }
+        if self.has_unmerge:
+            sig.update({
+                "um_cfg": In(stream.Signature(um_cfg_layout())),
+                "um_i": In(stream.Signature(tok)),
+                "um_map": In(stream.Signature(map_layout(h_max, w_max))),
+                "um_o": Out(stream.Signature(tok)),
+            })
+        super().__init__(sig)
+
+    # ------------------------------------------------------------------------------
+    def elaborate(self, platform):
+        m = Module()
+        P, WD, B, F = self.lanes, self.width, self.beats, self.frac_bits
+        KW = F + 2
+        CB = clog2(B)
+        S_BITS = clog2(2 * self.w_max)
+        S_BEATS = (1 << S_BITS) * B
+        KH, KV = self.w_max // 2, self.h_max // 2
+        RBH, RBV = max(1, clog2(KH + 1)), max(1, clog2(KV + 1))
+        WB, HB, HH = clog2(self.w_max), clog2(self.h_max), clog2((self.h_max + 1) // 2)
+        NB = self.buffers
+        PB = clog2(self.max_prefix)
+        LW = P * WD
+
+        def bank_of(slot):  # the frame-buffer bank as an address field
+            return slot[0:1] if NB == 2 else Const(0, 0)
+
+        def bidx(slot):  # the frame-buffer bank as an index
+            return slot[0] if NB == 2 else 0
+
+        # ---- per-frame configuration slots ---------------------------------------
+        names = ("h", "w", "r_h", "r_w", "prefix")
+        slot_cfg = {n: Array(Signal(8, name=f"slot{s}_{n}") for s in range(SLOTS))
+                    for n in names}
+        slot_err = Array(Signal(name=f"slot{s}_err") for s in range(SLOTS))
+
+        def cfg_of(slot):
+            return {n: slot_cfg[n][slot] for n in names}
+
+        in_flight = Signal(range(MAX_IN_FLIGHT + 1))
+        in_flight_inc, in_flight_dec = Signal(), Signal()
+        m.d.sync += in_flight.eq(in_flight + in_flight_inc - in_flight_dec)
+        bank_free = Array(Signal(init=1, name=f"bank_free{b}") for b in range(NB))
+        vdone = Array(Signal(name=f"vdone{b}") for b in range(NB))
+
+        # ---- memories -------------------------------------------------------------
+        m.submodules.rowbuf = rowbuf = Memory(shape=LW, depth=(1 << S_BITS) << CB, init=[])
+        rb_w, rb_r = rowbuf.write_port(), rowbuf.read_port()
+        if self.max_prefix:
+            m.submodules.prefbuf = prefbuf = Memory(
+                shape=LW, depth=SLOTS << (PB + CB), init=[])
+            pf_w, pf_r = prefbuf.write_port(), prefbuf.read_port()
+        m.submodules.hdec = hdec = Memory(shape=2 * KH, depth=SLOTS << HB, init=[])
+        hd_w = hdec.write_port()
+        hd_r_merge, hd_r_map = hdec.read_port(), hdec.read_port()
+        fb_w, fb_r = [], []
+        for par in range(2):
+            mem = Memory(shape=LW, depth=NB << (HH + WB + CB), init=[])
+            m.submodules[f"frame{par}"] = mem
+            fb_w.append(mem.write_port())
+            fb_r.append(mem.read_port())
+        vword = KV * KW + KV * RBV + KV + KW
+        m.submodules.vrank = vrank = Memory(shape=vword, depth=NB << WB, init=[])
+        vr_w = vrank.write_port()
+        vr_r = vrank.read_port(transparent_for=(vr_w,))
+        m.submodules.vdec = vdec = Memory(shape=2 * KV, depth=NB << WB, init=[])
+        vd_w = vdec.write_port()
+        vd_r_tok, vd_r_map = vdec.read_port(), vdec.read_port()
+
+        occ = Signal(range(S_BEATS + 1))
+        occ_inc, occ_dec = Signal(), Signal()
+        m.d.sync += occ.eq(occ + occ_inc - occ_dec)
+        rows_ready = Signal(S_BITS + 2)
+        rows_merged = Signal(S_BITS + 2)
+
+        # ======================= IN ==================================================
+        m.submodules.hfront = hfront = KeyFront(p=P, width=WD, beats=B, tokens=1, c=self.c)
+        cur = {n: Signal(8, name=f"in_{n}") for n in ("h", "w", "prefix")}
+        err = Signal(3)
+        good = Signal()
+        ph = Signal()  # prefix phase
+        pcnt = Signal(5)
+        i_r, j_r = Signal(8), Signal(8)
+        c_r = Signal(range(B))
+        slot_in = Signal(2)
+        frames = Signal(16)
+        wr_slot = Signal(S_BITS)
+        take, pad = Signal(), Signal()
+        occ_ok = Signal()
+        m.d.comb += occ_ok.eq(occ < S_BEATS)
+        adv = take | pad
+        end_tok = c_r == B - 1
+        final = end_tok & ~ph & (i_r == cur["h"] - 1) & (j_r == cur["w"] - 1)
+        beat_data = Mux(take, self.i.payload.data.as_value(), 0)
+
+        cfgp = self.cfg.payload
+        bad_cfg = ((cfgp.h < 2) | (cfgp.h > self.h_max) | (cfgp.w < 2) | (cfgp.w > self.w_max)
+                   | (cfgp.r_w > (cfgp.w >> 1)) | (cfgp.r_h > (cfgp.h >> 1))
+                   | (cfgp.prefix > self.max_prefix))
+
+        def set_err(code):
+            with m.If(err == 0):
+                m.d.sync += err.eq(code)
+            m.d.sync += slot_err[slot_in].eq(1)
+
+        with m.If(adv):
+            with m.If(ph):
+                if self.max_prefix:
+                    m.d.comb += [pf_w.addr.eq(Cat(c_r, _bits(pcnt, PB), slot_in)),
+                                 pf_w.data.eq(beat_data), pf_w.en.eq(1)]
+            with m.Else():
+                m.d.comb += [rb_w.addr.eq(Cat(c_r, wr_slot)), rb_w.data.eq(beat_data),
+                             rb_w.en.eq(1), occ_inc.eq(1)]
+                m.d.comb += [hfront.valid.eq(1), hfront.has_prev.eq(j_r != 0)]
+            m.d.sync += c_r.eq(Mux(end_tok, 0, c_r + 1))
+            with m.If(end_tok):
+                with m.If(ph):
+                    m.d.sync += pcnt.eq(pcnt + 1)
+                    with m.If(pcnt == cur["prefix"] - 1):
+                        m.d.sync += ph.eq(0)
+                with m.Else():
+                    m.d.sync += [wr_slot.eq(wr_slot + 1), j_r.eq(j_r + 1)]
+                    with m.If(j_r == cur["w"] - 1):
+                        m.d.sync += [j_r.eq(0), i_r.eq(i_r + 1)]
+        m.d.comb += [hfront.data.eq(beat_data), hfront.c.eq(c_r), hfront.tok.eq(0),
+                     hfront.end.eq(end_tok)]
+
+        with m.If(self.status.valid & self.status.ready):
+            m.d.sync += self.status.valid.eq(0)
+
+        with m.FSM(name="in_fsm"):
+            with m.State("IDLE"):
+                m.d.comb += self.cfg.ready.eq(in_flight < MAX_IN_FLIGHT)
+                with m.If(self.cfg.valid & (in_flight < MAX_IN_FLIGHT)):
+                    m.d.sync += [cur["h"].eq(cfgp.h), cur["w"].eq(cfgp.w),
+                                 cur["prefix"].eq(cfgp.prefix), ph.eq(cfgp.prefix != 0),
+                                 pcnt.eq(0), i_r.eq(0), j_r.eq(0), c_r.eq(0)]
+                    with m.If(bad_cfg):
+                        m.d.sync += [err.eq(ERR_CONFIG), good.eq(0)]
+                        m.next = "DROP"
+                    with m.Else():
+                        m.d.sync += [err.eq(0), good.eq(1), slot_err[slot_in].eq(0)]
+                        for n in names:
+                            m.d.sync += slot_cfg[n][slot_in].eq(getattr(cfgp, n))
+                        m.d.comb += in_flight_inc.eq(1)
+                        m.next = "RUN"
+            with m.State("RUN"):
+                m.d.comb += [self.i.ready.eq(ph | occ_ok), take.eq(self.i.valid & (ph | occ_ok))]
+                with m.If(take):
+                    last = self.i.payload.last
+                    with m.If(last & ~final):
+                        set_err(ERR_SHORT)
+                        m.next = "PAD"
+                    with m.Elif(final & ~last):
+                        set_err(ERR_LONG)
+                        m.next = "DROP"
+                    with m.Elif(self.i.payload.last_token != end_tok):
+                        set_err(ERR_LAST_TOKEN)
+                    with m.If(final & last):
+                        m.next = "FIN"
+            with m.State("PAD"):
+                m.d.comb += pad.eq(ph | occ_ok)
+                with m.If(pad & final):
+                    m.next = "FIN"
+            with m.State("DROP"):
+                m.d.comb += self.i.ready.eq(1)
+                with m.If(self.i.valid & self.i.payload.last):
+                    m.next = "FIN"
+            with m.State("FIN"):
+                with m.If(~self.status.valid):
+                    m.d.sync += [self.status.valid.eq(1), self.status.payload.error.eq(err),
+                                 self.status.payload.frame.eq(frames), frames.eq(frames + 1)]
+                    with m.If(good):
+                        m.d.sync += slot_in.eq(slot_in + 1)
+                    m.next = "IDLE"
+
+        # ======================= H keys and H-RANK ==================================
+        m.submodules.hdiv = hdiv = KeyDivider(dw=hfront.dw, nw=hfront.nw, frac_bits=F, beats=B)
+        m.d.comb += [hdiv.valid.eq(hfront.job_valid), hdiv.d.eq(hfront.job_d),
+                     hdiv.na.eq(hfront.job_na), hdiv.nb.eq(hfront.job_nb)]
+        h_scores = [Signal(signed(KW), name=f"hs{k}") for k in range(KH)]
+        h_ranks = [Signal(RBH, name=f"hr{k}") for k in range(KH)]
+        h_dirs = [Signal(name=f"hd{k}") for k in range(KH)]
+        h_pend = Signal(signed(KW))
+        n_h, row_h, slot_h = Signal(8), Signal(8), Signal(2)
+        hc = cfg_of(slot_h)
+        with m.If(hdiv.key_valid):
+            key = hdiv.key
+            k = n_h >> 1
+            odd = n_h[0]
+            is_final = odd | (n_h + 2 >= hc["w"])
+            right = odd & (key > h_pend)
+            score = Mux(right, key, Mux(odd, h_pend, key))
+            with m.If(~is_final):
+                m.d.sync += h_pend.eq(key)
+            new_ranks = rank_insert(k, score, h_scores, h_ranks, RBH)
+            with m.If(is_final):
+                for j in range(KH):
+                    with m.If(k == j):
+                        m.d.sync += [h_scores[j].eq(score), h_dirs[j].eq(right)]
+                    m.d.sync += h_ranks[j].eq(new_ranks[j])
+            with m.If(n_h == hc["w"] - 2):
+                removed = Cat(*[(new_ranks[j] < hc["r_w"]) & (j < (hc["w"] >> 1))
+                                for j in range(KH)])
+                dirs = Cat(*[Mux(k == j, right, h_dirs[j]) for j in range(KH)])
+                m.d.comb += [hd_w.addr.eq(Cat(_bits(row_h, HB), slot_h)),
+                             hd_w.data.eq(Cat(removed, dirs)), hd_w.en.eq(1)]
+                m.d.sync += [rows_ready.eq(rows_ready + 1), n_h.eq(0), row_h.eq(row_h + 1)]
+                with m.If(row_h == hc["h"] - 1):
+                    m.d.sync += [row_h.eq(0), slot_h.eq(slot_h + 1)]
+            with m.Else():
+                m.d.sync += n_h.eq(n_h + 1)
+
+        # ======================= H-MERGE ============================================
+        m.submodules.tbuf = tbuf = Memory(shape=LW, depth=1 << CB, init=[])
+        t_w = tbuf.write_port()
+        t_r = tbuf.read_port(transparent_for=(t_w,))
+        row_m, slot_m = Signal(8), Signal(2)
+        bank_m = bank_of(slot_m)
+        mc = cfg_of(slot_m)
+        rm_mask, dr_mask = Signal(KH + 1), Signal(KH + 1)
+        pos, col_i = Signal(8), Signal(8)
+        c_m = Signal(range(B))
+        rd_slot = Signal(S_BITS)
+        m.d.comb += [hd_r_merge.addr.eq(Cat(_bits(row_m, HB), slot_m)),
+                     rb_r.addr.eq(Cat(c_m, rd_slot)), t_r.addr.eq(c_m)]
+        # roles of position `pos`
+        podd = pos[0]
+        kq = pos >> 1
+        p_rem = podd & (rm_mask >> kq)[0]
+        p_right = (dr_mask >> kq)[0]
+        kl = (kq - 1).as_unsigned()  # candidate left of an even position
+        src_l = ~podd & (pos >= 2) & (rm_mask >> kl)[0] & (dr_mask >> kl)[0]
+        src_r = ~podd & (pos + 1 < mc["w"]) & (rm_mask >> kq)[0] & ~(dr_mask >> kq)[0]
+        emits = ~(p_rem & p_right) & ~src_r
+        issue = Signal()
+        s1 = {n: Signal(name=f"hm1_{n}") for n in
+              ("v", "odd", "rem", "right", "src_l", "src_r", "emit")}
+        c1, col1, row1 = Signal(range(B)), Signal(8), Signal(8)
+        bank1 = Signal(1)
+        m.d.sync += [s1["v"].eq(issue), s1["odd"].eq(podd), s1["rem"].eq(p_rem),
+                     s1["right"].eq(p_right), s1["src_l"].eq(src_l), s1["src_r"].eq(src_r),
+                     s1["emit"].eq(emits), c1.eq(c_m), col1.eq(col_i), row1.eq(row_m)]
+        if NB == 2:
+            m.d.sync += bank1.eq(bank_m)
+        with m.FSM(name="hmerge"):
+            with m.State("IDLE"):
+                with m.If((rows_ready != rows_merged) & ((row_m != 0) | bank_free[bidx(slot_m)])):
+                    with m.If(row_m == 0):
+                        m.d.sync += bank_free[bidx(slot_m)].eq(0)
+                    m.next = "LOAD"
+            with m.State("LOAD"):
+                m.d.sync += [rm_mask.eq(hd_r_merge.data[:KH]), dr_mask.eq(hd_r_merge.data[KH:]),
+                             pos.eq(0), c_m.eq(0), col_i.eq(0)]
+                m.next = "RUN"
+            with m.State("RUN"):
+                m.d.comb += [issue.eq(1), occ_dec.eq(1)]
+                m.d.sync += c_m.eq(Mux(c_m == B - 1, 0, c_m + 1))
+                with m.If(c_m == B - 1):
+                    m.d.sync += [rd_slot.eq(rd_slot + 1), pos.eq(pos + 1),
+                                 col_i.eq(col_i + emits)]
+                    with m.If(pos == mc["w"] - 1):
+                        m.d.sync += [rows_merged.eq(rows_merged + 1), row_m.eq(row_m + 1)]
+                        with m.If(row_m == mc["h"] - 1):
+                            m.d.sync += [row_m.eq(0), slot_m.eq(slot_m + 1)]
+                        m.next = "IDLE"
+        # stage 1: merge and emit
+        x, tv = rb_r.data, t_r.data
+        even_v = Mux(s1["src_l"], mm_lanes(x, tv, P, WD), x)
+        merged = Signal(LW)
+        m.d.comb += merged.eq(Mux(s1["odd"], Mux(s1["rem"], mm_lanes(tv, x, P, WD), x), even_v))
+        write_t = s1["v"] & Mux(s1["odd"], s1["rem"] & s1["right"], s1["src_r"])
+        m.d.comb += [t_w.addr.eq(c1), t_w.data.eq(Mux(s1["odd"], x, even_v)),
+                     t_w.en.eq(write_t)]
+        emit1 = s1["v"] & s1["emit"]
+        for par in range(2):
+            m.d.comb += [fb_w[par].addr.eq(Cat(c1, _bits(col1, WB), _bits(row1 >> 1, HH),
+                                               bank1[:1 if NB == 2 else 0])),
+                         fb_w[par].data.eq(merged), fb_w[par].en.eq(emit1 & (row1[0] == par))]
+        m.submodules.vfront = vfront = KeyFront(p=P, width=WD, beats=B, tokens=1 << WB,
+                                                c=self.c)
+        m.d.comb += [vfront.valid.eq(emit1), vfront.data.eq(merged), vfront.c.eq(c1),
+                     vfront.tok.eq(_bits(col1, WB)), vfront.end.eq(c1 == B - 1),
+                     vfront.has_prev.eq(row1 != 0)]
+
+        # ======================= V keys and V-RANK ==================================
+        m.submodules.vdiv = vdiv = KeyDivider(dw=vfront.dw, nw=vfront.nw, frac_bits=F, beats=B)
+        m.d.comb += [vdiv.valid.eq(vfront.job_valid), vdiv.d.eq(vfront.job_d),
+                     vdiv.na.eq(vfront.job_na), vdiv.nb.eq(vfront.job_nb)]
+        n_v, col_v, slot_v = Signal(8), Signal(8), Signal(2)
+        vc = cfg_of(slot_v)
+        m.d.comb += vr_r.addr.eq(Cat(_bits(col_v, WB), bank_of(slot_v)))
+        with m.If(vdiv.key_valid):
+            m.d.sync += col_v.eq(col_v + 1)
+            with m.If(col_v == vc["w"] - vc["r_w"] - 1):
+                m.d.sync += [col_v.eq(0), n_v.eq(n_v + 1)]
+                with m.If(n_v == vc["h"] - 2):
+                    m.d.sync += [n_v.eq(0), slot_v.eq(slot_v + 1)]
+        v1, key1 = Signal(), Signal(signed(KW))
+        n1, vcol1, slot1 = Signal(8), Signal(8), Signal(2)
+        m.d.sync += [v1.eq(vdiv.key_valid), key1.eq(vdiv.key), n1.eq(n_v), vcol1.eq(col_v),
+                     slot1.eq(slot_v)]
+        vc1 = cfg_of(slot1)
+        word = vr_r.data
+        off = 0
+        v_scores = [word[off + j * KW: off + (j + 1) * KW].as_signed() for j in range(KV)]
+        off += KV * KW
+        v_ranks = [word[off + j * RBV: off + (j + 1) * RBV] for j in range(KV)]
+        off += KV * RBV
+        v_dirs = [word[off + j] for j in range(KV)]
+        off += KV
+        v_pend = word[off:off + KW].as_signed()
+        kv = n1 >> 1
+        vodd = n1[0]
+        v_final = vodd | (n1 + 2 >= vc1["h"])
+        v_right = vodd & (key1 > v_pend)
+        v_score = Mux(v_right, key1, Mux(vodd, v_pend, key1))
+        v_new_ranks = rank_insert(kv, v_score, v_scores, v_ranks, RBV)
+        new_scores = [Mux(v_final & (kv == j), v_score, v_scores[j]) for j in range(KV)]
+        new_ranks = [Mux(v_final, v_new_ranks[j], v_ranks[j]) for j in range(KV)]
+        new_dirs = [Mux(v_final & (kv == j), v_right, v_dirs[j]) for j in range(KV)]
+        new_pend = Mux(v_final, v_pend, key1)
+        bank_v1 = bank_of(slot1)
+        m.d.comb += [vr_w.addr.eq(Cat(_bits(vcol1, WB), bank_v1)),
+                     vr_w.data.eq(Cat(*new_scores, *new_ranks, *new_dirs, new_pend)),
+                     vr_w.en.eq(v1)]
+        col_done = v1 & (n1 == vc1["h"] - 2)
+        v_removed = Cat(*[(new_ranks[j] < vc1["r_h"]) & (j < (vc1["h"] >> 1)) for j in range(KV)])
+        m.d.comb += [vd_w.addr.eq(Cat(_bits(vcol1, WB), bank_v1)),
+                     vd_w.data.eq(Cat(v_removed, *new_dirs)), vd_w.en.eq(col_done)]
+        with m.If(col_done & (vcol1 == vc1["w"] - vc1["r_w"] - 1)):
+            m.d.sync += vdone[bidx(slot1)].eq(1)
+
+        # ======================= OUT ================================================
+        slot_o = Signal(2)
+        bank_o = bank_of(slot_o)
+        oc = cfg_of(slot_o)
+        h2 = oc["h"] - oc["r_h"]
+        w2 = oc["w"] - oc["r_w"]
+        tok_start, map_start = Signal(), Signal()
+        tok_done, map_done = Signal(), Signal()
+        with m.FSM(name="out_fsm"):
+            with m.State("WAIT"):
+                with m.If(vdone[bidx(slot_o)]):
+                    m.d.sync += vdone[bidx(slot_o)].eq(0)
+                    with m.If(slot_err[slot_o]):
+                        m.next = "REL"
+                    with m.Else():
+                        m.d.comb += [tok_start.eq(1), map_start.eq(1)]
+                        m.next = "RUN"
+            with m.State("RUN"):
+                with m.If(tok_done & map_done):
+                    m.next = "REL"
+            with m.State("REL"):
+                m.d.sync += [bank_free[bidx(slot_o)].eq(1), slot_o.eq(slot_o + 1)]
+                m.d.comb += in_flight_dec.eq(1)
+                m.next = "WAIT"
+
+        self._out_tokens(m, locals())
+        self._out_map(m, locals())
+        if self.has_unmerge:
+            from .unmerge import Unmerge
+
+            m.submodules.unmerge = um = Unmerge(h_max=self.h_max, w_max=self.w_max,
+                                                lanes=P, width=WD, beats=B)
+            for name in ("um_cfg", "um_i", "um_map"):
+                port, inner = getattr(self, name), getattr(um, name[3:])
+                m.d.comb += [inner.payload.eq(port.payload), inner.valid.eq(port.valid),
+                             port.ready.eq(inner.ready)]
+            m.d.comb += [self.um_o.payload.eq(um.o.payload), self.um_o.valid.eq(um.o.valid),
+                         um.o.ready.eq(self.um_o.ready)]
+        return m
+
+    # ------------------------------------------------------------------------------
+    def _out_tokens(self, m, env):
+        """Prefix tokens, then the merged grid, into the ``o`` FIFO."""
+        P, WD, B, LW = env["P"], env["WD"], env["B"], env["LW"]
+        KV, WB, HH, PB, NB = env["KV"], env["WB"], env["HH"], env["PB"], env["NB"]
+        oc, h2, w2, slot_o, bank_o = env["oc"], env["h2"], env["w2"], env["slot_o"], env["bank_o"]
+        fb_r, vd_r = env["fb_r"], env["vd_r_tok"]
+        m.submodules.o_fifo = ofifo = StreamFIFO(token_layout(WD, P), FIFO_DEPTH)
+        m.d.comb += [self.o.payload.eq(ofifo.o.payload), self.o.valid.eq(ofifo.o.valid),
+                     ofifo.o.ready.eq(self.o.ready)]
+        m.submodules.ptr = ptrmem = Memory(shape=8, depth=1 << WB, init=[])
+        ptr_w, ptr_r = ptrmem.write_port(), ptrmem.read_port()
+        m.submodules.tbuf_o = tbo = Memory(shape=LW, depth=1 << env["CB"], init=[])
+        to_w = tbo.write_port()
+        to_r = tbo.read_port(transparent_for=(to_w,))
+
+        # descriptor: one token (prefix p, or grid row e / column col with its sources)
+        D = ("pre", "p", "e", "col", "hl", "hr", "last")
+        nxt = {n: Signal(8, name=f"nxt_{n}") for n in D}
+        nxt_v = Signal()
+        pp, io, jo = Signal(5), Signal(8), Signal(8)
+        m.d.comb += [vd_r.addr.eq(Cat(_bits(jo, WB), bank_o)), ptr_r.addr.eq(_bits(jo, WB))]
+        vd = vd_r.data
+        e = Mux(io == 0, 0, ptr_r.data)
+        ke = e >> 1
+        rmv, dv = vd[:KV], vd[KV:]
+        e_even = ~e[0]
+        kl = (ke - 1).as_unsigned()
+        has_l = e_even & (e >= 2) & (rmv >> kl)[0] & (dv >> kl)[0]
+        below_rm = e_even & (e + 1 < oc["h"]) & (rmv >> ke)[0]
+        has_r = below_rm & ~(dv >> ke)[0]
+        pop = Signal()  # the beat engine takes `nxt`
+        with m.If(pop):
+            m.d.sync += nxt_v.eq(0)
+        with m.FSM(name="tok_desc") as tfsm:
+            with m.State("IDLE"):
+                with m.If(env["tok_start"]):
+                    m.d.sync += [pp.eq(0), io.eq(0), jo.eq(0)]
+                    m.next = "PREF" if self.max_prefix else "GREAD"
+            with m.State("PREF"):
+                with m.If(oc["prefix"] == 0):
+                    m.next = "GREAD"
+                with m.Elif(~nxt_v | pop):
+                    m.d.sync += [nxt_v.eq(1), nxt["pre"].eq(1), nxt["p"].eq(pp),
+                                 nxt["last"].eq(0), pp.eq(pp + 1)]
+                    with m.If(pp == oc["prefix"] - 1):
+                        m.next = "GREAD"
+            with m.State("GREAD"):
+                m.next = "GCALC"
+            with m.State("GCALC"):
+                with m.If(~nxt_v | pop):
+                    last_tok = (io == h2 - 1) & (jo == w2 - 1)
+                    m.d.sync += [nxt_v.eq(1), nxt["pre"].eq(0), nxt["e"].eq(e),
+                                 nxt["col"].eq(jo), nxt["hl"].eq(has_l), nxt["hr"].eq(has_r),
+                                 nxt["last"].eq(last_tok)]
+                    m.d.comb += [ptr_w.addr.eq(_bits(jo, WB)),
+                                 ptr_w.data.eq(e + 1 + below_rm), ptr_w.en.eq(1)]
+                    m.d.sync += jo.eq(jo + 1)
+                    with m.If(jo == w2 - 1):
+                        m.d.sync += [jo.eq(0), io.eq(io + 1)]
+                    m.next = "GREAD"
+                    with m.If(last_tok):
+                        m.next = "IDLE"
+
+        # beat engine
+        cur = {n: Signal(8, name=f"cur_{n}") for n in D}
+        cur_v, pass_b = Signal(), Signal()
+        cb = Signal(range(B))
+        inflight = Signal(range(FIFO_DEPTH + 1))
+        emit_now = cur["pre"][0] | pass_b | ~cur["hr"][0]
+        credit = (ofifo.level + inflight) < FIFO_DEPTH
+        go = cur_v & (credit | ~emit_now)
+        e_c = cur["e"]
+        odd_row = Mux(pass_b | e_c[0], e_c >> 1, (e_c >> 1) - 1)
+        bk = bank_o[:1 if NB == 2 else 0]
+        m.d.comb += [fb_r[0].addr.eq(Cat(cb, _bits(cur["col"], WB), _bits(e_c >> 1, HH), bk)),
+                     fb_r[1].addr.eq(Cat(cb, _bits(cur["col"], WB), _bits(odd_row, HH), bk)),
+                     to_r.addr.eq(cb)]
+        if self.max_prefix:
+            m.d.comb += env["pf_r"].addr.eq(Cat(cb, _bits(cur["p"], PB), slot_o))
+        b1 = {n: Signal(name=f"ob1_{n}") for n in
+              ("v", "pre", "passb", "eodd", "hl", "emit", "lt", "last")}
+        cb1 = Signal(range(B))
+        last_beat = cb == B - 1
+        m.d.sync += [b1["v"].eq(go), b1["pre"].eq(cur["pre"][0]), b1["passb"].eq(pass_b),
+                     b1["eodd"].eq(e_c[0]), b1["hl"].eq(cur["hl"][0]), b1["emit"].eq(emit_now),
+                     b1["lt"].eq(last_beat),
+                     b1["last"].eq(last_beat & cur["last"][0] & (pass_b | ~cur["hr"][0])),
+                     cb1.eq(cb)]
+        load_next = Signal()
+        with m.If(go):
+            m.d.sync += cb.eq(Mux(last_beat, 0, cb + 1))
+            with m.If(last_beat):
+                with m.If(~cur["pre"][0] & ~pass_b & cur["hr"][0]):
+                    m.d.sync += pass_b.eq(1)
+                with m.Else():
+                    m.d.comb += load_next.eq(1)
+        with m.If(~cur_v | load_next):
+            m.d.comb += pop.eq(nxt_v)
+            m.d.sync += [cur_v.eq(nxt_v), pass_b.eq(0), cb.eq(0)]
+            m.d.sync += [cur[n].eq(nxt[n]) for n in D]
+        # stage 1: read data, merge
+        ev, od, tp = fb_r[0].data, fb_r[1].data, to_r.data
+        dest = Mux(b1["eodd"], od, ev)
+        va = Mux(b1["hl"], mm_lanes(dest, od, P, WD), dest)
+        vb = mm_lanes(tp, od, P, WD)
+        pre_data = env["pf_r"].data if self.max_prefix else Const(0, LW)
+        val = Mux(b1["pre"], pre_data, Mux(b1["passb"], vb, va))
+        m.d.comb += [to_w.addr.eq(cb1), to_w.data.eq(va),
+                     to_w.en.eq(b1["v"] & ~b1["emit"])]
+        b2v, b2d, b2lt, b2l = Signal(), Signal(LW), Signal(), Signal()
+        m.d.sync += [b2v.eq(b1["v"] & b1["emit"]), b2d.eq(val), b2lt.eq(b1["lt"]),
+                     b2l.eq(b1["last"])]
+        m.d.comb += [ofifo.i.valid.eq(b2v), ofifo.i.payload.data.eq(b2d),
+                     ofifo.i.payload.last_token.eq(b2lt), ofifo.i.payload.last.eq(b2l)]
+        m.d.sync += inflight.eq(inflight + (go & emit_now) - b2v)
+        m.d.comb += env["tok_done"].eq(tfsm.ongoing("IDLE") & ~cur_v & ~nxt_v & ~b1["v"] & ~b2v)
+
+    # ------------------------------------------------------------------------------
+    def _out_map(self, m, env):
+        """The merge map, H*W entries, concurrently with the tokens."""
+        KH, KV, HB, WB = env["KH"], env["KV"], env["HB"], env["WB"]
+        oc, w2, slot_o, bank_o = env["oc"], env["w2"], env["slot_o"], env["bank_o"]
+        hd_r, vd_r = env["hd_r_map"], env["vd_r_map"]
+        m.submodules.map_fifo = mfifo = StreamFIFO(map_layout(self.h_max, self.w_max),
+                                                   FIFO_DEPTH)
+        m.d.comb += [self.map.payload.eq(mfifo.o.payload), self.map.valid.eq(mfifo.o.valid),
+                     mfifo.o.ready.eq(self.map.ready)]
+        ip, jp, oidx = Signal(8), Signal(8), Signal(8)
+        rm, dr = Signal(KH + 1), Signal(KH + 1)
+        inflight = Signal(range(FIFO_DEPTH + 1))
+        credit = (mfifo.level + inflight) < FIFO_DEPTH
+        m.d.comb += hd_r.addr.eq(Cat(_bits(ip, HB), slot_o))
+        issue = Signal()
+        jodd = jp[0]
+        kj = jp >> 1
+        rem_h = jodd & (rm >> kj)[0]
+        right = (dr >> kj)[0]
+        jprime = Mux(rem_h & ~right, oidx - 1, oidx)
+        m.d.comb += vd_r.addr.eq(Cat(_bits(jprime, WB), bank_o))
+        s1v, s1i, s1j, s1l = Signal(), Signal(8), Signal(8), Signal()
+        m.d.sync += [s1v.eq(issue), s1i.eq(ip), s1j.eq(jprime),
+                     s1l.eq((ip == oc["h"] - 1) & (jp == oc["w"] - 1))]
+        with m.FSM(name="map_fsm") as mfsm:
+            with m.State("IDLE"):
+                with m.If(env["map_start"]):
+                    m.d.sync += ip.eq(0)
+                    m.next = "ROWREAD"
+            with m.State("ROWREAD"):
+                m.next = "ROWLATCH"
+            with m.State("ROWLATCH"):
+                m.d.sync += [rm.eq(hd_r.data[:KH]), dr.eq(hd_r.data[KH:]), jp.eq(0),
+                             oidx.eq(0)]
+                m.next = "RUN"
+            with m.State("RUN"):
+                with m.If(credit):
+                    m.d.comb += issue.eq(1)
+                    m.d.sync += [jp.eq(jp + 1), oidx.eq(oidx + ~rem_h)]
+                    with m.If(jp == oc["w"] - 1):
+                        m.d.sync += ip.eq(ip + 1)
+                        m.next = "ROWREAD"
+                        with m.If(ip == oc["h"] - 1):
+                            m.next = "IDLE"
+        # stage 1: vertical position from the column's decision
+        vd = vd_r.data
+        rmv, dv = vd[:KV], vd[KV:]
+        ki = (s1i >> 1)[:max(1, clog2(KV + 1))]
+        low = ((Const(1, KV + 1) << ki) - 1)[:KV]
+        masked = rmv & low
+        rv = sum((masked[j] for j in range(1, KV)), masked[0]) if KV else Const(0)
+        rem_v = s1i[0] & (rmv >> ki)[0]
+        up = rem_v & ~(dv >> ki)[0]
+        s2v, s2i, s2j, s2l = Signal(), Signal(8), Signal(8), Signal()
+        m.d.sync += [s2v.eq(s1v), s2i.eq(s1i - rv - up), s2j.eq(s1j), s2l.eq(s1l)]
+        s3v, s3x, s3l = Signal(), Signal(16), Signal()
+        m.d.sync += [s3v.eq(s2v), s3x.eq(s2i * w2 + s2j), s3l.eq(s2l)]
+        m.d.comb += [mfifo.i.valid.eq(s3v), mfifo.i.payload.index.eq(s3x),
+                     mfifo.i.payload.last.eq(s3l)]
+        m.d.sync += inflight.eq(inflight + issue - s3v)
+        m.d.comb += env["map_done"].eq(mfsm.ongoing("IDLE") & ~s1v & ~s2v & ~s3v)
