@@ -21,7 +21,11 @@ def test_quick_run_writes_outputs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| mlp | dropback |" in out and "target (>= 10x within 1 point)" in out
     res = json.loads((tmp_path / "results.json").read_text())
-    assert len(res["runs"]) == 2 * (1 + 2 * len(E.RATIOS))
+    assert len(res["runs"]) == 2 * (1 + 2 * len(E.RATIOS)) + 1  # + the fixed-point MLP
+    assert "| mlp | procrustes, 16-bit fixed point | - | - |" in out
+    assert "target (within 2 points of float)" in out
+    fv = res["fixed_point"]
+    assert fv["target_2pt_met"] == (fv["fixed"] >= fv["float"] - 2)
     for r in res["runs"]:
         c = r["config"]
         assert 0 <= r["accuracy"] <= 100

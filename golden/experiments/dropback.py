@@ -32,6 +32,12 @@ budget over all parameters, biases included. Methods, at 2x, 5x, 10x, 20x:
   17.6k weights, and at 1e-6 float32 rounding biases it (see
   ``golden.quantile``).
 
+``procrustes-fixed`` (MLP at 10x only): the same Procrustes run in 16-bit fixed point
+through ``golden.procrustes_ref`` (every GEMM and weight update bit-exact to the RTL
+contract ``golden/PROCRUSTES_FIXED.md``; softmax cross-entropy on the host), with the
+same initial weights (``CounterInit`` read in fixed point), batches and hyper-parameters;
+target: within 2 points of the float ``procrustes`` run at 10x (``fixed_verdict``).
+
 ``train_one(cfg, data)`` trains one configuration and is the seam for other
 optimizers (pass ``optimizer_factory``).
 
@@ -62,6 +68,7 @@ from tqdm import tqdm
 from golden.data import load_digits_split
 from golden.dropback import Dropback
 from golden.prng import CounterInit
+from golden.procrustes_ref import FixedConfig, FixedMLP, train_fixed
 
 HELP = "weight-budget training on digits: dense SGD vs Dropback vs Procrustes at 2-20x"
 
@@ -72,6 +79,8 @@ PUBLISHED_Q_STEP_N = 1e-6 * 11_689_512  # q_step * N of the published ResNet-18 
 EPOCHS = 100
 LR = 0.2
 INIT_DECAY = 0.99
+FIXED = "procrustes-fixed"  # fixed-point Procrustes (golden.procrustes_ref), MLP at 10x
+FIXED_RATIO = 10
 DATA_MASKS = Path(__file__).resolve().parents[1] / "data" / "dropback_masks_10x.npz"
 
 
@@ -128,6 +137,32 @@ def weight_masks(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, np.n
         m = masks[i] if masks is not None else torch.ones_like(p, dtype=torch.bool)
         out[name] = m.reshape(p.shape[0], -1).numpy().copy()
     return out
+
+
+def train_fixed_one(cfg: RunConfig, data, *, progress: tqdm | None = None) -> dict:
+    """The MLP of ``cfg`` trained in fixed point through ``golden.procrustes_ref``."""
+    x_tr, y_tr = data.x_train, data.y_train
+    if cfg.train_limit is not None:
+        x_tr, y_tr = x_tr[:cfg.train_limit], y_tr[:cfg.train_limit]
+    model = FixedMLP([64, 100, 100, 10], FixedConfig(), seed=cfg.seed, track_ratio=cfg.ratio,
+                     q_init=1e-2, init_decay=cfg.init_decay, lr=cfg.lr)  # q_step as make_optimizer
+    train_fixed(model, x_tr.reshape(len(x_tr), -1), y_tr, epochs=cfg.epochs, batch=cfg.batch,
+                seed=cfg.seed, progress=progress)
+    acc = model.accuracy(data.x_test.reshape(len(data.x_test), -1), data.y_test)
+    n, tracked = model.numel, model.tracked_count
+    return dict(config=asdict(cfg), params=n, accuracy=acc, tracked=int(tracked),
+                achieved_reduction=n / max(tracked, 1),
+                exact_zeros=sum(int((A == 0).sum()) for A in model.weights), masks={},
+                final_decay=model.decay)
+
+
+def fixed_verdict(results) -> dict | None:
+    """Fixed-point vs float Procrustes (MLP, 10x): target within 2 points."""
+    if not any(r["config"]["method"] == FIXED for r in results):
+        return None
+    fixed = _mean(results, "mlp", FIXED, FIXED_RATIO)
+    flt = _mean(results, "mlp", "procrustes", FIXED_RATIO)
+    return dict(fixed=fixed, float=flt, delta=fixed - flt, target_2pt_met=fixed >= flt - 2)
 
 
 @torch.no_grad()
@@ -195,6 +230,7 @@ def run_experiment(*, epochs: int = EPOCHS, seed: int = 0, seeds: int = 1, quick
             cfgs.append(replace(base, model=model))
             for method in METHODS[1:]:
                 cfgs += [replace(base, model=model, method=method, ratio=r) for r in RATIOS]
+        cfgs.append(replace(base, method=FIXED, ratio=FIXED_RATIO))
     datas = {sd: load_digits_split(sd, size=8) for sd in range(seed, seed + seeds)}
     results = []
     old_threads = torch.get_num_threads()
@@ -203,7 +239,8 @@ def run_experiment(*, epochs: int = EPOCHS, seed: int = 0, seeds: int = 1, quick
         with tqdm(total=len(cfgs) * epochs, unit="epoch", disable=not show_progress) as bar:
             for cfg in cfgs:
                 bar.set_description(f"{cfg.model} {cfg.method} {cfg.ratio}x")
-                results.append(train_one(cfg, datas[cfg.seed], progress=bar))
+                train = train_fixed_one if cfg.method == FIXED else train_one
+                results.append(train(cfg, datas[cfg.seed], progress=bar))
     finally:
         torch.set_num_threads(old_threads)
     return results
@@ -257,6 +294,13 @@ def to_markdown(results, verdict) -> str:
                     cell += f" ({_mean(results, model, method, r, 'achieved_reduction'):.1f}x)"
                 cells.append(cell)
             lines.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
+            if method == "procrustes" and any(r["config"]["method"] == FIXED
+                                              and r["config"]["model"] == model for r in results):
+                cells = [f"{_mean(results, model, FIXED, r):.2f} "
+                         f"({_mean(results, model, FIXED, r, 'achieved_reduction'):.1f}x)"
+                         if r == FIXED_RATIO else "-" for r in RATIOS]
+                lines.append(f"| {model} | procrustes, 16-bit fixed point | "
+                             + " | ".join(cells) + " |")
     n_seeds = len(_runs(results, MODELS[0], "dense", 1))
     lines += ["", f"Test accuracy (%), mean over {n_seeds} seed(s) (split, init, batch order); "
               "449 test images per seed (one image = 0.22 points). Procrustes cells give the "
@@ -266,6 +310,11 @@ def to_markdown(results, verdict) -> str:
         best = f"{v['best_ratio_within_1pt']}x" if v["best_ratio_within_1pt"] else "none"
         lines.append(f"- {key}: largest reduction within 1 point of dense = {best}; "
                      f"target (>= 10x within 1 point) {met}")
+    fv = fixed_verdict(results)
+    if fv is not None:
+        lines.append(f"- mlp/{FIXED} at {FIXED_RATIO}x: {fv['fixed']:.2f} vs float procrustes "
+                     f"{fv['float']:.2f} ({fv['delta']:+.2f} points); target (within 2 points "
+                     f"of float) {'met' if fv['target_2pt_met'] else 'NOT met'}")
     return "\n".join(lines)
 
 
@@ -339,7 +388,8 @@ def run(args) -> int:
         f"lr={args.lr}, init_decay={args.init_decay}{', quick' if args.quick else ''})\n\n"
         + md + "\n")
     slim = [{k: v for k, v in r.items() if k != "masks"} for r in results]
-    (out / "results.json").write_text(json.dumps(dict(runs=slim, verdicts=verdict), indent=2))
+    (out / "results.json").write_text(json.dumps(
+        dict(runs=slim, verdicts=verdict, fixed_point=fixed_verdict(results)), indent=2))
     plot(results, out / "accuracy.png")
     save_masks(results, out / "masks.npz")
     if args.save_data_masks:
