@@ -1,0 +1,51 @@
+"""Accelerators a board can carry, and the configuration each board uses by default.
+
+``linktest`` is the link's own test design (:mod:`fpga.gateware.linktest`); ``cubist``
+and ``procrustes`` come from the design registry :mod:`hw.designs`.
+"""
+
+from __future__ import annotations
+
+from hw import designs as hw_designs
+
+__all__ = ["DESIGNS", "make_accel", "sim_core"]
+
+DESIGNS = ("linktest", "cubist", "procrustes")
+
+# Per board, the parameters that fit (see fpga/README.md for the numbers).
+BOARD_DEFAULTS = {
+    "icebreaker": {"cubist": {}, "procrustes": {}},
+    "ulx3s": {"cubist": {}, "procrustes": {}},
+}
+
+
+def make_accel(design: str, params: dict | None = None):
+    """``(component, full parameters)`` of ``design``."""
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {', '.join(DESIGNS)}, not {design!r}")
+    params = dict(params or {})
+    if design == "linktest":
+        from .gateware.linktest import LinkTest
+
+        if params:
+            raise ValueError(f"linktest has no parameter {sorted(params)[0]!r}")
+        return LinkTest(), {}
+    d = hw_designs.get(design)
+    full = {**d.defaults(), **params}
+    try:
+        return d.build(**full), full
+    except hw_designs.DesignUnavailable as e:
+        raise ValueError(str(e)) from None
+
+
+def sim_core(design: str, params: dict | None = None, *, divisor: int = 4,
+             timeout_bytes: int = 40, in_depth: int = 256, out_depth: int = 128,
+             clk_hz: int = 100_000_000):
+    """A :class:`BoardCore` for simulation: a fast UART (``divisor`` cycles per bit) and a
+    partial-frame timeout of ``timeout_bytes`` byte times."""
+    from .gateware.core import BoardCore
+
+    accel, full = make_accel(design, params)
+    return BoardCore(accel, design=design, params=full, clk_hz=clk_hz, divisor=divisor,
+                     timeout_cycles=timeout_bytes * 10 * divisor, in_depth=in_depth,
+                     out_depth=out_depth)
