@@ -60,19 +60,129 @@ def quantile_pass_reference(scores, theta: float, q: float, q_step: float):
     return mask, theta
 
 
+# --- compiled pass -----------------------------------------------------------
+#
+# The pass is one long dependency chain (each decision needs the previous
+# theta), so its speed is the latency of one step. A float32 multiply + compare
+# + select costs ~10 cycles per element; the kernel below runs the same chain
+# on the float32 bit pattern ``b`` of theta with integer adds instead, exactly:
+#
+# * theta > 0 and the scores are compared as bits: for ``s >= 0`` (NaN and
+#   negative scores get key 0, never tracked) ``theta < s`` iff ``b < bits(s)``;
+# * up = 1 + U*2**-23 and down = 1 - D*2**-24 exactly (any float32 in [1, 2)
+#   resp. [0.5, 1)). With theta = M*2**e (M the 24-bit significand),
+#   theta*up = (M + M*U/2**23)*2**e rounds to (M + k)*2**e, k = round(M*U/2**23),
+#   as long as the result stays in the binade and M*U/2**23 is not a rounding
+#   tie; likewise theta*down = (M - j)*2**e. Over an interval of M (a
+#   "region", computed by :func:`_region`) k and j are constant, so there
+#   bits(theta*up) = b + k and bits(theta*down) = b - j: an integer add.
+# * the chain advances two elements per iteration (both candidate compares of
+#   the second element are formed from b before the first decision is known),
+#   and falls back to the float32 step outside a region (subnormal or huge
+#   theta, binade edges, ties, or factors not of the above form).
+#
+# The result is bit-identical to :func:`quantile_pass_reference` (hypothesis
+# test in tests/test_quantile.py); ~2.8x faster than the float chain.
+
+_BLOCK = 2048  # scores keyed per block (L1-resident), then chained
+
+
+@numba.njit(inline="always")
+def _consts(up, down):
+    """(U, D) with up = 1 + U*2**-23, down = 1 - D*2**-24; U = -1: no integer path."""
+    if not (up >= 1 and up < 2 and down >= 0.5 and down <= 1):
+        return np.int64(-1), np.int64(0)
+    u = np.int64(np.float32(up).view(np.uint32)) - 0x3F800000
+    if down == 1:
+        return u, np.int64(0)
+    m = (np.int64(np.float32(down).view(np.uint32)) & 0x7FFFFF) | 0x800000
+    return u, (1 << 24) - m
+
+
+@numba.njit(inline="always")
+def _region(b, u, d):
+    """Bits interval [lo, hi] around theta bits ``b`` on which theta*up has bits
+    b + inc and theta*down bits b - dec; returns (lo, hi, inc, dec), lo > hi if
+    there is none (then b is not inside either)."""
+    e = b >> 23
+    if u < 0 or e == 0 or e >= 255:
+        return np.int64(1), np.int64(0), np.int64(0), np.int64(0)
+    m = (b & 0x7FFFFF) | 0x800000
+    k = (m * u + (1 << 22)) >> 23  # round(m*u/2**23), exact unless a tie
+    j = (m * d + (1 << 23)) >> 24
+    lo = np.int64(1 << 23) + 1 + j  # theta*down stays in the binade
+    hi = np.int64((1 << 24) - 1) - k  # theta*up stays in the binade
+    if u > 0:  # (k - 1/2) < m*u/2**23 < (k + 1/2), strictly: same k, no tie
+        lo = max(lo, (((2 * k - 1) << 22) // u) + 1)
+        hi = min(hi, (((2 * k + 1) << 22) - 1) // u)
+    if d > 0:
+        lo = max(lo, (((2 * j - 1) << 23) // d) + 1)
+        hi = min(hi, (((2 * j + 1) << 23) - 1) // d)
+    base = (e << 23) - (1 << 23)
+    return base + lo, base + hi, k, j
+
+
+@numba.njit(inline="always")
+def _key(s):
+    """Score as a comparable integer: its bits if s > 0, else 0 (-0.0, NaN too)."""
+    return np.int64(np.float32(s).view(np.uint32)) if s > 0 else np.int64(0)
+
+
+@numba.njit(inline="always")
+def _chain(key, n, b, u, d, up, down, mask, off):
+    """Quantile steps over ``key[n-1] .. key[0]`` (mask index ``off + i``) from
+    theta bits ``b``; returns the new bits."""
+    i = n - 1
+    while i >= 0:
+        lo, hi, inc, dec = _region(b, u, d)
+        lo2 = lo + dec  # two steps from [lo2, hi2] stay in [lo, hi]
+        hi2 = hi - inc
+        if i >= 1 and lo2 <= b and b <= hi2:
+            span = np.uint64(hi2 - lo2)
+            two_up = 2 * inc
+            mid = inc - dec
+            two_dn = -2 * dec
+            while i >= 1:
+                k1 = key[np.uint64(i)]
+                k2 = key[np.uint64(i - 1)]
+                t1 = b < k1
+                cu = b < k2 - inc  # second element, if the first went up
+                cd = b < k2 + dec  # ... if it went down
+                t2 = cu if t1 else cd
+                x = two_up if cu else mid
+                y = mid if cd else two_dn
+                mask[np.uint64(off + i)] = t1
+                mask[np.uint64(off + i - 1)] = t2
+                b = b + (x if t1 else y)
+                i -= 2
+                if np.uint64(b - lo2) > span:
+                    break
+        else:  # one float32 step
+            th = np.uint32(b).view(np.float32)
+            t = b < key[np.uint64(i)]
+            mask[np.uint64(off + i)] = t
+            a = th * up
+            c = th * down
+            # up >= down and theta >= 0: max/min are theta*up / theta*down
+            b = np.int64(np.float32(max(a, c) if t else min(a, c)).view(np.uint32))
+            i -= 1
+    return b
+
+
 @numba.njit(cache=False)
 def _pass(s, theta, up, down, mask):
-    for i in range(s.shape[0] - 1, -1, -1):
-        # Both products are formed while the compare resolves; up >= down and
-        # theta >= 0, so max/min pick theta*up / theta*down exactly. Written as
-        # theta * (up if t else down) LLVM keeps the multiply after the compare
-        # on the loop-carried chain (measured 51 ms vs 38 ms for 11.7M scores).
-        a = theta * up
-        b = theta * down
-        t = theta < s[i]
-        mask[i] = t
-        theta = max(a, b) if t else min(a, b)
-    return theta
+    """The pass over ``s`` (last to first) into ``mask``; returns theta."""
+    u, d = _consts(up, down)
+    key = np.empty(_BLOCK, dtype=np.int64)
+    b = np.int64(np.float32(theta).view(np.uint32))
+    end = s.shape[0]
+    while end > 0:
+        start = max(0, end - _BLOCK)
+        for j in range(end - start):
+            key[j] = _key(s[start + j])
+        b = _chain(key, end - start, b, u, d, up, down, mask, start)
+        end = start
+    return np.uint32(b).view(np.float32)
 
 
 def quantile_pass(scores, theta: float, q: float, q_step: float):

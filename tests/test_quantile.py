@@ -68,3 +68,31 @@ def test_bad_arguments():
         StreamingQuantile(0.5, q_init=0)
     with pytest.raises(ValueError, match=r"q_step must be in \(0, 1\)"):
         StreamingQuantile(0.5, q_step=0)
+
+
+@pytest.mark.parametrize("theta,q,q_step", [
+    (1.3e-4, 0.9, 1e-6),      # the benchmark's factors: long integer-step regions
+    (2.1e-7, 0.067, 6.2e-5),  # many region changes (large down factor)
+    (3e-41, 0.5, 0.3),        # subnormal theta: float32 steps, then normal
+    (3e38, 0.9, 1e-2),        # near the top binade (theta*up may overflow)
+    (0.5, 0.999, 1e-7),       # up == 1 (no change when tracked)
+])
+def test_compiled_matches_reference_on_special_scores(theta, q, q_step):
+    # The compiled pass compares bit patterns and steps theta by integer adds;
+    # zeros of both signs, NaN, inf and negative scores must still compare as
+    # floats do, and every region / binade edge must give the float32 result.
+    rng = np.random.default_rng(7)
+    n = 20_000
+    s = np.minimum(np.abs(rng.standard_normal(n)) * theta * 1.05, 3.4e38).astype(np.float32)
+    special = rng.random(n)
+    s[special < 0.02] = -0.0
+    s[(special >= 0.02) & (special < 0.03)] = np.nan
+    s[(special >= 0.03) & (special < 0.035)] = np.inf
+    s[(special >= 0.035) & (special < 0.05)] *= -1
+    s[(special >= 0.05) & (special < 0.06)] = 0.0
+    with np.errstate(over="ignore"):  # theta*up may round to inf, as in float32 hardware
+        m1, t1 = quantile_pass_reference(s, theta, q, q_step)
+    m2, t2 = quantile_pass(s, theta, q, q_step)
+    assert np.array_equal(m1, m2)
+    assert t1.tobytes() == t2.tobytes()
+    assert 0 < m1.sum() < n  # both decisions occur
