@@ -1,0 +1,392 @@
+"""One PE row: its format walker, its ``cols`` MACs and its share of the buffers.
+
+Dataflow (output-stationary): the row computes one output row ``o`` for one tile of
+``cols`` minibatch columns at a time (a *job*). The walker streams the non-zero weights of
+that output row (forward: row ``o`` of W; backward: column ``o`` of W, from the same
+store), one per cycle; every PE multiplies the weight with its own lane of the operand
+word ``X[j, tile]`` and accumulates. A job's result word goes to this row's result bank at
+the next sequential address (jobs run output row by output row, tile by tile inside).
+
+Pipeline:
+
+* ``S0`` walks (output row, tile, group) and addresses the ``lanes`` mask/pointer banks;
+  a group is ``lanes`` consecutive blocks along the walk (bank skew: block ``(bi, bj)``
+  lives in bank ``(bi + bj) mod lanes``, so the blocks of a group are in distinct banks
+  whichever way the walk goes).
+* ``S1`` cuts the row slice (forward) or column slice (backward) out of each block mask,
+  drops groups without a set bit, and pushes the rest into a small FIFO. A job without any
+  non-zero pushes one *null* group, so its (zero) output is still written.
+* the emitter pops groups and emits one set bit per cycle (lowest first: the contract's
+  order); it moves to the next group in the cycle it emits the last bit of this one.
+* ``E`` computes the value address ``val_base + ptr[b] + popcount(mask[b] & ((1 << t)-1))``
+  and the operand address and reads both memories; ``D1`` multiplies; ``D2`` accumulates
+  with saturation. A job's first element restarts the accumulators and writes the
+  previous job's result (rounded and saturated); an end marker flushes the last one.
+
+In the weight-gradient mode the walker is idle and the top-level sequencer drives the
+element stage directly (dense: ``dY[m, n]`` from the gradient buffer, ``Xᵀ[n, tile]``).
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, fifo, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .config import Config
+
+__all__ = ["MODE_BWD", "MODE_FWD", "MODE_WGRAD", "PERow", "narrow", "sat"]
+
+MODE_FWD, MODE_BWD, MODE_WGRAD = 0, 1, 2
+
+
+def sat(m: Module, v, bits: int, name: str):
+    """``min(max(v, -2^(bits-1)), 2^(bits-1)-1)`` as a new signed signal."""
+    out = Signal(signed(bits), name=name)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    with m.If(v > hi):
+        m.d.comb += out.eq(hi)
+    with m.Elif(v < lo):
+        m.d.comb += out.eq(lo)
+    with m.Else():
+        m.d.comb += out.eq(v)
+    return out
+
+
+def rshift(v, s: int):
+    """The contract's ``rshift``: arithmetic, round half up."""
+    return v if s == 0 else (v + (1 << (s - 1))) >> s
+
+
+def narrow(m: Module, acc, shift: int, bits: int, name: str):
+    return sat(m, rshift(acc, shift), bits, name)
+
+
+def entry_layout(c: Config) -> data.StructLayout:
+    """A group in the walker FIFO."""
+    return data.StructLayout({
+        "bits": c.lanes * c.slice_bits,
+        "masks": c.lanes * c.nb,
+        "ptrs": c.lanes * c.ptr_bits,
+        "sub": 3,
+        "opbase": 16,
+        "xbase": 16,
+        "first": 1,
+        "null": 1,
+        "end": 1,
+    })
+
+
+class PERow(wiring.Component):
+    """PE row ``index`` of an array of configuration ``cfg``.
+
+    Owns its replica of the mask/pointer banks, the value memory and the operand buffer
+    (every replica is written by the same broadcast load), and its result bank.
+    """
+
+    def __init__(self, cfg: Config, index: int = 0):
+        self.cfg = c = cfg
+        self.index = index
+        D, C, L = c.data_bits, c.cols, c.lanes
+        super().__init__({
+            # run control and phase configuration (held stable during a run)
+            "start": In(1),
+            "mode": In(2),
+            "ng": In(16),
+            "lim": In(16),
+            "gkl": In(16),
+            "nt": In(16),
+            "xstride": In(16),
+            "blk_base": In(16),
+            "val_base": In(c.ptr_bits),
+            "s0": In(16), "e0": In(16), "s1": In(16), "e1": In(16),
+            "done": Out(1),
+            # dense weight-gradient elements from the top-level sequencer
+            "sq_valid": In(1), "sq_first": In(1), "sq_end": In(1),
+            "sq_xaddr": In(16),
+            "g_lane": In(signed(D)),
+            # broadcast writes (loads and the encoder)
+            "bw_en": In(L), "bw_addr": In(16), "bw_data": In(c.mbw),
+            "vw_en": In(1), "vw_addr": In(c.ptr_bits), "vw_data": In(D),
+            "xw_en": In(1), "xw_addr": In(16), "xw_data": In(C * D),
+            # external reads (unload, update, encoder) while not running
+            "ext": In(1),
+            "ext_baddr": In(16), "bdata": Out(L * c.mbw),
+            "ext_vaddr": In(c.ptr_bits), "vdata": Out(D),
+            "ext_xaddr": In(16), "xdata": Out(C * D),
+            "y_raddr": In(16), "ydata": Out(C * D),
+            "y_wen": In(C), "y_waddr": In(16), "y_wdata": In(C * D),
+        })
+
+    def elaborate(self, platform):
+        c = self.cfg
+        m = Module()
+        D, A, C, L, S, NB, PB = (c.data_bits, c.acc_bits, c.cols, c.lanes, c.slice_bits,
+                                 c.nb, c.ptr_bits)
+        mode_bwd = self.mode == MODE_BWD
+        wgrad = self.mode == MODE_WGRAD
+
+        # ---- memories -------------------------------------------------------------
+        banks = []
+        for b in range(L):
+            mem = Memory(shape=unsigned(c.mbw), depth=c.blk_depth, init=[])
+            m.submodules[f"bank{b}"] = mem
+            banks.append(mem)
+        m.submodules.vals = vals = Memory(shape=unsigned(D), depth=c.val_depth, init=[])
+        m.submodules.xmem = xmem = Memory(shape=unsigned(C * D), depth=c.x_depth, init=[])
+        m.submodules.ymem = ymem = Memory(shape=unsigned(C * D), depth=c.y_depth, init=[])
+
+        brd = [b.read_port() for b in banks]
+        bwr = [b.write_port() for b in banks]
+        vrd, vwr = vals.read_port(), vals.write_port()
+        xrd, xwr = xmem.read_port(), xmem.write_port()
+        yrd, ywr = ymem.read_port(), ymem.write_port(granularity=D)
+
+        for b in range(L):
+            m.d.comb += [bwr[b].en.eq(self.bw_en[b]), bwr[b].addr.eq(self.bw_addr),
+                         bwr[b].data.eq(self.bw_data)]
+        m.d.comb += [
+            vwr.en.eq(self.vw_en), vwr.addr.eq(self.vw_addr), vwr.data.eq(self.vw_data),
+            xwr.en.eq(self.xw_en), xwr.addr.eq(self.xw_addr), xwr.data.eq(self.xw_data),
+            self.bdata.eq(Cat(*[p.data for p in brd])),
+            self.vdata.eq(vrd.data), self.xdata.eq(xrd.data),
+            yrd.addr.eq(self.y_raddr), self.ydata.eq(yrd.data),
+        ]
+
+        # ---- S0: walk (output row, tile, group), address the banks ---------------
+        h = Signal()
+        o = Signal(16)
+        t = Signal(16)
+        g = Signal(16)
+        xbase = Signal(16)
+        rowbase = Signal(16)
+        gbase = Signal(16)
+        seen = Signal()
+
+        s1 = Signal(data.StructLayout({
+            "valid": 1, "end": 1, "rot": max(1, c.log_lanes), "sub": 3, "gl": 16,
+            "last_g": 1, "opbase": 16, "xbase": 16}))
+        issue = Signal()
+        s1_adv = Signal()
+        m.d.comb += issue.eq(~s1.valid | s1_adv)
+
+        bi = o >> c.log_bm
+        bj = o >> c.log_bk
+        for b in range(L):
+            lane = (b - bj) & (L - 1) if L > 1 else Const(0)
+            lg = Signal(16, name=f"lgkl{b}")
+            with m.Switch(lane):
+                for l in range(L):
+                    with m.Case(l):
+                        m.d.comb += lg.eq(self.gkl * l)
+            addr = Mux(mode_bwd,
+                       self.blk_base + (bj >> c.log_lanes) + gbase + lg,
+                       rowbase + g)
+            m.d.comb += brd[b].addr.eq(Mux(self.ext, self.ext_baddr, addr))
+
+        last_g = g == self.ng - 1
+        last_t = t == self.nt - 1
+        o_next = o + 1
+        e_cur = Mux(h, self.e1, self.e0)
+        log_sx_fwd, log_sx_bwd = c.log_bk, c.log_bm
+        fire = Signal()
+        for b in range(L):
+            m.d.comb += brd[b].en.eq(self.ext | fire)
+
+        with m.If(s1_adv):
+            m.d.sync += s1.valid.eq(0)
+        with m.FSM(name="walk"):
+            with m.State("IDLE"):
+                with m.If(self.start & ~wgrad):
+                    m.d.sync += [g.eq(0), t.eq(0), gbase.eq(0), xbase.eq(0), seen.eq(0)]
+                    with m.If(self.s0 != self.e0):
+                        m.d.sync += [h.eq(0), o.eq(self.s0)]
+                        m.next = "SETUP"
+                    with m.Elif(self.s1 != self.e1):
+                        m.d.sync += [h.eq(1), o.eq(self.s1)]
+                        m.next = "SETUP"
+                    with m.Else():
+                        m.next = "END"
+            with m.State("SETUP"):
+                m.d.sync += rowbase.eq(self.blk_base + (o >> c.log_bm) * self.gkl)
+                m.next = "ISSUE"
+            with m.State("ISSUE"):
+                m.d.comb += fire.eq(issue)
+                with m.If(issue):
+                    m.d.sync += [
+                        s1.valid.eq(1), s1.end.eq(0),
+                        s1.rot.eq(Mux(mode_bwd, bj, bi)),
+                        s1.sub.eq(Mux(mode_bwd, o & (c.bk - 1), o & (c.bm - 1))),
+                        s1.gl.eq(g << c.log_lanes),
+                        s1.last_g.eq(last_g),
+                        s1.opbase.eq(Mux(mode_bwd, g << (c.log_lanes + log_sx_bwd),
+                                         g << (c.log_lanes + log_sx_fwd))),
+                        s1.xbase.eq(xbase),
+                    ]
+                    with m.If(~last_g):
+                        m.d.sync += [g.eq(g + 1), gbase.eq(gbase + (self.gkl << c.log_lanes))]
+                    with m.Else():
+                        m.d.sync += [g.eq(0), gbase.eq(0)]
+                        with m.If(~last_t):
+                            m.d.sync += [t.eq(t + 1), xbase.eq(xbase + self.xstride)]
+                        with m.Else():
+                            m.d.sync += [t.eq(0), xbase.eq(0), o.eq(o_next)]
+                            with m.If(~mode_bwd & ((o_next & (c.bm - 1)) == 0)):
+                                m.d.sync += rowbase.eq(rowbase + self.gkl)
+                            with m.If(o_next == e_cur):
+                                with m.If(~h & (self.s1 != self.e1)):
+                                    m.d.sync += [h.eq(1), o.eq(self.s1)]
+                                    m.next = "SETUP"
+                                with m.Else():
+                                    m.next = "END"
+            with m.State("END"):
+                with m.If(issue):
+                    m.d.sync += [s1.valid.eq(1), s1.end.eq(1)]
+                    m.next = "WAIT"
+            with m.State("WAIT"):
+                with m.If(self.done):
+                    m.next = "IDLE"
+
+        # ---- S1: slice the masks, drop empty groups, push ---------------------------
+        q = fifo.SyncFIFO(width=entry_layout(c).size, depth=c.fifo_depth)
+        m.submodules.fifo = q
+        ent = Signal(entry_layout(c))
+        bank_words = [brd[b].data for b in range(L)]
+        lane_words = []
+        for l in range(L):
+            w = Signal(c.mbw, name=f"lane{l}")
+            if L > 1:
+                with m.Switch((s1.rot + l) & (L - 1)):
+                    for b in range(L):
+                        with m.Case(b):
+                            m.d.comb += w.eq(bank_words[b])
+            else:
+                m.d.comb += w.eq(bank_words[0])
+            lane_words.append(w)
+        bits = []
+        for l in range(L):
+            mask = lane_words[l][:NB]
+            lvalid = (s1.gl + l) < self.lim
+            for s in range(S):
+                fb = Const(0) if s >= c.bk else mask.bit_select((s1.sub << c.log_bk) + s, 1)
+                bb = Const(0) if s >= c.bm else mask.bit_select((s << c.log_bk) + s1.sub, 1)
+                bits.append(lvalid & Mux(mode_bwd, bb, fb))
+        bitvec = Signal(L * S)
+        m.d.comb += bitvec.eq(Cat(*bits))
+        nonempty = bitvec.any()
+        need_push = Signal()
+        m.d.comb += [
+            need_push.eq(s1.valid & (s1.end | nonempty | (s1.last_g & ~seen))),
+            s1_adv.eq(s1.valid & (~need_push | q.w_rdy)),
+            ent.bits.eq(Mux(s1.end, 0, bitvec)),
+            ent.masks.eq(Cat(*[w[:NB] for w in lane_words])),
+            ent.ptrs.eq(Cat(*[w[NB:] for w in lane_words])),
+            ent.sub.eq(s1.sub), ent.opbase.eq(s1.opbase), ent.xbase.eq(s1.xbase),
+            ent.first.eq(s1.end | ~seen),
+            ent.null.eq(s1.end | ~nonempty),
+            ent.end.eq(s1.end),
+            q.w_data.eq(ent.as_value()),
+            q.w_en.eq(need_push & s1_adv),
+        ]
+        with m.If(s1_adv & ~s1.end):
+            with m.If(s1.last_g):
+                m.d.sync += seen.eq(0)
+            with m.Elif(nonempty):
+                m.d.sync += seen.eq(1)
+
+        # ---- emitter: one set bit per cycle ---------------------------------------
+        G = Signal(entry_layout(c))
+        gv = Signal()
+        p = Signal(range(L * S))
+        for i in reversed(range(L * S)):
+            with m.If(G.bits[i]):
+                m.d.comb += p.eq(i)
+        remaining = G.bits & (G.bits - 1)
+        lane = p >> c.log_slice if L > 1 else Const(0)
+        s_idx = p & (S - 1)
+        mask_sel = Signal(NB)
+        ptr_sel = Signal(PB)
+        with m.Switch(lane):
+            for l in range(L):
+                with m.Case(l):
+                    m.d.comb += [mask_sel.eq(G.masks[l * NB:(l + 1) * NB]),
+                                 ptr_sel.eq(G.ptrs[l * PB:(l + 1) * PB])]
+        t_fwd = (G.sub << c.log_bk) | s_idx
+        t_bwd = (s_idx << c.log_bk) | G.sub
+        op_fwd = G.opbase + ((lane << c.log_bk) | s_idx)
+        op_bwd = G.opbase + ((lane << c.log_bm) | s_idx)
+
+        E = Signal(data.StructLayout({
+            "valid": 1, "null": 1, "first": 1, "end": 1, "ptr": PB, "mask": NB,
+            "t": max(1, (NB - 1).bit_length()), "opidx": 16, "xbase": 16}))
+        load_next = ~gv | G.null | (remaining == 0)
+        m.d.sync += [
+            E.valid.eq(gv), E.null.eq(G.null), E.first.eq(G.first), E.end.eq(G.end),
+            E.ptr.eq(ptr_sel), E.mask.eq(mask_sel),
+            E.t.eq(Mux(mode_bwd, t_bwd, t_fwd)),
+            E.opidx.eq(Mux(mode_bwd, op_bwd, op_fwd)), E.xbase.eq(G.xbase),
+        ]
+        with m.If(load_next):
+            m.d.comb += q.r_en.eq(q.r_rdy)
+            m.d.sync += [G.eq(q.r_data), gv.eq(q.r_rdy)]
+        with m.Else():
+            m.d.sync += [G.bits.eq(remaining), G.first.eq(0)]
+
+        # ---- E: addresses; read value and operand ---------------------------------
+        below = Cat(*[E.mask[i] & (i < E.t) for i in range(NB)])
+        popc = sum(below[i] for i in range(NB))
+        vaddr = (self.val_base + E.ptr + popc)[:PB]
+        xaddr = Mux(wgrad, self.sq_xaddr, E.xbase + E.opidx)
+        m.d.comb += [
+            vrd.addr.eq(Mux(self.ext, self.ext_vaddr, vaddr)),
+            xrd.addr.eq(Mux(self.ext, self.ext_xaddr, xaddr)),
+        ]
+        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1})
+        D1 = Signal(ctl)
+        with m.If(wgrad):
+            m.d.sync += [D1.valid.eq(self.sq_valid), D1.null.eq(0),
+                         D1.first.eq(self.sq_first), D1.end.eq(self.sq_end)]
+        with m.Else():
+            m.d.sync += [D1.valid.eq(E.valid), D1.null.eq(E.null),
+                         D1.first.eq(E.first), D1.end.eq(E.end)]
+
+        # ---- D1: multiply -----------------------------------------------------------
+        w = Signal(signed(D))
+        m.d.comb += w.eq(Mux(wgrad, self.g_lane, Mux(D1.null, 0, vrd.data.as_signed())))
+        D2 = Signal(ctl)
+        prods = [Signal(signed(2 * D), name=f"p{i}") for i in range(C)]
+        m.d.sync += D2.eq(D1)
+        for i in range(C):
+            m.d.sync += prods[i].eq(w * xrd.data[i * D:(i + 1) * D].as_signed())
+
+        # ---- D2: accumulate, write results -----------------------------------------
+        accs = [Signal(signed(A), name=f"acc{i}") for i in range(C)]
+        have = Signal()
+        wptr = Signal(16)
+        outs = []
+        for i in range(C):
+            fw = narrow(m, accs[i], c.w_frac, D, f"yfb{i}")
+            wg = narrow(m, accs[i], c.wgrad_shift, D, f"ywg{i}")
+            outs.append(Mux(wgrad, wg, fw))
+        pe_write = Signal()
+        with m.If(D2.valid):
+            with m.If(D2.first | D2.end):
+                m.d.comb += pe_write.eq(have)
+                m.d.sync += have.eq(~D2.end)
+                with m.If(have):
+                    m.d.sync += wptr.eq(wptr + 1)
+            for i in range(C):
+                base = Mux(D2.first, 0, accs[i])
+                m.d.sync += accs[i].eq(sat(m, base + prods[i], A, f"accn{i}"))
+            with m.If(D2.end):
+                m.d.sync += self.done.eq(1)
+        with m.If(pe_write):
+            m.d.comb += [ywr.en.eq((1 << C) - 1), ywr.addr.eq(wptr),
+                         ywr.data.eq(Cat(*[v.as_unsigned()[:D] for v in outs]))]
+        with m.Else():
+            m.d.comb += [ywr.en.eq(self.y_wen), ywr.addr.eq(self.y_waddr),
+                         ywr.data.eq(self.y_wdata)]
+        with m.If(self.start):
+            m.d.sync += [self.done.eq(0), have.eq(0), wptr.eq(0)]
+        return m

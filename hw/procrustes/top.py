@@ -1,0 +1,557 @@
+"""The Procrustes array: command decoder, buffers, PE rows, weight-update and encoder units.
+
+See ``hw/procrustes/README.md`` for the dataflow of each phase and the command set.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .config import Config
+from .layouts import Buf, Err, Op, Reg, cmd_layout, resp_layout
+from .pe_row import MODE_BWD, MODE_FWD, MODE_WGRAD, PERow, sat
+from .units import MULT, Prng, QuantileStep
+
+__all__ = ["Procrustes"]
+
+
+class Procrustes(wiring.Component):
+    """The accelerator top level.
+
+    Ports: ``cmd`` (stream of :func:`~.layouts.cmd_layout`), ``din`` / ``dout`` (data
+    words of ``cfg.word_bits``), ``resp`` (stream of :func:`~.layouts.resp_layout`, one
+    beat per command) and ``busy``.
+    """
+
+    def __init__(self, cfg: Config | None = None, **params):
+        self.cfg = cfg if cfg is not None else Config(**params)
+        c = self.cfg
+        super().__init__({
+            "cmd": In(stream.Signature(cmd_layout())),
+            "din": In(stream.Signature(c.word_bits)),
+            "dout": Out(stream.Signature(c.word_bits)),
+            "resp": Out(stream.Signature(resp_layout())),
+            "busy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        c = self.cfg
+        m = Module()
+        R, C, L, D, NB, PB = c.rows, c.cols, c.lanes, c.data_bits, c.nb, c.ptr_bits
+        def lane_of(v):
+            return v[:c.log_lanes] if L > 1 else Const(0, 1)
+
+        rows = []
+        for r in range(R):
+            pr = PERow(c, r)
+            m.submodules[f"row{r}"] = pr
+            rows.append(pr)
+        row0 = rows[0]
+
+        m.submodules.gbuf = gbuf = Memory(shape=R * D, depth=c.g_depth, init=[])
+        grd, gwr = gbuf.read_port(), gbuf.write_port()
+
+        # ---- registers ---------------------------------------------------------------
+        cmd = Signal(cmd_layout())
+        regs = {Reg.LR: Signal(16), Reg.DECAY: Signal(17), Reg.SEED: Signal(32),
+                Reg.BOUND: Signal(16), Reg.UP: Signal(32), Reg.DN: Signal(32),
+                Reg.THETA: Signal(32, init=0), Reg.CYCLES: Signal(32), Reg.NNZ: Signal(32)}
+        sched = [Signal(64, name=f"sched{r}") for r in range(R)]
+        err = Signal(4)
+        cyc = Signal(32)
+        value = Signal(32)
+
+        # derived dimensions (latched in DECODE)
+        GM, GK, GKL, NT, KT, MT = (Signal(16, name=n) for n in
+                                   ("GM", "GK", "GKL", "NT", "KT", "MT"))
+
+        # shared multipliers
+        ma, mb = Signal(16), Signal(16)
+        mul1 = Signal(32)
+        m.d.comb += mul1.eq(ma * mb)
+        na, nb2 = Signal(16), Signal(16)
+        mul2 = Signal(32)
+        m.d.comb += mul2.eq(na * nb2)
+
+        running = Signal()  # PE rows own their memories' read ports
+        m.d.comb += [r_.ext.eq(~running) for r_ in rows]
+
+        # broadcast write buses (defaults: nothing written)
+        bw_en, bw_addr, bw_data = Signal(L), Signal(16), Signal(c.mbw)
+        vw_en, vw_addr, vw_data = Signal(), Signal(PB), Signal(D)
+        xw_en, xw_addr, xw_data = Signal(), Signal(16), Signal(C * D)
+        ext_baddr, ext_vaddr, ext_xaddr, y_raddr = Signal(16), Signal(PB), Signal(16), Signal(16)
+        for pr in rows:
+            m.d.comb += [
+                pr.bw_en.eq(bw_en), pr.bw_addr.eq(bw_addr), pr.bw_data.eq(bw_data),
+                pr.vw_en.eq(vw_en), pr.vw_addr.eq(vw_addr), pr.vw_data.eq(vw_data),
+                pr.xw_en.eq(xw_en), pr.xw_addr.eq(xw_addr), pr.xw_data.eq(xw_data),
+                pr.ext_baddr.eq(ext_baddr), pr.ext_vaddr.eq(ext_vaddr),
+                pr.ext_xaddr.eq(ext_xaddr), pr.y_raddr.eq(y_raddr),
+            ]
+        ydata = Array([pr.ydata for pr in rows])
+        row_done = Cat(*[pr.done for pr in rows]).all()
+
+        # phase configuration of the PE rows (combinational from the latched command)
+        op = cmd.op
+        is_bwd = op == Op.BWD
+        start = Signal()
+        mode = Signal(2)
+        for r, pr in enumerate(rows):
+            m.d.comb += [
+                pr.start.eq(start), pr.mode.eq(mode),
+                pr.ng.eq(Mux(is_bwd, (GM + L - 1) >> c.log_lanes, GKL)),
+                pr.lim.eq(Mux(is_bwd, GM, GK)),
+                pr.gkl.eq(GKL), pr.nt.eq(NT),
+                pr.xstride.eq(Mux(is_bwd, cmd.m, cmd.k)),
+                pr.blk_base.eq(cmd.addr), pr.val_base.eq(cmd.arg),
+                pr.s0.eq(sched[r][0:16]), pr.e0.eq(sched[r][16:32]),
+                pr.s1.eq(sched[r][32:48]), pr.e1.eq(sched[r][48:64]),
+                pr.g_lane.eq(grd.data[r * D:(r + 1) * D].as_signed()),
+            ]
+
+        # counters shared by the sequencing states
+        cnt = Signal(32)
+        bi, bj = Signal(16), Signal(16)
+        i0, i1, i2 = Signal(16), Signal(16), Signal(16)  # generic loop counters
+        xb, gb = Signal(16), Signal(16)
+
+        # ---- weight-gradient sequencer outputs (registered) ------------------------
+        sq_valid, sq_first, sq_end = Signal(), Signal(), Signal()
+        sq_xaddr, sq_gaddr = Signal(16), Signal(16)
+        m.d.sync += [sq_valid.eq(0), sq_end.eq(0)]
+        for pr in rows:
+            m.d.comb += [pr.sq_valid.eq(sq_valid), pr.sq_first.eq(sq_first),
+                         pr.sq_end.eq(sq_end), pr.sq_xaddr.eq(sq_xaddr)]
+
+        # ---- update pipeline ----------------------------------------------------------
+        m.submodules.prng = prng = Prng()
+        m.submodules.qstep = qstep = QuantileStep(D + 2)
+        u_issue = Signal()
+        um, uk = Signal(16), Signal(16)
+        uidx = Signal(32)
+        U1 = Signal(data.StructLayout({
+            "valid": 1, "t": max(1, (NB - 1).bit_length()), "bank": max(1, c.log_lanes),
+            "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16, "hx": 32}))
+        U2 = Signal(data.StructLayout({
+            "valid": 1, "set": 1, "dw": signed(D), "w0": signed(D + 1),
+            "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16}))
+        U3 = Signal(data.StructLayout({
+            "valid": 1, "w1": signed(D), "dw0": signed(D + 1),
+            "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16}))
+        m.d.sync += [U1.valid.eq(0), U2.valid.eq(0), U3.valid.eq(0)]
+
+        # U0 -> U1: addresses of W[m, k] (block store) and dW[m, k] (result bank m mod R)
+        u_bi, u_bj = um >> c.log_bm, uk >> c.log_bk
+        with m.If(u_issue):
+            m.d.comb += [
+                ext_baddr.eq(cmd.addr + mul1 + (u_bj >> c.log_lanes)),
+                y_raddr.eq(mul2 + (uk >> c.log_cols)),
+            ]
+            m.d.sync += [
+                U1.valid.eq(1),
+                U1.t.eq(((um & (c.bm - 1)) << c.log_bk) | (uk & (c.bk - 1))),
+                U1.bank.eq((u_bi + u_bj) & (L - 1)),
+                U1.ybank.eq(um & (R - 1)), U1.lane.eq(uk & (C - 1)),
+                U1.yaddr.eq(mul2 + (uk >> c.log_cols)),
+                U1.hx.eq((uidx * MULT)[:32]),
+            ]
+        # U1: value address, dW lane, PRNG -> w0
+        bword = Signal(c.mbw)
+        with m.Switch(U1.bank):
+            for b in range(L):
+                with m.Case(b):
+                    m.d.comb += bword.eq(row0.bdata[b * c.mbw:(b + 1) * c.mbw])
+        bmask, bptr = bword[:NB], bword[NB:]
+        below = Cat(*[bmask[i] & (i < U1.t) for i in range(NB)])
+        popc = sum(below[i] for i in range(NB))
+        yword = ydata[U1.ybank]
+        dw_lane = Signal(signed(D))
+        with m.Switch(U1.lane):
+            for i in range(C):
+                with m.Case(i):
+                    m.d.comb += dw_lane.eq(yword[i * D:(i + 1) * D].as_signed())
+        m.d.comb += [prng.hx.eq(U1.hx), prng.seed.eq(regs[Reg.SEED])]
+        s16 = Signal(signed(17))
+        m.d.comb += s16.eq(prng.u[16:32] - 32768)
+        w0 = (s16 * regs[Reg.BOUND] + (1 << 14)) >> 15
+        with m.If(U1.valid):
+            m.d.comb += ext_vaddr.eq(cmd.arg + bptr + popc)
+        m.d.sync += [
+            U2.valid.eq(U1.valid), U2.set.eq(bmask.bit_select(U1.t, 1)), U2.dw.eq(dw_lane),
+            U2.w0.eq(w0), U2.ybank.eq(U1.ybank), U2.lane.eq(U1.lane), U2.yaddr.eq(U1.yaddr),
+        ]
+        # U2: SGD step and decayed w0
+        wold = Mux(U2.set, row0.vdata.as_signed(), 0)
+        step = (regs[Reg.LR] * U2.dw + (1 << 15)) >> 16
+        w1 = sat(m, wold - step, D, "w1")
+        dw0 = (regs[Reg.DECAY] * U2.w0 + (1 << 15)) >> 16
+        m.d.sync += [
+            U3.valid.eq(U2.valid), U3.w1.eq(w1), U3.dw0.eq(dw0),
+            U3.ybank.eq(U2.ybank), U3.lane.eq(U2.lane), U3.yaddr.eq(U2.yaddr),
+        ]
+        # U3: score, threshold, write W' in place of dW
+        diff = Signal(signed(D + 3))
+        m.d.comb += [
+            diff.eq(U3.w1 - U3.dw0),
+            qstep.theta.eq(regs[Reg.THETA]), qstep.up.eq(regs[Reg.UP]),
+            qstep.dn.eq(regs[Reg.DN]),
+            qstep.score.eq(Mux(diff < 0, -diff, diff)),
+        ]
+        wnew = Mux(qstep.tracked, U3.w1, U3.dw0)
+        for r, pr in enumerate(rows):
+            with m.If(U3.valid & (U3.ybank == r)):
+                m.d.comb += [pr.y_wen.eq(Const(1, C) << U3.lane), pr.y_waddr.eq(U3.yaddr),
+                             pr.y_wdata.eq(Cat(*[wnew[:D]] * C))]
+        with m.If(U3.valid):
+            m.d.sync += regs[Reg.THETA].eq(qstep.theta_next)
+        upd_busy = U1.valid | U2.valid | U3.valid
+
+        # ---- encoder pipeline -------------------------------------------------------
+        e_issue = Signal()
+        EN1 = Signal(data.StructLayout({
+            "valid": 1, "inside": 1, "tt": max(1, (NB - 1).bit_length()), "last": 1,
+            "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols),
+            "bank": max(1, c.log_lanes), "baddr": 16}))
+        m.d.sync += EN1.valid.eq(0)
+        e_m = (bi << c.log_bm) | (i0 >> c.log_bk)
+        e_k = (bj << c.log_bk) | (i0 & (c.bk - 1))
+        with m.If(e_issue):
+            m.d.comb += y_raddr.eq(mul2 + (e_k >> c.log_cols))
+            m.d.sync += [
+                EN1.valid.eq(1), EN1.inside.eq((e_m < cmd.m) & (e_k < cmd.k)),
+                EN1.tt.eq(i0), EN1.last.eq(i0 == NB - 1), EN1.ybank.eq(e_m & (R - 1)),
+                EN1.lane.eq(e_k & (C - 1)), EN1.bank.eq((bi + bj) & (L - 1)),
+                EN1.baddr.eq(cmd.addr + mul1 + (bj >> c.log_lanes)),
+            ]
+        eword = ydata[EN1.ybank]
+        ev = Signal(D)
+        with m.Switch(EN1.lane):
+            for i in range(C):
+                with m.Case(i):
+                    m.d.comb += ev.eq(eword[i * D:(i + 1) * D])
+        enz = EN1.inside & (ev != 0)
+        blkmask = Signal(NB)
+        blkptr = Signal(PB + 1)
+        nnz = Signal(32)
+        newmask = blkmask | (enz.as_unsigned() << EN1.tt)[:NB]
+        with m.If(EN1.valid):
+            with m.If(enz):
+                m.d.comb += [vw_en.eq(1), vw_addr.eq(cmd.arg + nnz), vw_data.eq(ev)]
+                m.d.sync += nnz.eq(nnz + 1)
+            with m.If(EN1.last):
+                m.d.comb += [bw_en.eq(Const(1, L) << EN1.bank), bw_addr.eq(EN1.baddr),
+                             bw_data.eq(Cat(newmask, blkptr[:PB]))]
+                m.d.sync += [blkmask.eq(0), blkptr.eq(nnz + enz)]
+            with m.Else():
+                m.d.sync += blkmask.eq(newmask)
+
+        uword = Signal(c.word_bits)
+        unloading = Signal()
+        gaddr_unload = Signal(16)
+
+        # ---- command FSM ---------------------------------------------------------------
+        with m.If(~self.resp.valid):
+            m.d.sync += cyc.eq(cyc + 1)
+        m.d.comb += self.busy.eq(1)
+        with m.FSM(name="ctl"):
+            with m.State("IDLE"):
+                m.d.comb += [self.cmd.ready.eq(1), self.busy.eq(0)]
+                with m.If(self.cmd.valid):
+                    m.d.sync += [cmd.eq(self.cmd.payload), cyc.eq(1), err.eq(0),
+                                 value.eq(0)]
+                    m.next = "DECODE"
+            with m.State("DECODE"):
+                mm, kk, nn = cmd.m, cmd.k, cmd.n
+                gk = (kk + c.bk - 1) >> c.log_bk
+                m.d.sync += [
+                    GM.eq((mm + c.bm - 1) >> c.log_bm), GK.eq(gk),
+                    GKL.eq((gk + L - 1) >> c.log_lanes),
+                    NT.eq((nn + C - 1) >> c.log_cols), KT.eq((kk + C - 1) >> c.log_cols),
+                    MT.eq((mm + R - 1) >> c.log_rows), i0.eq(0),
+                ]
+                known = Signal()
+                dims = Signal()  # the dimensions the operation uses are non-zero
+                sel_ok = Signal()
+                with m.Switch(op):
+                    with m.Case(Op.NOP):
+                        m.d.comb += [known.eq(1), dims.eq(1), sel_ok.eq(1)]
+                    with m.Case(Op.LOAD, Op.UNLOAD):
+                        m.d.comb += [known.eq(1), sel_ok.eq(cmd.sel <= Buf.Y)]
+                        m.d.comb += dims.eq(Mux(cmd.sel == Buf.BLOCKS, (mm != 0) & (kk != 0),
+                                                cmd.count != 0))
+                    with m.Case(Op.SET):
+                        m.d.comb += [known.eq(1), dims.eq(1), sel_ok.eq(cmd.sel <= Reg.THETA)]
+                    with m.Case(Op.GET):
+                        m.d.comb += [known.eq(1), dims.eq(1), sel_ok.eq(cmd.sel <= Reg.NNZ)]
+                    with m.Case(Op.FWD, Op.BWD, Op.WGRAD):
+                        m.d.comb += [known.eq(1), sel_ok.eq(1),
+                                     dims.eq((mm != 0) & (kk != 0) & (nn != 0))]
+                    with m.Case(Op.UPDATE):
+                        m.d.comb += [known.eq(1), sel_ok.eq(1), dims.eq((mm != 0) & (kk != 0))]
+                with m.If(~known):
+                    m.d.sync += err.eq(Err.BAD_OP)
+                    m.next = "RESP"
+                with m.Elif(~sel_ok):
+                    m.d.sync += err.eq(Err.BAD_SEL)
+                    m.next = "RESP"
+                with m.Elif(~dims):
+                    m.d.sync += err.eq(Err.RANGE)
+                    m.next = "RESP"
+                with m.Else():
+                    m.next = "CHECK"
+
+            with m.State("CHECK"):
+                # up to three checks "a·b + add <= limit", one per cycle (shared multiplier)
+                add, lim, chk = Signal(32), Signal(32), Signal()
+                one = Const(1, 16)
+                blk = (GM, GKL, cmd.addr, c.blk_depth)
+                tables = {
+                    Op.FWD: [blk, (cmd.k, NT, 0, c.x_depth), (one, one, cmd.arg, c.val_depth)],
+                    Op.BWD: [blk, (cmd.m, NT, 0, c.x_depth), (one, one, cmd.arg, c.val_depth)],
+                    Op.WGRAD: [(MT, cmd.n, 0, c.g_depth), (KT, cmd.n, 0, c.x_depth),
+                               (MT, KT, 0, c.y_depth)],
+                    Op.UPDATE: [blk, (cmd.m, cmd.k, cmd.arg, c.val_depth),
+                                (MT, KT, 0, c.y_depth)],
+                }
+                per_buf = {
+                    Buf.BLOCKS: blk, Buf.VALUES: (one, cmd.count, cmd.addr, c.val_depth),
+                    Buf.X: (one, cmd.count, cmd.addr, c.x_depth),
+                    Buf.G: (one, cmd.count, cmd.addr, c.g_depth),
+                    Buf.SCHED: (one, cmd.count, cmd.addr, R),
+                    Buf.Y: (one, cmd.count, cmd.addr, c.y_depth),
+                }
+
+                def emit(entry):
+                    a, b, ad, li = entry
+                    m.d.comb += [ma.eq(a), mb.eq(b), add.eq(ad), lim.eq(li), chk.eq(1)]
+
+                with m.Switch(op):
+                    for o_, lst in tables.items():
+                        with m.Case(o_):
+                            with m.Switch(i0):
+                                for n_, entry in enumerate(lst):
+                                    with m.Case(n_):
+                                        emit(entry)
+                    with m.Case(Op.LOAD, Op.UNLOAD):
+                        with m.If(i0 == 0):
+                            with m.Switch(cmd.sel):
+                                for b_, entry in per_buf.items():
+                                    with m.Case(b_):
+                                        emit(entry)
+                        with m.If((i0 == 1) & (cmd.sel == Buf.Y)):
+                            emit((one, one, cmd.arg, R))
+                bad = chk & ((mul1 + add) > lim)
+                m.d.sync += i0.eq(i0 + 1)
+                with m.If(bad):
+                    m.d.sync += err.eq(Err.RANGE)
+                    m.next = "RESP"
+                with m.Elif(i0 == 3):
+                    m.d.sync += [i0.eq(0), cnt.eq(0), bi.eq(0), bj.eq(0)]
+                    with m.Switch(op):
+                        with m.Case(Op.LOAD):
+                            m.next = "LOAD"
+                        with m.Case(Op.UNLOAD):
+                            m.next = "UADDR"
+                        with m.Case(Op.SET):
+                            m.next = "SET"
+                        with m.Case(Op.GET):
+                            m.next = "GET"
+                        with m.Case(Op.FWD, Op.BWD):
+                            m.next = "SCHK"
+                        with m.Case(Op.WGRAD):
+                            m.next = "WGSTART"
+                        with m.Case(Op.UPDATE):
+                            m.next = "UPDSTART"
+                        with m.Default():
+                            m.next = "RESP"
+
+            with m.State("SCHK"):
+                # schedule of PE row i0: ranges inside the output rows, results fit the bank
+                out_rows = Mux(is_bwd, cmd.k, cmd.m)
+                s = Array(sched)[i0]
+                s0_, e0_, s1_, e1_ = s[0:16], s[16:32], s[32:48], s[48:64]
+                m.d.comb += [ma.eq((e0_ - s0_) + (e1_ - s1_)), mb.eq(NT)]
+                bad = ((e0_ > out_rows) | (s0_ > e0_) | (e1_ > out_rows) | (s1_ > e1_)
+                       | (mul1 > c.y_depth))
+                m.d.sync += i0.eq(i0 + 1)
+                with m.If(bad):
+                    m.d.sync += err.eq(Err.RANGE)
+                    m.next = "RESP"
+                with m.Elif(i0 == R - 1):
+                    m.next = "RUNSTART"
+
+            with m.State("RUNSTART"):
+                m.d.comb += [start.eq(1), mode.eq(Mux(is_bwd, MODE_BWD, MODE_FWD)),
+                             running.eq(1)]
+                m.next = "RUNWAIT"
+            with m.State("RUNWAIT"):
+                m.d.comb += [running.eq(1),
+                             mode.eq(Mux(op == Op.WGRAD, MODE_WGRAD,
+                                         Mux(is_bwd, MODE_BWD, MODE_FWD)))]
+                with m.If(row_done):
+                    m.next = "RESP"
+
+            with m.State("WGSTART"):
+                m.d.comb += [start.eq(1), mode.eq(MODE_WGRAD), running.eq(1)]
+                m.d.sync += [i0.eq(0), i1.eq(0), i2.eq(0), xb.eq(0), gb.eq(0)]
+                m.next = "WG"
+            with m.State("WG"):
+                # for m-tile i2, k-tile i1, n = i0: dYᵀ[n, m-tile] and Xᵀ[n, k-tile]
+                m.d.comb += [mode.eq(MODE_WGRAD), running.eq(1)]
+                m.d.sync += [sq_valid.eq(1), sq_first.eq(i0 == 0), sq_xaddr.eq(xb + i0),
+                             sq_gaddr.eq(gb + i0)]
+                m.d.sync += i0.eq(i0 + 1)
+                with m.If(i0 == cmd.n - 1):
+                    m.d.sync += [i0.eq(0), i1.eq(i1 + 1), xb.eq(xb + cmd.n)]
+                    with m.If(i1 == KT - 1):
+                        m.d.sync += [i1.eq(0), xb.eq(0), i2.eq(i2 + 1), gb.eq(gb + cmd.n)]
+                        with m.If(i2 == MT - 1):
+                            m.next = "WGEND"
+            with m.State("WGEND"):
+                m.d.comb += [mode.eq(MODE_WGRAD), running.eq(1)]
+                m.d.sync += [sq_valid.eq(1), sq_first.eq(1), sq_end.eq(1)]
+                m.next = "RUNWAIT"
+
+            with m.State("LOAD"):
+                m.d.comb += self.din.ready.eq(1)
+                word = self.din.payload
+                last = Signal()
+                m.d.comb += last.eq(cnt == cmd.count - 1)
+                with m.If(self.din.valid):
+                    m.d.sync += cnt.eq(cnt + 1)
+                    with m.Switch(cmd.sel):
+                        with m.Case(Buf.BLOCKS):
+                            m.d.comb += [ma.eq(bi), mb.eq(GKL),
+                                         bw_en.eq(Const(1, L) << lane_of(bi + bj)),
+                                         bw_addr.eq(cmd.addr + mul1 + (bj >> c.log_lanes)),
+                                         bw_data.eq(word[:c.mbw])]
+                            m.d.comb += last.eq((bi == GM - 1) & (bj == GK - 1))
+                            m.d.sync += bj.eq(bj + 1)
+                            with m.If(bj == GK - 1):
+                                m.d.sync += [bj.eq(0), bi.eq(bi + 1)]
+                        with m.Case(Buf.VALUES):
+                            m.d.comb += [vw_en.eq(1), vw_addr.eq(cmd.addr + cnt),
+                                         vw_data.eq(word[:D])]
+                        with m.Case(Buf.X):
+                            m.d.comb += [xw_en.eq(1), xw_addr.eq(cmd.addr + cnt),
+                                         xw_data.eq(word[:C * D])]
+                        with m.Case(Buf.G):
+                            m.d.comb += [gwr.en.eq(1), gwr.addr.eq(cmd.addr + cnt),
+                                         gwr.data.eq(word[:R * D])]
+                        with m.Case(Buf.SCHED):
+                            for r in range(R):
+                                with m.If(cmd.addr + cnt == r):
+                                    m.d.sync += sched[r].eq(word[:64])
+                        with m.Case(Buf.Y):
+                            for r, pr in enumerate(rows):
+                                with m.If(cmd.arg == r):
+                                    m.d.comb += [pr.y_wen.eq((1 << C) - 1),
+                                                 pr.y_waddr.eq(cmd.addr + cnt),
+                                                 pr.y_wdata.eq(word[:C * D])]
+                    with m.If(last):
+                        m.next = "RESP"
+
+            with m.State("UADDR"):
+                m.d.comb += unloading.eq(1)
+                m.next = "UDATA"
+            with m.State("UDATA"):
+                m.d.comb += [unloading.eq(1), self.dout.valid.eq(1), self.dout.payload.eq(uword)]
+                with m.If(self.dout.ready):
+                    m.d.sync += cnt.eq(cnt + 1)
+                    last = Mux(cmd.sel == Buf.BLOCKS, (bi == GM - 1) & (bj == GK - 1),
+                               cnt == cmd.count - 1)
+                    with m.If(cmd.sel == Buf.BLOCKS):
+                        m.d.sync += bj.eq(bj + 1)
+                        with m.If(bj == GK - 1):
+                            m.d.sync += [bj.eq(0), bi.eq(bi + 1)]
+                    with m.If(last):
+                        m.next = "RESP"
+                    with m.Else():
+                        m.next = "UADDR"
+
+            with m.State("SET"):
+                with m.Switch(cmd.sel):
+                    for reg in (Reg.LR, Reg.DECAY, Reg.SEED, Reg.BOUND, Reg.UP, Reg.DN,
+                                Reg.THETA):
+                        with m.Case(reg):
+                            m.d.sync += regs[reg].eq(cmd.arg)
+                m.next = "RESP"
+            with m.State("GET"):
+                with m.Switch(cmd.sel):
+                    for reg, sig in regs.items():
+                        with m.Case(reg):
+                            m.d.sync += value.eq(sig)
+                m.next = "RESP"
+
+            with m.State("UPDSTART"):
+                # element index M·K-1 first; the last element is visited first
+                m.d.comb += [ma.eq(cmd.m), mb.eq(cmd.k)]
+                m.d.sync += [uidx.eq(mul1 - 1), um.eq(cmd.m - 1), uk.eq(cmd.k - 1)]
+                m.next = "UPD"
+            with m.State("UPD"):
+                m.d.comb += [u_issue.eq(1), ma.eq(u_bi), mb.eq(GKL),
+                             na.eq(um >> c.log_rows), nb2.eq(KT)]
+                m.d.sync += [uidx.eq(uidx - 1), uk.eq(uk - 1)]
+                with m.If(uk == 0):
+                    m.d.sync += [uk.eq(cmd.k - 1), um.eq(um - 1)]
+                with m.If(uidx == 0):
+                    m.next = "UPDDRAIN"
+            with m.State("UPDDRAIN"):
+                m.d.sync += [bi.eq(0), bj.eq(0), i0.eq(0), nnz.eq(0), blkmask.eq(0),
+                             blkptr.eq(0)]
+                with m.If(~upd_busy):
+                    m.next = "ENC"
+            with m.State("ENC"):
+                # block order: (bi, bj), bit i0 of the block
+                m.d.comb += [e_issue.eq(1), ma.eq(bi), mb.eq(GKL),
+                             na.eq(e_m >> c.log_rows), nb2.eq(KT)]
+                m.d.sync += i0.eq(i0 + 1)
+                with m.If(i0 == NB - 1):
+                    m.d.sync += [i0.eq(0), bj.eq(bj + 1)]
+                    with m.If(bj == GK - 1):
+                        m.d.sync += [bj.eq(0), bi.eq(bi + 1)]
+                        with m.If(bi == GM - 1):
+                            m.next = "ENCDRAIN"
+            with m.State("ENCDRAIN"):
+                with m.If(~EN1.valid):
+                    m.d.sync += [value.eq(nnz), regs[Reg.NNZ].eq(nnz)]
+                    m.next = "RESP"
+
+            with m.State("RESP"):
+                m.d.comb += [
+                    self.resp.valid.eq(1), self.resp.payload.op.eq(cmd.op),
+                    self.resp.payload.err.eq(err), self.resp.payload.value.eq(value),
+                    self.resp.payload.cycles.eq(cyc),
+                ]
+                with m.If(self.resp.ready):
+                    m.d.sync += regs[Reg.CYCLES].eq(regs[Reg.CYCLES] + cyc)
+                    m.next = "IDLE"
+        # unload: the address is presented in UADDR and held in UDATA (same counters)
+        with m.If(unloading):
+            with m.Switch(cmd.sel):
+                with m.Case(Buf.BLOCKS):
+                    m.d.comb += [ma.eq(bi), mb.eq(GKL),
+                                 ext_baddr.eq(cmd.addr + mul1 + (bj >> c.log_lanes))]
+                    bsel = Signal(max(1, c.log_lanes))
+                    m.d.comb += bsel.eq((bi + bj) & (L - 1))
+                    with m.Switch(bsel):
+                        for b in range(L):
+                            with m.Case(b):
+                                m.d.comb += uword.eq(row0.bdata[b * c.mbw:(b + 1) * c.mbw])
+                with m.Case(Buf.VALUES):
+                    m.d.comb += [ext_vaddr.eq(cmd.addr + cnt), uword.eq(row0.vdata)]
+                with m.Case(Buf.X):
+                    m.d.comb += [ext_xaddr.eq(cmd.addr + cnt), uword.eq(row0.xdata)]
+                with m.Case(Buf.G):
+                    m.d.comb += [gaddr_unload.eq(cmd.addr + cnt), uword.eq(grd.data)]
+                with m.Case(Buf.SCHED):
+                    m.d.comb += uword.eq(Array(sched)[(cmd.addr + cnt)[:max(1, c.log_rows)]])
+                with m.Case(Buf.Y):
+                    m.d.comb += [y_raddr.eq(cmd.addr + cnt),
+                                 uword.eq(ydata[cmd.arg[:max(1, c.log_rows)]])]
+        m.d.comb += grd.addr.eq(Mux(running, sq_gaddr, gaddr_unload))
+        return m

