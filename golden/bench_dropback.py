@@ -7,12 +7,15 @@ weights), the median per mode is taken, and each is reported as a ratio to
 the SGD median measured in the same run. Target: ratio <= 3.0.
 
 Torch runs with one thread by default (the numba kernels are single-threaded;
-``--threads`` changes it). Where the time goes (11.7M elements, one quiet core):
-the fused SGD + score pass costs about 1.5 SGD steps, the two radix-histogram
-passes about 2, the fused mask + reset pass about 1.5; the quantile mode's
-serial float32 estimator pass alone costs about 13 SGD steps, since every
-element waits on the previous element's theta (compare + multiply latency), and
-it cannot be split without changing the bit-exact result.
+``--threads`` changes it). Where the time goes (11.7M elements, one core,
+thread CPU time): top-k mode: the fused SGD + score pass costs about 1.5 SGD
+steps, the two radix-histogram passes about 2, the fused mask + reset pass
+about 1.5. Quantile mode is one fused pass per parameter, bounded by the
+estimator's serial chain: each element waits on the previous theta. Run on
+theta's bit pattern with exact integer steps (see golden.quantile) the chain
+costs ~13 ms (~3 cycles per element, ~5 SGD steps) instead of 38 ms for the
+float32 multiply chain; 3x SGD would need under 2 cycles per element for the
+whole step, so the target is out of reach for this mode on one thread.
 """
 
 from __future__ import annotations

@@ -24,11 +24,13 @@ e. every untracked weight becomes ``d32*w0`` (float32 product) and its momentum
 ``init=CounterInit(seed)`` regenerated from each element's index by
 :mod:`golden.prng` (nothing of w0's size is stored).
 
-The per-element work is done by numba kernels in a few passes: a fused,
-vectorized SGD update + score pass into a float32 scratch array; then either
-an exact radix select on the float32 bit patterns (high-16-bit histogram,
-low-16-bit histogram of the boundary bin, mask) or the serial quantile pass of
-:mod:`golden.quantile`; then a vectorized reset pass. No sort, no torch.topk.
+The per-element work is done by numba kernels. Top-k mode, in a few passes: a
+fused, vectorized SGD update + score pass into a float32 scratch array; an
+exact radix select on the float32 bit patterns (high-16-bit histogram,
+low-16-bit histogram of the boundary bin, mask); a vectorized reset pass.
+Quantile mode, in one pass per parameter, last block of 2048 elements to
+first: update + score + d32*w0 into L1 buffers, the serial estimator chain of
+:mod:`golden.quantile` (integer form), then the reset. No sort, no torch.topk.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 from golden.prng import CounterInit, init_bounds, w0_nb
-from golden.quantile import _pass, check_quantile_args, factors
+from golden.quantile import _BLOCK, _chain, _consts, _key, check_quantile_args, factors
 
 _EMPTY_F32 = np.empty(0, dtype=np.float32)
 
@@ -175,6 +177,55 @@ def _reset_thr(w, buf, w0, seed, bound, counter, mom, d32, bits, thr, mask):
         _reset_thr_loop(w, buf, w0, seed, bound, False, z, d32, bits, thr, mask)
     else:
         _reset_thr_loop(w, buf, w0, seed, bound, False, mom, d32, bits, thr, mask)
+
+
+@numba.njit(inline="always")
+def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b, up, down,
+                   mask, key, r0):
+    """Quantile mode for one parameter in one pass, last block to first: SGD
+    update, score key and d32*w0 of a block into L1 buffers, the estimator chain
+    of :mod:`golden.quantile` over it, then the reset of the untracked (w0 is
+    regenerated once per element). Returns theta's bits."""
+    u, d = _consts(up, down)
+    end = w.shape[0]
+    while end > 0:
+        start = max(0, end - _BLOCK)
+        m = end - start
+        for jj in range(m):
+            r0[jj] = d32 * _w0(w0, start + jj, seed, bound, counter)
+        for jj in range(m):
+            j = start + jj
+            wn = _sgd(w, g, buf, j, neg_lr, mom, wd)
+            w[j] = wn
+            key[jj] = _key(abs(wn - r0[jj]))
+        b = _chain(key, m, b, u, d, up, down, mask, start)
+        for jj in range(m):
+            j = start + jj
+            t = mask[j]
+            w[j] = w[j] if t else r0[jj]
+            if mom != 0:
+                buf[j] = buf[j] if t else np.float32(0)
+        end = start
+    return b
+
+
+@numba.njit(cache=False)
+def _quantile_param(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b, up, down,
+                    mask, key, r0):
+    """:func:`_quantile_loop` with literal flags per variant (as :func:`_update_score`)."""
+    z = np.float32(0)
+    plain = mom == 0 and wd == 0
+    if counter:
+        if plain:
+            return _quantile_loop(w, g, buf, w0, seed, bound, True, neg_lr, z, z, d32, b,
+                                  up, down, mask, key, r0)
+        return _quantile_loop(w, g, buf, w0, seed, bound, True, neg_lr, mom, wd, d32, b,
+                              up, down, mask, key, r0)
+    if plain:
+        return _quantile_loop(w, g, buf, w0, seed, bound, False, neg_lr, z, z, d32, b,
+                              up, down, mask, key, r0)
+    return _quantile_loop(w, g, buf, w0, seed, bound, False, neg_lr, mom, wd, d32, b,
+                          up, down, mask, key, r0)
 
 
 def _select_threshold(hist_hi: np.ndarray, k: int):
@@ -317,13 +368,16 @@ class Dropback(torch.optim.Optimizer):
             _reset(w, buf, w0, seed, bound, counter, mom, d32, mask)
 
     def _step_quantile(self, work, d32):
-        self._update(work, d32)
         up, down = factors(self.quantile, self.q_step)
-        theta, total, off = self._theta, 0, self._offsets
-        for (i, *_r, mask) in reversed(work):  # last parameter to first
-            theta = np.float32(_pass(self._scores[off[i]:off[i + 1]], theta, up, down, mask))
+        b = np.int64(np.float32(self._theta).view(np.uint32))
+        key = np.empty(_BLOCK, dtype=np.int64)
+        r0 = np.empty(_BLOCK, dtype=np.float32)
+        total = 0
+        for (_, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask) in reversed(work):
+            b = _quantile_param(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32, b,
+                                up, down, mask, key, r0)  # last parameter to first
             total += int(np.count_nonzero(mask))
-        self._reset_all(work, d32)
+        theta = np.uint32(b).view(np.float32)
         self._theta = np.float32(theta)
         self.threshold = float(theta)
         self.tracked_count = total
