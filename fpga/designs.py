@@ -8,15 +8,21 @@ from __future__ import annotations
 
 from hw import designs as hw_designs
 
-__all__ = ["DESIGNS", "make_accel", "sim_core"]
+__all__ = ["BOARD_DEFAULTS", "DESIGNS", "board_params", "make_accel", "sim_core"]
 
 DESIGNS = ("linktest", "cubist", "procrustes")
 
 # Per board, the parameters that fit (see fpga/README.md for the numbers).
+# The merge unit goes on the boards without its unmerge unit (the host can unmerge).
 BOARD_DEFAULTS = {
-    "icebreaker": {"cubist": {}, "procrustes": {}},
-    "ulx3s": {"cubist": {}, "procrustes": {}},
+    "icebreaker": {"cubist": {"unmerge": 0}, "procrustes": {}},
+    "ulx3s": {"cubist": {"unmerge": 0}, "procrustes": {}},
 }
+
+
+def board_params(board: str, design: str, params: dict | None = None) -> dict:
+    """The board's default parameters of ``design``, overridden by ``params``."""
+    return {**BOARD_DEFAULTS.get(board, {}).get(design, {}), **(params or {})}
 
 
 def make_accel(design: str, params: dict | None = None):

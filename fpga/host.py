@@ -114,7 +114,13 @@ class LinkStats:
 
 
 class Link:
-    """Request/reply over a transport. ``reply_timeout`` and ``quiet`` are in seconds."""
+    """Request/reply over a transport.
+
+    ``reply_timeout`` (seconds) is how long the line may stay silent before a reply is
+    given up on; it must exceed the board's partial-frame timeout, so that the board's
+    NAK for a damaged request arrives in time. ``quiet`` is the silence that ends the
+    draining of the line before a retransmission.
+    """
 
     def __init__(self, transport, *, reply_timeout: float = 0.5, quiet: float | None = None,
                  retries: int = 8):
@@ -152,8 +158,9 @@ class Link:
             if left <= 0:
                 return None
             data = self.transport.read(left)
-            if data:
+            if data:  # a reply is arriving: the timeout counts silence, not length
                 self._pending += self.deframer.feed(data)
+                deadline = self.clock() + self.reply_timeout
 
     def _drain(self) -> None:
         """Read until the line has been quiet for ``quiet`` s; forget everything read."""

@@ -189,7 +189,6 @@ class Deframer:
 
 # Fields of a STATUS reply, in order, little-endian: (name, bytes).
 STATUS_FIELDS = (
-    ("cycle", 4),  # free-running clock cycle counter
     ("first_in", 4),  # cycle of the first accelerator input transfer since CLEAR
     ("last_out", 4),  # cycle of the latest accelerator output transfer
     ("in_beats", 4),  # accelerator input transfers since CLEAR

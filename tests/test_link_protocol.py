@@ -104,7 +104,7 @@ def test_payload_codec_round_trips_signed_arrays_and_flags():
     (lambda: Deframer(max_len=70000), r"max_len must be in 0\.\.65535, not 70000"),
     (lambda: FaultyTransport(None, flip=1.5), r"flip must be in \[0, 1\), not 1\.5"),
     (lambda: Link(None, reply_timeout=0), r"reply_timeout must be > 0, not 0"),
-    (lambda: decode_status(b"\x00"), r"status payload must be 30 bytes, not 1"),
+    (lambda: decode_status(b"\x00"), r"status payload must be 26 bytes, not 1"),
 ])
 def test_bad_arguments_are_refused(call, msg):
     with pytest.raises(ValueError, match=msg):

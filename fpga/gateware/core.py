@@ -85,7 +85,7 @@ class BoardCore(wiring.Component):
         for name, _ in self.outputs:
             wiring.connect(m, getattr(accel, name), getattr(link, f"from_{name}"))
 
-        cycle = Signal(32)
+        cycle = Signal(32)  # free-running
         first_in = Signal(32)
         last_out = Signal(32)
         in_beats = Signal(32)
@@ -113,7 +113,7 @@ class BoardCore(wiring.Component):
             with m.If(fire_out):
                 m.d.sync += [out_beats.eq(out_beats + 1), last_out.eq(cycle)]
 
-        values = {"cycle": cycle, "first_in": first_in, "last_out": last_out,
+        values = {"first_in": first_in, "last_out": last_out,
                   "in_beats": in_beats, "out_beats": out_beats,
                   "crc_errors": link.crc_errors, "timeouts": link.timeouts,
                   "framing_errors": link.framing_errors,

@@ -153,8 +153,9 @@ class HostLink(wiring.Component):
         cp = Signal(range(2 * D))  # committed write pointer
         rp = Signal(range(2 * D))  # read pointer
         used = Signal(range(2 * D))
-        free = Signal(16)
-        m.d.comb += [used.eq((cp - rp)[:len(used)]), free.eq(D - used), self.free.eq(free)]
+        free = Signal(16)  # registered: one cycle behind the pointers, always an underestimate
+        m.d.comb += [used.eq((cp - rp)[:len(used)]), self.free.eq(free)]
+        m.d.sync += free.eq(D - used)
 
         # --- unpackers / packers and output FIFOs (reset by CLEAR) ---
         unpacks, packs, fifos = [], [], []
@@ -347,7 +348,7 @@ class HostLink(wiring.Component):
         rlen = Signal(16)
         ridx = Signal(16)
         rcrc = Signal(16)
-        word = Signal(8 * max(4, len(self.status)))  # ACK/NAK/STATUS payload snapshot
+        word = Signal(16)  # ACK / NAK payload
         rsid = Signal(8)
         levels = Array(f.level for f in fifos)
         m.submodules.info = info = Memory(shape=8, depth=len(self.info), init=list(self.info))
@@ -364,8 +365,8 @@ class HostLink(wiring.Component):
                     with m.Case(REPLY_NAK):
                         m.d.sync += [rlen.eq(2), word.eq(Cat(req_code, cmd))]
                     with m.Case(REPLY_WRITE):
-                        # free space after this frame's commit
-                        m.d.sync += [rlen.eq(2), word.eq(free)]
+                        # the free space (credit) after this frame's commit
+                        m.d.sync += [rlen.eq(2), word.eq(D - used)]
                     with m.Case(REPLY_READ):
                         level = levels[args[0]]
                         maxb = Cat(args[1], args[2])
@@ -373,13 +374,14 @@ class HostLink(wiring.Component):
                     with m.Case(REPLY_INFO):
                         m.d.sync += rlen.eq(len(self.info))
                     with m.Case(REPLY_STATUS):
-                        m.d.sync += [rlen.eq(len(self.status) // 8), word.eq(self.status)]
+                        m.d.sync += rlen.eq(len(self.status) // 8)
                     with m.Case(REPLY_EMPTY):
                         m.d.sync += rlen.eq(0)
 
         header = Array([Const(SYNC, 8), rcmd, rseq, rlen[:8], rlen[8:]])
         hidx = Signal(3)
-        word_bytes = Array(word[8 * n:8 * n + 8] for n in range(len(word) // 8))
+        nstatus = len(self.status) // 8
+        status_bytes = Array(self.status[8 * n:8 * n + 8] for n in range(nstatus))
         fifo_valid = Array(f.o.valid for f in fifos)
         fifo_data = Array(f.o.payload for f in fifos)
         pay = Signal(8)
@@ -389,9 +391,16 @@ class HostLink(wiring.Component):
                 m.d.comb += [pay.eq(fifo_data[rsid]), pay_valid.eq(fifo_valid[rsid])]
             with m.Case(REPLY_INFO):
                 m.d.comb += [pay.eq(info_rd.data), pay_valid.eq(1)]
+            with m.Case(REPLY_STATUS):  # read live: stable while the accelerator is idle
+                m.d.comb += [pay.eq(status_bytes[ridx[:(nstatus - 1).bit_length()]]),
+                             pay_valid.eq(1)]
             with m.Default():
-                m.d.comb += [pay.eq(word_bytes[ridx]), pay_valid.eq(1)]
+                m.d.comb += [pay.eq(Mux(ridx[0], word[8:], word[:8])), pay_valid.eq(1)]
 
+        # Every payload byte goes through a register (``cur``): FETCH waits one cycle for
+        # the ROM, LATCH takes the byte (popping the FIFO for READ), SEND hands it to the
+        # UART, so no path runs from a FIFO or ROM into the transmitter.
+        cur = Signal(8)
         with m.FSM(name="responder"):
             with m.State("IDLE"):
                 m.d.sync += hidx.eq(0)
@@ -411,16 +420,20 @@ class HostLink(wiring.Component):
                 with m.If(rlen == 0):
                     m.next = "CRC0"
                 with m.Else():
-                    m.next = "PAYLOAD"
+                    m.next = "FETCH"
             with m.State("FETCH"):  # the INFO ROM has one cycle of read latency
-                m.next = "PAYLOAD"
-            with m.State("PAYLOAD"):
-                m.d.comb += [tx.i.payload.eq(pay), tx.i.valid.eq(pay_valid)]
-                with m.If(tx.i.valid & tx.i.ready):
+                m.next = "LATCH"
+            with m.State("LATCH"):
+                with m.If(pay_valid):
+                    m.d.sync += cur.eq(pay)
                     for n, f in enumerate(fifos):
                         with m.If((kind == REPLY_READ) & (rsid == n)):
                             m.d.comb += f.o.ready.eq(1)
-                    m.d.sync += [rcrc.eq(crc16_byte(rcrc, pay)), ridx.eq(ridx + 1)]
+                    m.next = "SEND"
+            with m.State("SEND"):
+                m.d.comb += [tx.i.payload.eq(cur), tx.i.valid.eq(1)]
+                with m.If(tx.i.ready):
+                    m.d.sync += [rcrc.eq(crc16_byte(rcrc, cur)), ridx.eq(ridx + 1)]
                     with m.If(ridx + 1 == rlen):
                         m.next = "CRC0"
                     with m.Else():
