@@ -71,8 +71,8 @@ class KeyFront(Elaboratable):
         self.dw = self.nw + 1
         self.valid = Signal()
         self.data = Signal(p * width)
-        self.c = Signal(range(beats))
-        self.tok = Signal(range(tokens))
+        self.c = Signal(range(max(beats, 2)))
+        self.tok = Signal(range(max(tokens, 2)))
         self.end = Signal()
         self.has_prev = Signal()
         self.job_valid = Signal()
@@ -83,10 +83,11 @@ class KeyFront(Elaboratable):
     def elaborate(self, platform):
         m = Module()
         p, w = self.p, self.width
-        m.submodules.prev = prev = Memory(shape=p * w, depth=1 << (self.cb + self.tb), init=[])
+        depth = max(2, 1 << (self.cb + self.tb))
+        m.submodules.prev = prev = Memory(shape=p * w, depth=depth, init=[])
         pw = prev.write_port()
         pr = prev.read_port(transparent_for=())  # old value: the predecessor's beat
-        addr = Cat(self.c, self.tok) if self.cb + self.tb else Const(0, 1)
+        addr = Cat(self.c[:self.cb], self.tok[:self.tb])
         m.d.comb += [pw.addr.eq(addr), pw.data.eq(self.data), pw.en.eq(self.valid),
                      pr.addr.eq(addr)]
 
@@ -128,18 +129,18 @@ class KeyFront(Elaboratable):
         # accumulate stage (a): running sums, predecessor's norm read at the first beat
         acc_d = Signal(signed(self.dw + 1))
         acc_n = Signal(unsigned(self.nw + 1))
-        m.submodules.norms = norms = Memory(shape=self.nw, depth=max(self.tokens, 1), init=[])
+        m.submodules.norms = norms = Memory(shape=self.nw, depth=max(self.tokens, 2), init=[])
         nw_ = norms.write_port()
         nr = norms.read_port(transparent_for=(nw_,))
         with m.If(va):
             m.d.sync += [acc_d.eq(Mux(ca["first"], 0, acc_d) + sdr),
                          acc_n.eq(Mux(ca["first"], 0, acc_n) + snr)]
-        m.d.comb += [nr.addr.eq(toka), nr.en.eq(va & ca["first"])]
+        m.d.comb += [nr.addr.eq(toka[:self.tb]), nr.en.eq(va & ca["first"])]
         vb, endb, hpb, tokb = Signal(), Signal(), Signal(), Signal.like(self.tok)
         m.d.sync += [vb.eq(va), endb.eq(ca["end"]), hpb.eq(ca["hp"]), tokb.eq(toka)]
         # stage b: token complete
         done = vb & endb
-        m.d.comb += [nw_.addr.eq(tokb), nw_.data.eq(acc_n), nw_.en.eq(done),
+        m.d.comb += [nw_.addr.eq(tokb[:self.tb]), nw_.data.eq(acc_n), nw_.en.eq(done),
                      self.job_valid.eq(done & hpb), self.job_d.eq(acc_d),
                      self.job_na.eq(nr.data), self.job_nb.eq(acc_n)]
         return m
@@ -169,12 +170,15 @@ class _Divider(Elaboratable):
         self.key = Signal(signed(frac_bits + 2))
         self.rbits = nbits + 1
 
-    def _steps(self, r, qq, den, n):
-        for _ in range(n):
+    def _steps(self, m, r, qq, den, n, name):
+        """``n`` restoring steps; every step's remainder is a named signal, so the
+        expression of one step is not copied into the next."""
+        for i in range(n):
             r2 = Cat(Const(0, 1), r)[:self.rbits]
-            ge = r2 >= den
-            r = Mux(ge, r2 - den, r2)
-            qq = Cat(ge, qq)[:self.f + 1]
+            ge = Signal(name=f"{name}_ge{i}")
+            rn = Signal(self.rbits, name=f"{name}_r{i}")
+            m.d.comb += [ge.eq(r2 >= den), rn.eq(Mux(ge, r2 - den, r2))]
+            r, qq = rn, Cat(ge, qq)[:self.f + 1]
         return r, qq
 
     def elaborate(self, platform):
@@ -192,13 +196,14 @@ class _Divider(Elaboratable):
         with m.If(self.start):
             # the integer bit, then the first fraction steps, against the input divisor
             ge0 = self.num >= self.den
-            r, qq = self._steps(Mux(ge0, self.num - self.den, self.num), ge0, self.den, first)
+            r, qq = self._steps(m, Mux(ge0, self.num - self.den, self.num), ge0, self.den, first,
+                                "ld")
             m.d.sync += [rem.eq(r), q.eq(qq), den.eq(self.den), neg.eq(self.neg),
                          zero.eq(self.den == 0), cnt.eq(cycles - 1)]
             if cycles == 1:
                 m.d.sync += self.done.eq(1)
         with m.Elif(cnt != 0):
-            r, qq = self._steps(rem, q, den, k)
+            r, qq = self._steps(m, rem, q, den, k, "it")
             m.d.sync += [rem.eq(r), q.eq(qq), cnt.eq(cnt - 1)]
             with m.If(cnt == 1):
                 m.d.sync += self.done.eq(1)

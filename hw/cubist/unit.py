@@ -203,7 +203,7 @@ class CubistMerge(wiring.Component):
         ph = Signal()  # prefix phase
         pcnt = Signal(5)
         i_r, j_r = Signal(8), Signal(8)
-        c_r = Signal(range(B))
+        c_r = Signal(range(max(B, 2)))
         slot_in = Signal(2)
         frames = Signal(16)
         wr_slot = Signal(S_BITS)
@@ -228,10 +228,10 @@ class CubistMerge(wiring.Component):
         with m.If(adv):
             with m.If(ph):
                 if self.max_prefix:
-                    m.d.comb += [pf_w.addr.eq(Cat(c_r, _bits(pcnt, PB), slot_in)),
+                    m.d.comb += [pf_w.addr.eq(Cat(_bits(c_r, CB), _bits(pcnt, PB), slot_in)),
                                  pf_w.data.eq(beat_data), pf_w.en.eq(1)]
             with m.Else():
-                m.d.comb += [rb_w.addr.eq(Cat(c_r, wr_slot)), rb_w.data.eq(beat_data),
+                m.d.comb += [rb_w.addr.eq(Cat(_bits(c_r, CB), wr_slot)), rb_w.data.eq(beat_data),
                              rb_w.en.eq(1), occ_inc.eq(1)]
                 m.d.comb += [hfront.valid.eq(1), hfront.has_prev.eq(j_r != 0)]
             m.d.sync += c_r.eq(Mux(end_tok, 0, c_r + 1))
@@ -334,7 +334,7 @@ class CubistMerge(wiring.Component):
                 m.d.sync += n_h.eq(n_h + 1)
 
         # ======================= H-MERGE ============================================
-        m.submodules.tbuf = tbuf = Memory(shape=LW, depth=1 << CB, init=[])
+        m.submodules.tbuf = tbuf = Memory(shape=LW, depth=max(2, 1 << CB), init=[])
         t_w = tbuf.write_port()
         t_r = tbuf.read_port(transparent_for=(t_w,))
         row_m, slot_m = Signal(8), Signal(2)
@@ -342,10 +342,10 @@ class CubistMerge(wiring.Component):
         mc = cfg_of(slot_m)
         rm_mask, dr_mask = Signal(KH + 1), Signal(KH + 1)
         pos, col_i = Signal(8), Signal(8)
-        c_m = Signal(range(B))
+        c_m = Signal(range(max(B, 2)))
         rd_slot = Signal(S_BITS)
         m.d.comb += [hd_r_merge.addr.eq(Cat(_bits(row_m, HB), slot_m)),
-                     rb_r.addr.eq(Cat(c_m, rd_slot)), t_r.addr.eq(c_m)]
+                     rb_r.addr.eq(Cat(_bits(c_m, CB), rd_slot)), t_r.addr.eq(_bits(c_m, CB))]
         # roles of position `pos`
         podd = pos[0]
         kq = pos >> 1
@@ -358,7 +358,7 @@ class CubistMerge(wiring.Component):
         issue = Signal()
         s1 = {n: Signal(name=f"hm1_{n}") for n in
               ("v", "odd", "rem", "right", "src_l", "src_r", "emit")}
-        c1, col1, row1 = Signal(range(B)), Signal(8), Signal(8)
+        c1, col1, row1 = Signal(range(max(B, 2))), Signal(8), Signal(8)
         bank1 = Signal(1)
         m.d.sync += [s1["v"].eq(issue), s1["odd"].eq(podd), s1["rem"].eq(p_rem),
                      s1["right"].eq(p_right), s1["src_l"].eq(src_l), s1["src_r"].eq(src_r),
@@ -392,11 +392,11 @@ class CubistMerge(wiring.Component):
         merged = Signal(LW)
         m.d.comb += merged.eq(Mux(s1["odd"], Mux(s1["rem"], mm_lanes(tv, x, P, WD), x), even_v))
         write_t = s1["v"] & Mux(s1["odd"], s1["rem"] & s1["right"], s1["src_r"])
-        m.d.comb += [t_w.addr.eq(c1), t_w.data.eq(Mux(s1["odd"], x, even_v)),
+        m.d.comb += [t_w.addr.eq(_bits(c1, CB)), t_w.data.eq(Mux(s1["odd"], x, even_v)),
                      t_w.en.eq(write_t)]
         emit1 = s1["v"] & s1["emit"]
         for par in range(2):
-            m.d.comb += [fb_w[par].addr.eq(Cat(c1, _bits(col1, WB), _bits(row1 >> 1, HH),
+            m.d.comb += [fb_w[par].addr.eq(Cat(_bits(c1, CB), _bits(col1, WB), _bits(row1 >> 1, HH),
                                                bank1[:1 if NB == 2 else 0])),
                          fb_w[par].data.eq(merged), fb_w[par].en.eq(emit1 & (row1[0] == par))]
         m.submodules.vfront = vfront = KeyFront(p=P, width=WD, beats=B, tokens=1 << WB,
@@ -496,7 +496,7 @@ class CubistMerge(wiring.Component):
     # ------------------------------------------------------------------------------
     def _out_tokens(self, m, env):
         """Prefix tokens, then the merged grid, into the ``o`` FIFO."""
-        P, WD, B, LW = env["P"], env["WD"], env["B"], env["LW"]
+        P, WD, B, LW, CB = env["P"], env["WD"], env["B"], env["LW"], env["CB"]
         KV, WB, HH, PB, NB = env["KV"], env["WB"], env["HH"], env["PB"], env["NB"]
         oc, h2, w2, slot_o, bank_o = env["oc"], env["h2"], env["w2"], env["slot_o"], env["bank_o"]
         fb_r, vd_r = env["fb_r"], env["vd_r_tok"]
@@ -505,7 +505,7 @@ class CubistMerge(wiring.Component):
                      ofifo.o.ready.eq(self.o.ready)]
         m.submodules.ptr = ptrmem = Memory(shape=8, depth=1 << WB, init=[])
         ptr_w, ptr_r = ptrmem.write_port(), ptrmem.read_port()
-        m.submodules.tbuf_o = tbo = Memory(shape=LW, depth=1 << env["CB"], init=[])
+        m.submodules.tbuf_o = tbo = Memory(shape=LW, depth=max(2, 1 << env["CB"]), init=[])
         to_w = tbo.write_port()
         to_r = tbo.read_port(transparent_for=(to_w,))
 
@@ -560,7 +560,7 @@ class CubistMerge(wiring.Component):
         # beat engine
         cur = {n: Signal(8, name=f"cur_{n}") for n in D}
         cur_v, pass_b = Signal(), Signal()
-        cb = Signal(range(B))
+        cb = Signal(range(max(B, 2)))
         inflight = Signal(range(FIFO_DEPTH + 1))
         emit_now = cur["pre"][0] | pass_b | ~cur["hr"][0]
         credit = (ofifo.level + inflight) < FIFO_DEPTH
@@ -568,14 +568,15 @@ class CubistMerge(wiring.Component):
         e_c = cur["e"]
         odd_row = Mux(pass_b | e_c[0], e_c >> 1, (e_c >> 1) - 1)
         bk = bank_o[:1 if NB == 2 else 0]
-        m.d.comb += [fb_r[0].addr.eq(Cat(cb, _bits(cur["col"], WB), _bits(e_c >> 1, HH), bk)),
-                     fb_r[1].addr.eq(Cat(cb, _bits(cur["col"], WB), _bits(odd_row, HH), bk)),
-                     to_r.addr.eq(cb)]
+        cbc = Cat(_bits(cb, CB), _bits(cur["col"], WB))
+        m.d.comb += [fb_r[0].addr.eq(Cat(cbc, _bits(e_c >> 1, HH), bk)),
+                     fb_r[1].addr.eq(Cat(cbc, _bits(odd_row, HH), bk)),
+                     to_r.addr.eq(_bits(cb, CB))]
         if self.max_prefix:
-            m.d.comb += env["pf_r"].addr.eq(Cat(cb, _bits(cur["p"], PB), slot_o))
+            m.d.comb += env["pf_r"].addr.eq(Cat(_bits(cb, CB), _bits(cur["p"], PB), slot_o))
         b1 = {n: Signal(name=f"ob1_{n}") for n in
               ("v", "pre", "passb", "eodd", "hl", "emit", "lt", "last")}
-        cb1 = Signal(range(B))
+        cb1 = Signal(range(max(B, 2)))
         last_beat = cb == B - 1
         m.d.sync += [b1["v"].eq(go), b1["pre"].eq(cur["pre"][0]), b1["passb"].eq(pass_b),
                      b1["eodd"].eq(e_c[0]), b1["hl"].eq(cur["hl"][0]), b1["emit"].eq(emit_now),
@@ -601,7 +602,7 @@ class CubistMerge(wiring.Component):
         vb = mm_lanes(tp, od, P, WD)
         pre_data = env["pf_r"].data if self.max_prefix else Const(0, LW)
         val = Mux(b1["pre"], pre_data, Mux(b1["passb"], vb, va))
-        m.d.comb += [to_w.addr.eq(cb1), to_w.data.eq(va),
+        m.d.comb += [to_w.addr.eq(_bits(cb1, CB)), to_w.data.eq(va),
                      to_w.en.eq(b1["v"] & ~b1["emit"])]
         b2v, b2d, b2lt, b2l = Signal(), Signal(LW), Signal(), Signal()
         m.d.sync += [b2v.eq(b1["v"] & b1["emit"]), b2d.eq(val), b2lt.eq(b1["lt"]),

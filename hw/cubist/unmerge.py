@@ -48,15 +48,15 @@ class Unmerge(wiring.Component):
         cfg = self.cfg.payload
         bad = Signal()
         tok = Signal(TB)
-        c = Signal(range(B))
+        c = Signal(range(max(B, 2)))
         idx = Signal(TB)
         is_last = Signal()
         busy = Signal()
         inflight = Signal(range(FIFO_DEPTH + 1))
         credit = (fifo.level + inflight) < FIFO_DEPTH
         issue = Signal()
-        m.d.comb += [wp.addr.eq(Cat(c, tok)), wp.data.eq(self.i.payload.data.as_value()),
-                     rp.addr.eq(Cat(c, idx))]
+        m.d.comb += [wp.addr.eq(Cat(c[:CB], tok)), wp.data.eq(self.i.payload.data.as_value()),
+                     rp.addr.eq(Cat(c[:CB], idx))]
         with m.FSM(name="um"):
             with m.State("IDLE"):
                 m.d.comb += self.cfg.ready.eq(1)
