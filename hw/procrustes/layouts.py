@@ -46,6 +46,7 @@ class Reg(enum.IntEnum):
     THETA = 6
     CYCLES = 7  # read only: cycles of all commands since reset (low 32 bits)
     NNZ = 8  # read only: non-zeros written by the last UPDATE
+    TRACKED = 9  # read only: weights the last UPDATE tracked (theta < score)
 
 
 class Err(enum.IntEnum):

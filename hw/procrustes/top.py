@@ -58,7 +58,8 @@ class Procrustes(wiring.Component):
         cmd = Signal(cmd_layout())
         regs = {Reg.LR: Signal(16), Reg.DECAY: Signal(17), Reg.SEED: Signal(32),
                 Reg.BOUND: Signal(16), Reg.UP: Signal(32), Reg.DN: Signal(32),
-                Reg.THETA: Signal(32, init=0), Reg.CYCLES: Signal(32), Reg.NNZ: Signal(32)}
+                Reg.THETA: Signal(32, init=0), Reg.CYCLES: Signal(32), Reg.NNZ: Signal(32),
+                Reg.TRACKED: Signal(32)}
         sched = [Signal(64, name=f"sched{r}") for r in range(R)]
         err = Signal(4)
         cyc = Signal(32)
@@ -208,6 +209,8 @@ class Procrustes(wiring.Component):
                              pr.y_wdata.eq(Cat(*[wnew[:D]] * C))]
         with m.If(U3.valid):
             m.d.sync += regs[Reg.THETA].eq(qstep.theta_next)
+            with m.If(qstep.tracked):
+                m.d.sync += regs[Reg.TRACKED].eq(regs[Reg.TRACKED] + 1)
         upd_busy = U1.valid | U2.valid | U3.valid
 
         # ---- encoder pipeline -------------------------------------------------------
@@ -286,7 +289,7 @@ class Procrustes(wiring.Component):
                     with m.Case(Op.SET):
                         m.d.comb += [known.eq(1), dims.eq(1), sel_ok.eq(cmd.sel <= Reg.THETA)]
                     with m.Case(Op.GET):
-                        m.d.comb += [known.eq(1), dims.eq(1), sel_ok.eq(cmd.sel <= Reg.NNZ)]
+                        m.d.comb += [known.eq(1), dims.eq(1), sel_ok.eq(cmd.sel <= Reg.TRACKED)]
                     with m.Case(Op.FWD, Op.BWD, Op.WGRAD):
                         m.d.comb += [known.eq(1), sel_ok.eq(1),
                                      dims.eq((mm != 0) & (kk != 0) & (nn != 0))]
@@ -490,7 +493,8 @@ class Procrustes(wiring.Component):
             with m.State("UPDSTART"):
                 # element index M·K-1 first; the last element is visited first
                 m.d.comb += [ma.eq(cmd.m), mb.eq(cmd.k)]
-                m.d.sync += [uidx.eq(mul1 - 1), um.eq(cmd.m - 1), uk.eq(cmd.k - 1)]
+                m.d.sync += [uidx.eq(mul1 - 1), um.eq(cmd.m - 1), uk.eq(cmd.k - 1),
+                             regs[Reg.TRACKED].eq(0)]
                 m.next = "UPD"
             with m.State("UPD"):
                 m.d.comb += [u_issue.eq(1), ma.eq(u_bi), mb.eq(GKL),

@@ -39,7 +39,7 @@ class ProcrustesHost:
         self.dout = StreamSink(dut, "dout", dut.clk, pauses=sink_pauses)
         self.timeout_ns = 10 * timeout_cycles
         self.cycles: dict[str, int] = {}
-        self.theta: int | None = None
+        self.tracked = 0  # weights tracked by the last update (the RTL's count)
 
     # ---- raw commands -----------------------------------------------------------------
     async def command(self, op, *, check: bool = True, words=None, unload: int = 0,
@@ -220,6 +220,7 @@ class ProcrustesHost:
         self.cycles["UPDATE"] = r["cycles"]
         nnz = r["value"]
         theta = await self.get_reg(Reg.THETA)
+        self.tracked = await self.get_reg(Reg.TRACKED)
         new = await self.unload_weights(M, K, nnz, blk_base, val_base)
         return new, theta
 

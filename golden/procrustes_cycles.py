@@ -1,0 +1,178 @@
+"""Cycle model of the Procrustes RTL (``hw/procrustes``): cycles per command from the array
+size, the weight mask and the schedule.
+
+It follows the RTL's pipeline (``hw/procrustes/README.md``) cycle by cycle where the cycle
+count depends on the data, and adds the fixed latencies of the command decoder:
+
+* forward / backward: per PE row, the walker issues one *group* (``lanes`` blocks along
+  the walk) per cycle; a group with ``b`` set bits in the walked slice is pushed into a
+  FIFO of ``fifo_depth`` entries and costs the emitter ``b`` cycles; empty groups are
+  dropped, except that a job (one output row and one tile of ``cols`` minibatch columns)
+  without any non-zero pushes one null group (1 cycle). The scanner stalls while the FIFO
+  is full; switching to a PE row's second row range costs one setup cycle. The phase ends
+  when the slowest PE row has flushed its last result, so balancing shortens it.
+* weight gradient: dense, ``ceil(M/rows)·ceil(K/cols)·N`` cycles plus latency.
+* update: one element per cycle (``M·K``) in the update pipeline, then one element per
+  cycle of the padded block grid (``GM·GK·bm·bk``) in the encoder, plus latency.
+
+``predict_*`` take a boolean mask (or a ``BlockSparse``) and a ``golden.balance``
+schedule. :func:`projection` uses the same model on large layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from golden.balance import Schedule, schedule
+from golden.blockfmt import BlockSparse
+
+__all__ = [
+    "ArrayParams",
+    "group_counts",
+    "predict_backward",
+    "predict_forward",
+    "predict_gemm",
+    "predict_update",
+    "predict_weight_grad",
+    "row_cycles",
+]
+
+# fixed latencies of the command decoder and pipelines (see the module docstring)
+_GEMM_FIXED = 6 + 1  # accept..CHECK (6) + RUNSTART..RESP beyond the walkers' time (1)
+_WALK_TAIL = 5  # end marker popped -> done flag visible
+_WGRAD_FIXED = 12
+_UPDATE_FIXED = 13
+
+
+@dataclass(frozen=True)
+class ArrayParams:
+    """What the cycle count depends on: array size, block size, mask lanes, FIFO depth."""
+
+    rows: int = 4
+    cols: int = 4
+    bm: int = 4
+    bk: int = 4
+    lanes: int = 4
+    fifo_depth: int = 4
+
+    def __post_init__(self):
+        for name in ("rows", "cols", "bm", "bk", "lanes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 \
+                    or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 1, got {v!r}")
+        if not 2 <= self.fifo_depth <= 16:
+            raise ValueError(f"fifo_depth must be in [2, 16], got {self.fifo_depth}")
+
+    @classmethod
+    def of(cls, cfg) -> ArrayParams:
+        """From an ``hw.procrustes.Config`` (or anything with these attributes)."""
+        return cls(cfg.rows, cfg.cols, cfg.bm, cfg.bk, cfg.lanes, cfg.fifo_depth)
+
+
+def _mask_of(w) -> np.ndarray:
+    if isinstance(w, BlockSparse):
+        return w.decode() != 0
+    w = np.asarray(w)
+    return w if w.dtype == bool else w != 0
+
+
+def group_counts(mask, p: ArrayParams, transpose: bool) -> np.ndarray:
+    """``[out_rows, groups]``: set bits of each walker group of each output row."""
+    mask = _mask_of(mask)
+    if transpose:
+        mask = mask.T
+        span = p.lanes * p.bm
+    else:
+        span = p.lanes * p.bk
+    rows, red = mask.shape
+    ng = max(1, -(-red // span))
+    padded = np.zeros((rows, ng * span), dtype=np.int64)
+    padded[:, :red] = mask
+    return padded.reshape(rows, ng, span).sum(axis=2)
+
+
+@numba.njit(cache=False)
+def _walk(counts, ranges, nt, depth):
+    """Cycle (relative to RUNSTART) at which one PE row's done flag rises."""
+    hist = np.zeros(depth, dtype=np.int64)  # pop cycles of the last `depth` pushes
+    npush = 0
+    last_pop = -1  # L_{j-1}
+    last_cost = 0
+    issue = 2  # SETUP at 1, first ISSUE at 2
+    any_range = False
+    for h in range(2):
+        a, b = ranges[h, 0], ranges[h, 1]
+        if a == b:
+            continue
+        if any_range:
+            issue += 1  # SETUP between the two ranges
+        any_range = True
+        for o in range(a, b):
+            for _t in range(nt):
+                seen = False
+                ng = counts.shape[1]
+                for g in range(ng):
+                    bits = counts[o, g]
+                    push = bits > 0 or (g == ng - 1 and not seen)
+                    adv = issue + 1
+                    if push:
+                        if npush >= depth:
+                            adv = max(adv, hist[npush % depth] + 1)
+                        pop = adv + 1 if npush == 0 else max(last_pop + last_cost, adv + 1)
+                        hist[npush % depth] = pop
+                        npush += 1
+                        last_pop = pop
+                        last_cost = max(bits, 1)
+                    if g == ng - 1:
+                        seen = False
+                    elif bits > 0:
+                        seen = True
+                    issue = adv
+    if not any_range:
+        issue = 1  # END right after IDLE
+    # the end marker
+    adv = issue + 1
+    if npush >= depth:
+        adv = max(adv, hist[npush % depth] + 1)
+    pop = adv + 1 if npush == 0 else max(last_pop + last_cost, adv + 1)
+    return pop + _WALK_TAIL
+
+
+def row_cycles(counts: np.ndarray, sched: Schedule, nt: int, p: ArrayParams) -> np.ndarray:
+    """Per PE row: the cycle its done flag rises (relative to the start of the run)."""
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    return np.array([_walk(counts, np.ascontiguousarray(sched.ranges[r], dtype=np.int64),
+                           int(nt), p.fifo_depth) for r in range(sched.R)], dtype=np.int64)
+
+
+def predict_gemm(mask, N: int, p: ArrayParams, *, transpose: bool, balanced: bool = True,
+                 sched: Schedule | None = None) -> int:
+    """Cycles of a FWD (``transpose=False``) or BWD command, as the ``resp`` reports them."""
+    if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or N < 1:
+        raise ValueError(f"N must be a positive integer, got {N!r}")
+    counts = group_counts(mask, p, transpose)
+    if sched is None:
+        sched = schedule(counts.sum(axis=1), p.rows, balanced)
+    nt = -(-int(N) // p.cols)
+    return _GEMM_FIXED + p.rows + int(row_cycles(counts, sched, nt, p).max())
+
+
+def predict_forward(mask, N: int, p: ArrayParams, balanced: bool = True) -> int:
+    return predict_gemm(mask, N, p, transpose=False, balanced=balanced)
+
+
+def predict_backward(mask, N: int, p: ArrayParams, balanced: bool = True) -> int:
+    return predict_gemm(mask, N, p, transpose=True, balanced=balanced)
+
+
+def predict_weight_grad(M: int, K: int, N: int, p: ArrayParams) -> int:
+    return -(-M // p.rows) * -(-K // p.cols) * N + _WGRAD_FIXED
+
+
+def predict_update(M: int, K: int, p: ArrayParams) -> int:
+    gm, gk = -(-M // p.bm), -(-K // p.bk)
+    return M * K + gm * gk * p.bm * p.bk + _UPDATE_FIXED

@@ -1,0 +1,79 @@
+"""The cycle model golden.procrustes_cycles against cycles measured on the RTL."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from golden.balance import schedule
+from golden.procrustes_cycles import (
+    ArrayParams,
+    group_counts,
+    predict_backward,
+    predict_forward,
+    predict_update,
+    predict_weight_grad,
+)
+from hw.procrustes import Config, Procrustes
+from sim.runner import available_simulators, simulate
+
+
+def _measured(cases=6, max_dim=24, seed=3):
+    sim = "verilator" if "verilator" in available_simulators() else "icarus"
+    r = simulate(Procrustes(Config()), test_module="sim.tb.tb_procrustes", simulator=sim,
+                 params=dict(cases=cases, max_dim=max_dim, seed=seed), name="procrustes",
+                 testcase="test_phases")
+    assert r.passed
+    return r.metrics["records"]
+
+
+def test_model_predicts_every_phase_within_5_percent_of_the_rtl():
+    ap = ArrayParams.of(Config())
+    worst = 0.0
+    for rec in _measured():
+        mask = np.array([[ch == "1" for ch in row] for row in rec["mask"]], dtype=bool)
+        M, K, N, bal = rec["M"], rec["K"], rec["N"], rec["balanced"]
+        for key, pred in (("fwd", predict_forward(mask, N, ap, bal)),
+                          ("bwd", predict_backward(mask, N, ap, bal)),
+                          ("wgrad", predict_weight_grad(M, K, N, ap)),
+                          ("update", predict_update(M, K, ap))):
+            err = abs(pred - rec[key]) / rec[key]
+            worst = max(worst, err)
+            assert err <= 0.05, f"{key} {M}x{K} N={N}: model {pred}, rtl {rec[key]}"
+    assert worst <= 0.05
+
+
+def test_zero_weights_cost_no_cycles_and_balancing_never_hurts():
+    rng = np.random.default_rng(0)
+    ap = ArrayParams(rows=4, cols=4)
+    dense = np.ones((64, 64), dtype=bool)
+    sparse = rng.random((64, 64)) < 0.1
+    sparse[:8] = rng.random((8, 64)) < 0.6  # uneven rows: balancing has work to do
+    d, s = predict_forward(dense, 16, ap), predict_forward(sparse, 16, ap)
+    assert d > 3 * s  # rows 0..7 (one half-tile) hold half of the work
+    # dense forward: 16 output rows per PE row, 4 tiles, 64 weights each
+    assert 16 * 4 * 64 <= d <= 16 * 4 * 64 * 1.02
+    assert predict_forward(sparse, 16, ap, True) <= predict_forward(sparse, 16, ap, False)
+    assert predict_backward(sparse, 16, ap, True) <= predict_backward(sparse, 16, ap, False)
+
+
+def test_group_counts_cover_the_row_slices():
+    mask = np.zeros((5, 40), dtype=bool)
+    mask[2, [0, 15, 16, 39]] = True
+    c = group_counts(mask, ArrayParams(lanes=4, bk=4), transpose=False)
+    assert c.shape == (5, 3) and c[2].tolist() == [2, 1, 1] and c.sum() == 4
+    assert schedule(c.sum(axis=1), 2).total == 4
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(rows=3), r"rows must be a power of two >= 1, got 3"),
+    (dict(fifo_depth=1), r"fifo_depth must be in \[2, 16\], got 1"),
+])
+def test_bad_array_parameters_are_refused(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        ArrayParams(**kwargs)
+
+
+def test_bad_minibatch_is_refused():
+    with pytest.raises(ValueError, match=r"N must be a positive integer, got 0"):
+        predict_forward(np.ones((4, 4), dtype=bool), 0, ArrayParams())
