@@ -94,6 +94,7 @@ register(Design(
         Param("frac_bits", 16, "fractional bits of the similarity key (8..24)"),
         Param("max_prefix", 4, "maximum number of pass-through prefix tokens"),
         Param("unmerge", 1, "include the unmerge unit (0 or 1)"),
+        Param("buffers", 2, "frame-buffer banks: 2 overlaps frames, 1 halves the memory"),
     ),
 ))
 
@@ -102,8 +103,14 @@ register(Design(
     summary="Procrustes sparse-training accelerator (hw.procrustes)",
     factory="hw.procrustes:design_from_params",
     params=(
-        Param("rows", 4, "PE array rows (1..16)"),
-        Param("cols", 4, "PE array columns (1..16)"),
+        Param("rows", 4, "PE array rows (power of two, 1..16)"),
+        Param("cols", 4, "PE array columns (power of two, 1..16)"),
+        Param("data_bits", 16, "signed width of weights, activations, gradients (4..24)"),
+        Param("acc_bits", 32, "signed accumulator width (data_bits..48)"),
+        Param("lanes", 4, "blocks whose masks a format walker reads per cycle (1..8)"),
+        Param("val_depth", 2048, "weight values held on chip"),
+        Param("x_depth", 512, "operand buffer words (cols lanes each)"),
+        Param("y_depth", 256, "result bank words per PE row"),
     ),
 ))
 

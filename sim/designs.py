@@ -22,8 +22,11 @@ class Testbench:
 TESTBENCHES: dict[str, Testbench] = {
     "fifo": Testbench("fifo", "sim.tb.tb_stream_fifo",
                       {"count": 10000, "gap": 0.3, "stall": 0.3, "burst": 4, "seed": 1}),
-    "cubist": Testbench("cubist", "sim.tb.tb_cubist", {"seed": 1}),
-    "procrustes": Testbench("procrustes", "sim.tb.tb_procrustes", {"seed": 1}),
+    "cubist": Testbench("cubist", "sim.tb.tb_cubist",
+                        {"seed": 1, "frames": 4, "gap": 0.2, "stall": 0.2, "real_frames": 1,
+                         "bench_frames": 3}),
+    "procrustes": Testbench("procrustes", "sim.tb.tb_procrustes",
+                            {"seed": 1, "cases": 4, "steps": 3, "stall": 0.1}),
 }
 
 
