@@ -23,8 +23,8 @@ import torch
 from cocotb.triggers import ClockCycles, FallingEdge, ReadOnly
 
 from golden.cubist_fixed import (
+    merge_1d_fixed,
     merge_2d_fixed,
-    merge_2d_fixed_info,
     quantize,
     random_frames,
     unmerge_fixed,
@@ -156,13 +156,17 @@ def _expected(env: Env, cfg: dict, tokens: np.ndarray):
 
 
 def _three_way(cfg, tokens, p) -> int:
-    """Three-way merges (both neighbours merged into one token) in a frame."""
-    info = merge_2d_fixed_info(tokens[None], (cfg["h"], cfg["w"]), (cfg["r_h"], cfg["r_w"]),
-                               prefix=cfg["prefix"], width=p["width"], frac_bits=p["frac_bits"])
+    """Three-way merges (a token that both neighbours merged into) in a frame, counted
+    on the golden model's two 1-D passes."""
+    h, w, c = cfg["h"], cfg["w"], tokens.shape[-1]
+    grid = torch.as_tensor(tokens[cfg["prefix"]:]).reshape(h, w, c)
+    kw = dict(width=p["width"], frac_bits=p["frac_bits"])
+    rows = merge_1d_fixed(grid, cfg["r_w"], **kw)
+    cols = merge_1d_fixed(rows.merged.transpose(0, 1), cfg["r_h"], **kw)
     n = 0
-    for rem in (info.removed_h[0], info.removed_v[0].T):
-        r = rem.numpy()
-        n += int((r[:, 1:-1:2] & r[:, 3::2][:, :r[:, 1:-1:2].shape[1]]).sum())
+    for dest in (rows.dest_index, cols.dest_index):
+        for line in dest:
+            n += int((torch.bincount(line) == 3).sum())
     return n
 
 
