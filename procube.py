@@ -77,30 +77,34 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=_Parser)
 
-    p = sub.add_parser("verilog", help="write a design's Verilog and a JSON manifest",
-                       description="Write a design's Verilog and a JSON manifest of its "
-                                   "parameters and ports.")
-    dsub = p.add_subparsers(dest="design", metavar="DESIGN", required=True, parser_class=_Parser)
-    for d in designs.DESIGNS.values():
-        dp = dsub.add_parser(d.name, help=d.summary, description=d.summary)
-        _add_design_params(dp, d)
+    def per_design(cmd: str, helptext: str, description: str, add_options) -> None:
+        p = sub.add_parser(cmd, help=helptext, description=description)
+        dsub = p.add_subparsers(dest="design", metavar="DESIGN", required=True,
+                                parser_class=_Parser)
+        for d in designs.DESIGNS.values():
+            dp = dsub.add_parser(d.name, help=d.summary, description=d.summary)
+            _add_design_params(dp, d)
+            add_options(dp)
+
+    def verilog_options(dp) -> None:
         dp.add_argument("-o", "--out", type=Path, default=Path("out/verilog"),
                         help="output directory (default: out/verilog)")
         dp.add_argument("--top", default=None, help="Verilog module name (default: the design)")
 
-    p = sub.add_parser("sim", help="run a design's cocotb testbench",
-                       description="Generate a design's Verilog and run its cocotb testbench, "
-                                   "checked against the golden model.")
-    dsub = p.add_subparsers(dest="design", metavar="DESIGN", required=True, parser_class=_Parser)
-    for d in designs.DESIGNS.values():
-        dp = dsub.add_parser(d.name, help=d.summary, description=d.summary)
-        _add_design_params(dp, d)
+    def sim_options(dp) -> None:
         dp.add_argument("--simulator", choices=("verilator", "icarus"), default="verilator",
                         help="simulator (default: verilator)")
         dp.add_argument("--waves", action="store_true", help="write a waveform (VCD/FST)")
         dp.add_argument("--seed", type=int, default=None, help="testbench random seed")
         dp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a testbench parameter (JSON value), repeatable")
+
+    per_design("verilog", "write a design's Verilog and a JSON manifest",
+               "Write a design's Verilog and a JSON manifest of its parameters and ports.",
+               verilog_options)
+    per_design("sim", "run a design's cocotb testbench",
+               "Generate a design's Verilog and run its cocotb testbench, checked against "
+               "the golden model.", sim_options)
 
     for cmd, table in PLUGINS.items():
         names = ", ".join(table)

@@ -23,6 +23,7 @@ import torch
 
 from golden.cubist import merge_2d
 from golden.cubist_fixed import FRAME_KINDS, agreement, random_frames
+from golden.threads import torch_threads
 from golden.tome import merge as tome_merge
 
 HELP = "CubistMerge golden merge_2d vs ToMe merge on [1, 197, 768], CPU time ratio"
@@ -36,9 +37,7 @@ def run_bench(repeats: int = 50, warmup: int = 5, threads: int = 1, seed: int = 
         raise ValueError(f"repeats must be an integer >= 1, got {repeats}")
     if threads < 1:
         raise ValueError(f"threads must be an integer >= 1, got {threads}")
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         x = torch.randn(1, 197, 768, generator=torch.Generator().manual_seed(seed))
         r_tome = 196 - 12 * 12
         calls = {
@@ -55,8 +54,6 @@ def run_bench(repeats: int = 50, warmup: int = 5, threads: int = 1, seed: int = 
                 fn()
                 times[name].append(time.perf_counter() - t0)
         used_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(old_threads)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     ratio = med["cubist"] / med["tome"]
     return dict(

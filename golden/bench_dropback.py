@@ -29,6 +29,7 @@ import torch
 
 from golden.dropback import Dropback
 from golden.prng import CounterInit
+from golden.threads import torch_threads
 
 HELP = "optimizer step time of Dropback/Procrustes vs torch SGD on ResNet-18-sized parameters"
 TARGET_RATIO = 3.0
@@ -79,12 +80,8 @@ def run_bench(repeats: int = 7, lr: float = 0.01, ratio: int = 10, threads: int 
         raise ValueError(f"repeats must be >= 1, not {repeats}")
     if threads < 1:
         raise ValueError(f"threads must be >= 1, not {threads}")
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _run(repeats, lr, ratio)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def _run(repeats: int, lr: float, ratio: int) -> dict:

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from golden.threads import torch_threads
+
 __all__ = [
     "KINDS",
     "RealFeatures",
@@ -514,11 +516,9 @@ def real_feature_frames(
     path = Path(cache_dir) / f"vit_deit_{key[:16]}.pt"
     torch.manual_seed(seed)
     model = build_vit("deit", **model_kwargs)
-    threads = torch.get_num_threads()
     # One thread: the same weights on every machine, and no thread thrashing on a
     # loaded shared CPU (two threads there made training many times slower).
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         if path.exists():
             model.load_state_dict(torch.load(path, weights_only=True))
         else:
@@ -534,6 +534,4 @@ def real_feature_frames(
             feats = torch.cat(
                 [model.features(imgs[i : i + 256], block) for i in range(0, n_frames, 256)]
             )
-    finally:
-        torch.set_num_threads(threads)
     return RealFeatures(feats.numpy().astype(np.float32), model.grid, model.prefix)

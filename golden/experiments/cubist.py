@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from golden.data import load_digits_split
+from golden.threads import torch_threads
 from golden.vit import KINDS, TinyViT, build_vit, evaluate, train_model
 
 HELP = "CubistMerge vs ToMe off the shelf on tiny DeiT/SAM/DINOv3-style ViTs (digits)"
@@ -131,10 +132,9 @@ def run_experiment(*, epochs: int, seed: int = 0, loc: int = 2, timing: bool = T
     x_tr, y_tr, m_tr = split.x_train, split.y_train, split.mask_train
     if quick:
         x_tr, y_tr, m_tr = x_tr[:512], y_tr[:512], m_tr[:512]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic, comparable timings, kind to shared CPUs
     rows = []
-    try:
+    # one thread: deterministic, comparable timings, kind to shared CPUs
+    with torch_threads(1):
         bar = tqdm(total=epochs * len(KINDS), desc="training", unit="epoch",
                    disable=not progress, file=sys.stderr)
         models = {}
@@ -165,8 +165,6 @@ def run_experiment(*, epochs: int, seed: int = 0, loc: int = 2, timing: bool = T
                                top1=round(100 * acc, 2), miou=round(100 * miou, 2),
                                speedup=round(speedup, 3) if timing else None, note="")
                 rows.append(row)
-    finally:
-        torch.set_num_threads(threads)
     config = {"epochs": epochs, "seed": seed, "loc": loc, "quick": quick, "timing": timing,
               "repeats": repeats if timing else None, "train_images": len(x_tr),
               "test_images": len(split.x_test), "depth": DEPTH, "grid": list(split.grid)}

@@ -69,6 +69,7 @@ from golden.data import load_digits_split
 from golden.dropback import Dropback
 from golden.prng import CounterInit
 from golden.procrustes_ref import FixedConfig, FixedMLP, train_fixed
+from golden.threads import torch_threads
 
 HELP = "weight-budget training on digits: dense SGD vs Dropback vs Procrustes at 2-20x"
 
@@ -233,16 +234,13 @@ def run_experiment(*, epochs: int = EPOCHS, seed: int = 0, seeds: int = 1, quick
         cfgs.append(replace(base, method=FIXED, ratio=FIXED_RATIO))
     datas = {sd: load_digits_split(sd, size=8) for sd in range(seed, seed + seeds)}
     results = []
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only add sync cost on shared cores
-    try:
+    # tiny models: extra threads only add sync cost on shared cores
+    with torch_threads(1):
         with tqdm(total=len(cfgs) * epochs, unit="epoch", disable=not show_progress) as bar:
             for cfg in cfgs:
                 bar.set_description(f"{cfg.model} {cfg.method} {cfg.ratio}x")
                 train = train_fixed_one if cfg.method == FIXED else train_one
                 results.append(train(cfg, datas[cfg.seed], progress=bar))
-    finally:
-        torch.set_num_threads(old_threads)
     return results
 
 
