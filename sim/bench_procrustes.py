@@ -5,7 +5,7 @@ Cycles are measured on the RTL (cocotb, Verilator by default) and set beside the
 model (``golden.procrustes_cycles``); whole-step figures and the 16x16 ResNet-18
 projection come from the model. Writes ``out/bench/procrustes.{json,md,png}``.
 
-Masks: ``golden/data/dropback_masks_10x.npz`` (the 10x Dropback MLP on digits). The file
+Masks: ``golden/assets/dropback_masks_10x.npz`` (the 10x Dropback MLP on digits). The file
 holds masks only (no weights), so a mask at another density ``d`` is derived from the
 real one: the real mask's entries come first (in a seeded random order), then the other
 entries (seeded random order), and the first ``round(d·size)`` are kept. Below the real
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 HELP = "Procrustes RTL: sparse vs dense cycles per density, balanced and not"
-MASKS = Path(__file__).resolve().parent.parent / "golden" / "data" / "dropback_masks_10x.npz"
+MASKS = Path(__file__).resolve().parent.parent / "golden" / "assets" / "dropback_masks_10x.npz"
 DENSITIES = (0.1, 0.25, 0.5, 1.0)
 BENCH_CFG = dict(val_depth=16384, blk_depth=256, x_depth=512, y_depth=256)
 # ResNet-18 (ImageNet) convolutions as GEMMs: (name, out ch, in ch·kh·kw, output H·W)

@@ -45,7 +45,7 @@ Writes ``results.md`` (accuracy table), ``results.json``, ``accuracy.png`` and
 ``masks.npz`` (final tracked masks of the 10x Dropback and Procrustes runs of
 both models, first seed, one bool array per weight matrix, conv weights as
 ``[out, in*kh*kw]``, keys ``<model>/<method>/<param name>``) to ``--out``; with
-``--save-data-masks`` it also refreshes ``golden/data/dropback_masks_10x.npz``
+``--save-data-masks`` it also refreshes ``golden/assets/dropback_masks_10x.npz``
 (the 10x Procrustes MLP masks, keys ``<param name>``) for the RTL benchmark.
 """
 
@@ -82,7 +82,7 @@ LR = 0.2
 INIT_DECAY = 0.99
 FIXED = "procrustes-fixed"  # fixed-point Procrustes (golden.procrustes_ref), MLP at 10x
 FIXED_RATIO = 10
-DATA_MASKS = Path(__file__).resolve().parents[1] / "data" / "dropback_masks_10x.npz"
+DATA_MASKS = Path(__file__).resolve().parents[1] / "assets" / "dropback_masks_10x.npz"
 
 
 @dataclass(frozen=True)
