@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from .host import Board
 
-__all__ = ["APPS", "RunReport", "linktest_golden", "run_cubist", "run_linktest"]
+__all__ = ["APPS", "RunReport", "linktest_golden", "run_cubist", "run_linktest",
+           "run_procrustes"]
 
 
 @dataclass
@@ -115,4 +116,15 @@ def run_cubist(board: Board, *, frames: int = 2, r_h: int = 1, r_w: int = 1,
                          finish=_finish)
 
 
-APPS = {"linktest": run_linktest, "cubist": run_cubist}
+def run_procrustes(board: Board, *, steps: int = 2, sizes: tuple = (64, 12, 10),
+                   batch: int = 12, lr: float = 0.3, seed: int = 1) -> RunReport:
+    """Fixed-point training steps of a digits MLP with every GEMM and update on the array,
+    each tensor checked against ``golden.procrustes_ref`` (see :mod:`fpga.procrustes_app`)."""
+    from .procrustes_app import procrustes_steps
+
+    _check_design(board, "procrustes")
+    return procrustes_steps(board, steps=steps, sizes=tuple(sizes), batch=batch, lr=lr,
+                            seed=seed, finish=_finish)
+
+
+APPS = {"linktest": run_linktest, "cubist": run_cubist, "procrustes": run_procrustes}

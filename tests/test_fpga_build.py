@@ -135,12 +135,14 @@ def test_program_without_programmer_fails_with_one_line(tmp_path, capsys, monkey
 def test_run_without_a_board_fails_with_one_line(capsys):
     args = Namespace(design="cubist", port="/dev/procube-no-such-port", baud=1_000_000,
                      timeout=0.1, seed=1, frames=1, r_h=1, r_w=1, prefix=0, packets=1,
-                     max_len=4)
+                     max_len=4, steps=1, sizes="16,4", batch=4, lr=0.3)
     assert frun.run(args) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("procube run: cannot open /dev/procube-no-such-port")
-    with pytest.raises(ValueError, match="design must be linktest or cubist"):
-        frun.run(Namespace(**{**vars(args), "design": "procrustes"}))
+    assert frun.run(Namespace(**{**vars(args), "design": "procrustes"})) == 1
+    assert capsys.readouterr().err.startswith("procube run: cannot open")
+    with pytest.raises(ValueError, match="sizes must be comma-separated integers, not '16,x'"):
+        frun.run(Namespace(**{**vars(args), "design": "procrustes", "sizes": "16,x"}))
     with pytest.raises(ValueError, match=r"baud must be in 1200\.\.12000000, not 5"):
         frun.run(Namespace(**{**vars(args), "baud": 5}))
 
