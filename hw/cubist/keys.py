@@ -99,9 +99,13 @@ class KeyFront(Elaboratable):
         m.d.sync += [v1.eq(self.valid), x1.eq(self.data), tok1.eq(self.tok)]
         m.d.sync += [c1[n].eq(s) for s, n in ctl]
 
-        # stage 2: products registered
+        # stage 2: the old beat (memory output) and the new beat registered again, so the
+        # multipliers start from flip-flops, not from the memory's clock-to-out
+        x2, o2 = Signal(p * w), Signal(p * w)
+        m.d.sync += [x2.eq(x1), o2.eq(pr.data)]
+        # stage 3: products registered
         prod = signed(2 * w + 1)
-        new, old = lanes_of(x1, p, w), lanes_of(pr.data, p, w)
+        new, old = lanes_of(x2, p, w), lanes_of(o2, p, w)
         pd = [Signal(prod, name=f"pd{k}") for k in range(p)]
         ps = [Signal(prod, name=f"ps{k}") for k in range(p)]
         m.d.sync += [pd[k].eq(new[k] * old[k]) for k in range(p)]
@@ -111,7 +115,7 @@ class KeyFront(Elaboratable):
         sum_shape = signed(2 * w + 1 + clog2(p) + 1)
         sd, st = _tree(m, pd, sum_shape, "td")
         sn, _ = _tree(m, ps, sum_shape, "tn")
-        delay = 2 + st  # stages from the input register to the sum register
+        delay = 3 + st  # stages from the input register to the sum register
         sdr, snr = Signal(sum_shape), Signal(sum_shape)
         m.d.sync += [sdr.eq(sd), snr.eq(sn)]
 
@@ -150,7 +154,7 @@ def divider_plan(frac_bits: int, beats: int, max_units: int = 3) -> tuple[int, i
     """``(bits_per_cycle, units)``: the slowest divider bank that takes a job every
     ``beats`` cycles, with at most ``max_units`` dividers."""
     for k in range(1, frac_bits + 1):
-        busy = -(-frac_bits // k) + 1  # cycles a divider is occupied per job
+        busy = -(-(frac_bits + 1) // k) + 1  # cycles a divider is occupied per job
         units = -(-busy // beats)
         if units <= max_units:
             return k, units
@@ -187,19 +191,22 @@ class _Divider(Elaboratable):
         rem = Signal(self.rbits)
         den = Signal(self.rbits)
         q = Signal(f + 1)
-        neg, zero = Signal(), Signal()
-        cycles = -(-f // k)
-        first = f - k * (cycles - 1)  # fraction steps done in the load cycle (1..k)
+        neg, zero, ini = Signal(), Signal(), Signal()
+        cycles = -(-(f + 1) // k)  # cycles of steps: the integer bit, then F fraction bits
+        first = f + 1 - k * (cycles - 1)  # steps in the first cycle (1..k), integer included
         cnt = Signal(range(cycles + 1))
 
         m.d.sync += self.done.eq(0)
         with m.If(self.start):
-            # the integer bit, then the first fraction steps, against the input divisor
-            ge0 = self.num >= self.den
-            r, qq = self._steps(m, Mux(ge0, self.num - self.den, self.num), ge0, self.den, first,
-                                "ld")
-            m.d.sync += [rem.eq(r), q.eq(qq), den.eq(self.den), neg.eq(self.neg),
-                         zero.eq(self.den == 0), cnt.eq(cycles - 1)]
+            # load cycle: operands registered only (they come from the multipliers)
+            m.d.sync += [rem.eq(self.num), den.eq(self.den), neg.eq(self.neg),
+                         zero.eq(self.den == 0), ini.eq(1), cnt.eq(0)]
+        with m.Elif(ini):
+            # the integer bit (no shift), then the first fraction steps
+            ge0, r0 = Signal(name="int_ge"), Signal(self.rbits, name="int_r")
+            m.d.comb += [ge0.eq(rem >= den), r0.eq(Mux(ge0, rem - den, rem))]
+            r, qq = self._steps(m, r0, ge0, den, first - 1, "ld")
+            m.d.sync += [rem.eq(r), q.eq(qq), ini.eq(0), cnt.eq(cycles - 1)]
             if cycles == 1:
                 m.d.sync += self.done.eq(1)
         with m.Elif(cnt != 0):
@@ -225,8 +232,9 @@ class KeyDivider(Elaboratable):
         self.key_valid = Signal()
         self.key = Signal(signed(frac_bits + 2))
         self.nbits = 2 * nw
-        cycles = -(-frac_bits // self.k)
-        self.latency = 3 + cycles
+        cycles = -(-(frac_bits + 1) // self.k)
+        # 3 multiplier stages, the divider's load cycle, its step cycles, the key register
+        self.latency = 3 + 1 + cycles + 1
 
     def elaborate(self, platform):
         m = Module()
@@ -250,9 +258,10 @@ class KeyDivider(Elaboratable):
             keys.append(div)
         with m.If(v3):
             m.d.sync += rr.eq(Mux(rr == self.units - 1, 0, rr + 1))
-        m.d.comb += self.key_valid.eq(Cat(d.done for d in keys).any())
+        # keys leave from a register (the sign/zero fix-up ends a cycle of its own)
+        m.d.sync += self.key_valid.eq(Cat(d.done for d in keys).any())
         key = keys[0].key
         for d in keys[1:]:
             key = Mux(d.done, d.key, key)
-        m.d.comb += self.key.eq(key)
+        m.d.sync += self.key.eq(key)
         return m

@@ -57,21 +57,32 @@ def mm_lanes(a, b, p: int, width: int):
     return Cat(*out)
 
 
+def _pipe(m, on: bool, name: str, **values) -> dict:
+    """A pipeline stage: each value registered (``on``) or passed through."""
+    if not on:
+        return values
+    out = {}
+    for n, v in values.items():
+        r = Signal(v.shape(), name=f"{name}_{n}")
+        m.d.sync += r.eq(v)
+        out[n] = r
+    return out
+
+
 def _bits(value, n: int):
     """The low ``n`` bits of an address field (n may be 0)."""
     return value[:n]
 
 
-def rank_insert(k, score, scores, ranks, rank_shape):
-    """Insert candidate ``k`` with ``score`` among candidates ``0..k-1``.
-
-    Returns the new ranks: each earlier candidate with a lower score moves one place
-    back; the new candidate's rank is the number of earlier candidates with a score
-    at least as high (ties go to the earlier position).
-    """
-    gts = [score > s for s in scores]
-    before = [k > j for j in range(len(scores))]
-    ahead = [Mux(before[j] & ~gts[j], 1, 0) for j in range(len(scores))]
+def rank_update(k, gts, ranks, rank_shape):
+    """Insert candidate ``k`` among candidates ``0..k-1``, given ``gts[j]`` (its score
+    ``>`` candidate j's, compared a stage earlier). Returns the new ranks: each earlier
+    candidate with a lower score moves one place back; the new candidate's rank is the
+    number of earlier candidates with a score at least as high (ties go to the earlier
+    position)."""
+    n = len(ranks)
+    before = [k > j for j in range(n)]
+    ahead = [Mux(before[j] & ~gts[j], 1, 0) for j in range(n)]
     count = sum(ahead[1:], ahead[0]) if ahead else Const(0)
     new = []
     for j, r in enumerate(ranks):
@@ -306,32 +317,58 @@ class CubistMerge(wiring.Component):
         h_pend = Signal(signed(KW))
         n_h, row_h, slot_h = Signal(8), Signal(8), Signal(2)
         hc = cfg_of(slot_h)
+        # H-RANK in four stages (a key arrives at most every B cycles, but every loop
+        # below closes within one stage, so B = 1 is hazard-free too):
+        # S0 L/R and score; S1 compare with the earlier scores (scores written here);
+        # S2 rank counters; S3 the row's decision into hdec.
+        a_v, a_fin, a_right, a_end = Signal(), Signal(), Signal(), Signal()
+        a_k, a_row, a_slot = Signal(range(max(KH, 2))), Signal(8), Signal(2)
+        a_score = Signal(signed(KW))
         with m.If(hdiv.key_valid):
             key = hdiv.key
-            k = n_h >> 1
             odd = n_h[0]
             is_final = odd | (n_h + 2 >= hc["w"])
             right = odd & (key > h_pend)
-            score = Mux(right, key, Mux(odd, h_pend, key))
             with m.If(~is_final):
                 m.d.sync += h_pend.eq(key)
-            new_ranks = rank_insert(k, score, h_scores, h_ranks, RBH)
-            with m.If(is_final):
-                for j in range(KH):
-                    with m.If(k == j):
-                        m.d.sync += [h_scores[j].eq(score), h_dirs[j].eq(right)]
-                    m.d.sync += h_ranks[j].eq(new_ranks[j])
+            m.d.sync += [a_fin.eq(is_final), a_right.eq(right), a_k.eq(n_h >> 1),
+                         a_score.eq(Mux(right, key, Mux(odd, h_pend, key))),
+                         a_end.eq(n_h == hc["w"] - 2), a_row.eq(row_h), a_slot.eq(slot_h)]
             with m.If(n_h == hc["w"] - 2):
-                removed = Cat(*[(new_ranks[j] < hc["r_w"]) & (j < (hc["w"] >> 1))
-                                for j in range(KH)])
-                dirs = Cat(*[Mux(k == j, right, h_dirs[j]) for j in range(KH)])
-                m.d.comb += [hd_w.addr.eq(Cat(_bits(row_h, HB), slot_h)),
-                             hd_w.data.eq(Cat(removed, dirs)), hd_w.en.eq(1)]
-                m.d.sync += [rows_ready.eq(rows_ready + 1), n_h.eq(0), row_h.eq(row_h + 1)]
+                m.d.sync += [n_h.eq(0), row_h.eq(row_h + 1)]
                 with m.If(row_h == hc["h"] - 1):
                     m.d.sync += [row_h.eq(0), slot_h.eq(slot_h + 1)]
             with m.Else():
                 m.d.sync += n_h.eq(n_h + 1)
+        m.d.sync += a_v.eq(hdiv.key_valid)
+        # S1: the new candidate against the scores of the earlier ones in this row
+        b_v, b_end = Signal(), Signal()
+        b_k, b_row, b_slot = Signal.like(a_k), Signal(8), Signal(2)
+        b_gt = Signal(max(KH, 1))
+        m.d.sync += [b_v.eq(a_v & a_fin), b_end.eq(a_v & a_end), b_k.eq(a_k),
+                     b_row.eq(a_row), b_slot.eq(a_slot),
+                     b_gt.eq(Cat(*[a_score > h_scores[j] for j in range(KH)]))]
+        with m.If(a_v & a_fin):
+            for j in range(KH):
+                with m.If(a_k == j):
+                    m.d.sync += [h_scores[j].eq(a_score), h_dirs[j].eq(a_right)]
+        # S2: rank counters (rank_update); the row's directions are final here
+        c_end, c_row, c_slot = Signal(), Signal(8), Signal(2)
+        c_dirs = Signal(max(KH, 1))
+        m.d.sync += [c_end.eq(b_end), c_row.eq(b_row), c_slot.eq(b_slot)]
+        with m.If(b_end):
+            m.d.sync += c_dirs.eq(Cat(*h_dirs))
+        with m.If(b_v):
+            m.d.sync += [h_ranks[j].eq(r)
+                         for j, r in enumerate(rank_update(b_k, b_gt, h_ranks, RBH))]
+        # S3: removed = rank < r_w, written with the directions
+        cc = cfg_of(c_slot)
+        with m.If(c_end):
+            removed = Cat(*[(h_ranks[j] < cc["r_w"]) & (j < (cc["w"] >> 1))
+                            for j in range(KH)])
+            m.d.comb += [hd_w.addr.eq(Cat(_bits(c_row, HB), c_slot)),
+                         hd_w.data.eq(Cat(removed, c_dirs[:KH])), hd_w.en.eq(1)]
+            m.d.sync += rows_ready.eq(rows_ready + 1)
 
         # ======================= H-MERGE ============================================
         m.submodules.tbuf = tbuf = Memory(shape=LW, depth=max(2, 1 << CB), init=[])
@@ -423,6 +460,11 @@ class CubistMerge(wiring.Component):
         m.d.sync += [v1.eq(vdiv.key_valid), key1.eq(vdiv.key), n1.eq(n_v), vcol1.eq(col_v),
                      slot1.eq(slot_v)]
         vc1 = cfg_of(slot1)
+        # V-RANK: read-modify-write of the column's word. Stage 1: the word (memory output)
+        # and the score; A: compare with the earlier scores; B: new ranks, word written.
+        # Stages A and B are registered when a column's next key (at least B cycles later,
+        # W' >= 1) reads after the write (B >= 3); otherwise they are one cycle, as for B < 3.
+        deep = B >= 3
         word = vr_r.data
         off = 0
         v_scores = [word[off + j * KW: off + (j + 1) * KW].as_signed() for j in range(KV)]
@@ -432,26 +474,39 @@ class CubistMerge(wiring.Component):
         v_dirs = [word[off + j] for j in range(KV)]
         off += KV
         v_pend = word[off:off + KW].as_signed()
-        kv = n1 >> 1
         vodd = n1[0]
-        v_final = vodd | (n1 + 2 >= vc1["h"])
         v_right = vodd & (key1 > v_pend)
-        v_score = Mux(v_right, key1, Mux(vodd, v_pend, key1))
-        v_new_ranks = rank_insert(kv, v_score, v_scores, v_ranks, RBV)
-        new_scores = [Mux(v_final & (kv == j), v_score, v_scores[j]) for j in range(KV)]
-        new_ranks = [Mux(v_final, v_new_ranks[j], v_ranks[j]) for j in range(KV)]
-        new_dirs = [Mux(v_final & (kv == j), v_right, v_dirs[j]) for j in range(KV)]
-        new_pend = Mux(v_final, v_pend, key1)
-        bank_v1 = bank_of(slot1)
-        m.d.comb += [vr_w.addr.eq(Cat(_bits(vcol1, WB), bank_v1)),
-                     vr_w.data.eq(Cat(*new_scores, *new_ranks, *new_dirs, new_pend)),
-                     vr_w.en.eq(v1)]
-        col_done = v1 & (n1 == vc1["h"] - 2)
-        v_removed = Cat(*[(new_ranks[j] < vc1["r_h"]) & (j < (vc1["h"] >> 1)) for j in range(KV)])
-        m.d.comb += [vd_w.addr.eq(Cat(_bits(vcol1, WB), bank_v1)),
-                     vd_w.data.eq(Cat(v_removed, *new_dirs)), vd_w.en.eq(col_done)]
-        with m.If(col_done & (vcol1 == vc1["w"] - vc1["r_w"] - 1)):
-            m.d.sync += vdone[bidx(slot1)].eq(1)
+        sa = _pipe(m, deep, "va", v=v1, kv=(n1 >> 1)[:8], fin=vodd | (n1 + 2 >= vc1["h"]),
+                   right=v_right, score=Mux(v_right, key1, Mux(vodd, v_pend, key1)),
+                   key=key1, pend=v_pend, col=vcol1, slot=slot1,
+                   done=n1 == vc1["h"] - 2, scores=Cat(*v_scores), ranks=Cat(*v_ranks),
+                   dirs=Cat(*v_dirs))
+        a_scores = [sa["scores"][j * KW:(j + 1) * KW].as_signed() for j in range(KV)]
+        sb = _pipe(m, deep, "vb", **{n: sa[n] for n in sa if n != "scores"},
+                   gts=Cat(*[sa["score"] > a_scores[j] for j in range(KV)]),
+                   new_scores=Cat(*[Mux(sa["fin"] & (sa["kv"] == j), sa["score"], a_scores[j])
+                                    for j in range(KV)]))
+        b_ranks = [sb["ranks"][j * RBV:(j + 1) * RBV] for j in range(KV)]
+        v_new_ranks = rank_update(sb["kv"], sb["gts"], b_ranks, RBV)
+        new_ranks = [Mux(sb["fin"], v_new_ranks[j], b_ranks[j]) for j in range(KV)]
+        new_dirs = [Mux(sb["fin"] & (sb["kv"] == j), sb["right"], sb["dirs"][j])
+                    for j in range(KV)]
+        new_pend = Mux(sb["fin"], sb["pend"], sb["key"])
+        m.d.comb += [vr_w.addr.eq(Cat(_bits(sb["col"], WB), bank_of(sb["slot"]))),
+                     vr_w.data.eq(Cat(sb["new_scores"], *new_ranks, *new_dirs, new_pend)),
+                     vr_w.en.eq(sb["v"])]
+        # stage D (after the loop): the column's decision into vdec
+        d_v, d_col, d_slot = Signal(), Signal(8), Signal(2)
+        d_ranks, d_dirs = Signal(KV * RBV), Signal(KV)
+        m.d.sync += [d_v.eq(sb["v"] & sb["done"]), d_col.eq(sb["col"]), d_slot.eq(sb["slot"]),
+                     d_ranks.eq(Cat(*new_ranks)), d_dirs.eq(Cat(*new_dirs))]
+        vcd = cfg_of(d_slot)
+        v_removed = Cat(*[(d_ranks[j * RBV:(j + 1) * RBV] < vcd["r_h"]) & (j < (vcd["h"] >> 1))
+                          for j in range(KV)])
+        m.d.comb += [vd_w.addr.eq(Cat(_bits(d_col, WB), bank_of(d_slot))),
+                     vd_w.data.eq(Cat(v_removed, d_dirs)), vd_w.en.eq(d_v)]
+        with m.If(d_v & (d_col == vcd["w"] - vcd["r_w"] - 1)):
+            m.d.sync += vdone[bidx(d_slot)].eq(1)
 
         # ======================= OUT ================================================
         slot_o = Signal(2)
