@@ -382,7 +382,7 @@ class CubistMerge(wiring.Component):
         c_m = Signal(range(max(B, 2)))
         rd_slot = Signal(S_BITS)
         m.d.comb += [hd_r_merge.addr.eq(Cat(_bits(row_m, HB), slot_m)),
-                     rb_r.addr.eq(Cat(_bits(c_m, CB), rd_slot)), t_r.addr.eq(_bits(c_m, CB))]
+                     rb_r.addr.eq(Cat(_bits(c_m, CB), rd_slot))]
         # roles of position `pos`
         podd = pos[0]
         kq = pos >> 1
@@ -423,24 +423,28 @@ class CubistMerge(wiring.Component):
                         with m.If(row_m == mc["h"] - 1):
                             m.d.sync += [row_m.eq(0), slot_m.eq(slot_m + 1)]
                         m.next = "IDLE"
-        # stage 1: merge and emit
-        x, tv = rb_r.data, t_r.data
-        even_v = Mux(s1["src_l"], mm_lanes(x, tv, P, WD), x)
+        # stage 1: the row buffer's output registered (T is read now, for stage 2);
+        # stage 2: merge and emit
+        m.d.comb += t_r.addr.eq(_bits(c1, CB))
+        sq = _pipe(m, True, "hm2", **s1, c=c1, col=col1, row=row1, bank=bank1, x=rb_r.data)
+        x, tv = sq["x"], t_r.data
+        even_v = Mux(sq["src_l"], mm_lanes(x, tv, P, WD), x)
         merged = Signal(LW)
-        m.d.comb += merged.eq(Mux(s1["odd"], Mux(s1["rem"], mm_lanes(tv, x, P, WD), x), even_v))
-        write_t = s1["v"] & Mux(s1["odd"], s1["rem"] & s1["right"], s1["src_r"])
-        m.d.comb += [t_w.addr.eq(_bits(c1, CB)), t_w.data.eq(Mux(s1["odd"], x, even_v)),
+        m.d.comb += merged.eq(Mux(sq["odd"], Mux(sq["rem"], mm_lanes(tv, x, P, WD), x), even_v))
+        write_t = sq["v"] & Mux(sq["odd"], sq["rem"] & sq["right"], sq["src_r"])
+        m.d.comb += [t_w.addr.eq(_bits(sq["c"], CB)), t_w.data.eq(Mux(sq["odd"], x, even_v)),
                      t_w.en.eq(write_t)]
-        emit1 = s1["v"] & s1["emit"]
+        emit1 = sq["v"] & sq["emit"]
+        c2, col2, row2 = sq["c"], sq["col"], sq["row"]
         for par in range(2):
-            m.d.comb += [fb_w[par].addr.eq(Cat(_bits(c1, CB), _bits(col1, WB), _bits(row1 >> 1, HH),
-                                               bank1[:1 if NB == 2 else 0])),
-                         fb_w[par].data.eq(merged), fb_w[par].en.eq(emit1 & (row1[0] == par))]
+            m.d.comb += [fb_w[par].addr.eq(Cat(_bits(c2, CB), _bits(col2, WB), _bits(row2 >> 1, HH),
+                                               sq["bank"][:1 if NB == 2 else 0])),
+                         fb_w[par].data.eq(merged), fb_w[par].en.eq(emit1 & (row2[0] == par))]
         m.submodules.vfront = vfront = KeyFront(p=P, width=WD, beats=B, tokens=1 << WB,
                                                 c=self.c)
-        m.d.comb += [vfront.valid.eq(emit1), vfront.data.eq(merged), vfront.c.eq(c1),
-                     vfront.tok.eq(_bits(col1, WB)), vfront.end.eq(c1 == B - 1),
-                     vfront.has_prev.eq(row1 != 0)]
+        m.d.comb += [vfront.valid.eq(emit1), vfront.data.eq(merged), vfront.c.eq(c2),
+                     vfront.tok.eq(_bits(col2, WB)), vfront.end.eq(c2 == B - 1),
+                     vfront.has_prev.eq(row2 != 0)]
 
         # ======================= V keys and V-RANK ==================================
         m.submodules.vdiv = vdiv = KeyDivider(dw=vfront.dw, nw=vfront.nw, frac_bits=F, beats=B)
@@ -625,8 +629,7 @@ class CubistMerge(wiring.Component):
         bk = bank_o[:1 if NB == 2 else 0]
         cbc = Cat(_bits(cb, CB), _bits(cur["col"], WB))
         m.d.comb += [fb_r[0].addr.eq(Cat(cbc, _bits(e_c >> 1, HH), bk)),
-                     fb_r[1].addr.eq(Cat(cbc, _bits(odd_row, HH), bk)),
-                     to_r.addr.eq(_bits(cb, CB))]
+                     fb_r[1].addr.eq(Cat(cbc, _bits(odd_row, HH), bk))]
         if self.max_prefix:
             m.d.comb += env["pf_r"].addr.eq(Cat(_bits(cb, CB), _bits(cur["p"], PB), slot_o))
         b1 = {n: Signal(name=f"ob1_{n}") for n in
@@ -650,22 +653,26 @@ class CubistMerge(wiring.Component):
             m.d.comb += pop.eq(nxt_v)
             m.d.sync += [cur_v.eq(nxt_v), pass_b.eq(0), cb.eq(0)]
             m.d.sync += [cur[n].eq(nxt[n]) for n in D]
-        # stage 1: read data, merge
-        ev, od, tp = fb_r[0].data, fb_r[1].data, to_r.data
-        dest = Mux(b1["eodd"], od, ev)
-        va = Mux(b1["hl"], mm_lanes(dest, od, P, WD), dest)
-        vb = mm_lanes(tp, od, P, WD)
+        # stage 1: the memories' outputs registered (T is read now, for stage 2);
+        # stage 2: merge
         pre_data = env["pf_r"].data if self.max_prefix else Const(0, LW)
-        val = Mux(b1["pre"], pre_data, Mux(b1["passb"], vb, va))
-        m.d.comb += [to_w.addr.eq(_bits(cb1, CB)), to_w.data.eq(va),
-                     to_w.en.eq(b1["v"] & ~b1["emit"])]
+        m.d.comb += to_r.addr.eq(_bits(cb1, CB))
+        bq = _pipe(m, True, "ob2", **b1, cb=cb1, ev=fb_r[0].data, od=fb_r[1].data, pre_d=pre_data)
+        ev, od, tp = bq["ev"], bq["od"], to_r.data
+        dest = Mux(bq["eodd"], od, ev)
+        va = Mux(bq["hl"], mm_lanes(dest, od, P, WD), dest)
+        vb = mm_lanes(tp, od, P, WD)
+        val = Mux(bq["pre"], bq["pre_d"], Mux(bq["passb"], vb, va))
+        m.d.comb += [to_w.addr.eq(_bits(bq["cb"], CB)), to_w.data.eq(va),
+                     to_w.en.eq(bq["v"] & ~bq["emit"])]
         b2v, b2d, b2lt, b2l = Signal(), Signal(LW), Signal(), Signal()
-        m.d.sync += [b2v.eq(b1["v"] & b1["emit"]), b2d.eq(val), b2lt.eq(b1["lt"]),
-                     b2l.eq(b1["last"])]
+        m.d.sync += [b2v.eq(bq["v"] & bq["emit"]), b2d.eq(val), b2lt.eq(bq["lt"]),
+                     b2l.eq(bq["last"])]
         m.d.comb += [ofifo.i.valid.eq(b2v), ofifo.i.payload.data.eq(b2d),
                      ofifo.i.payload.last_token.eq(b2lt), ofifo.i.payload.last.eq(b2l)]
         m.d.sync += inflight.eq(inflight + (go & emit_now) - b2v)
-        m.d.comb += env["tok_done"].eq(tfsm.ongoing("IDLE") & ~cur_v & ~nxt_v & ~b1["v"] & ~b2v)
+        m.d.comb += env["tok_done"].eq(tfsm.ongoing("IDLE") & ~cur_v & ~nxt_v & ~b1["v"] & ~bq["v"]
+                                       & ~b2v)
 
     # ------------------------------------------------------------------------------
     def _out_map(self, m, env):
