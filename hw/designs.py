@@ -95,6 +95,7 @@ register(Design(
         Param("max_prefix", 4, "maximum number of pass-through prefix tokens"),
         Param("unmerge", 1, "include the unmerge unit (0 or 1)"),
         Param("buffers", 2, "frame-buffer banks: 2 overlaps frames, 1 halves the memory"),
+        Param("serial_mul", 0, "1: key products by shift-add, no DSP (iCE40; needs C/P >= 2)"),
     ),
 ))
 

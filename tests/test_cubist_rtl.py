@@ -44,6 +44,24 @@ def test_one_beat_per_token():
     _run("icarus" if _have("icarus") else "verilator", design, frames=8, real=0)
 
 
+def test_serial_multipliers_are_bit_exact_at_two_beats_per_token():
+    """serial_mul: the wide key products by shift-add; B = 2 gives them one cycle."""
+    design = dict(FAST, h=5, w=6, c=8, lanes=4, max_prefix=1, serial_mul=1)
+    _run("icarus" if _have("icarus") else "verilator", design, frames=6, real=0)
+
+
+def _mul_cells(**kw):
+    from amaranth.back import rtlil
+
+    return rtlil.convert(CubistMerge(**kw), name="t").count("cell $mul ")
+
+
+def test_serial_mul_leaves_only_the_per_beat_products_as_multipliers():
+    # 4P per-beat products (two KeyFronts), 4 wide key products, 1 map multiply
+    assert _mul_cells(h_max=6, w_max=6, c=16, lanes=2, unmerge=0) == 4 * 2 + 4 + 1
+    assert _mul_cells(h_max=6, w_max=6, c=16, lanes=2, unmerge=0, serial_mul=1) == 4 * 2
+
+
 @pytest.mark.slow
 def test_14x14x64_meets_the_throughput_target():
     design = dict(h=14, w=14, c=64, lanes=4, width=8, frac_bits=16, max_prefix=4, unmerge=1)
@@ -70,6 +88,8 @@ def _have(sim):
     (dict(max_prefix=17), r"max_prefix must be in 0\.\.16, not 17"),
     (dict(unmerge=2), r"unmerge must be 0 or 1, not 2"),
     (dict(buffers=3), r"buffers must be 1 or 2, not 3"),
+    (dict(serial_mul=2), r"serial_mul must be 0 or 1, not 2"),
+    (dict(c=4, lanes=4, serial_mul=1), r"serial_mul needs c/lanes >= 2 beats per token, not 1"),
 ])
 def test_bad_parameters_are_refused(kwargs, msg):
     with pytest.raises(ValueError, match=msg):

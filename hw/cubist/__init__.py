@@ -40,7 +40,9 @@ __all__ = [
 
 
 def design_from_params(h: int, w: int, c: int, lanes: int, width: int, frac_bits: int,
-                       max_prefix: int, unmerge: int, buffers: int = 2) -> CubistMerge:
+                       max_prefix: int, unmerge: int, buffers: int = 2,
+                       serial_mul: int = 0) -> CubistMerge:
     """The registry's constructor (``procube verilog cubist --h 14 --w 14 ...``)."""
     return CubistMerge(h_max=h, w_max=w, c=c, lanes=lanes, width=width, frac_bits=frac_bits,
-                       max_prefix=max_prefix, unmerge=unmerge, buffers=buffers)
+                       max_prefix=max_prefix, unmerge=unmerge, buffers=buffers,
+                       serial_mul=serial_mul)

@@ -222,8 +222,13 @@ class _Divider(Elaboratable):
 class KeyDivider(Elaboratable):
     """Jobs ``(d, na, nb)`` in, keys out in order; ``latency`` cycles from job to key."""
 
-    def __init__(self, *, dw: int, nw: int, frac_bits: int, beats: int):
+    def __init__(self, *, dw: int, nw: int, frac_bits: int, beats: int, serial: bool = False):
         self.f = frac_bits
+        self.serial = serial
+        # serial: the two products by shift-add in LUTs, `sbits` multiplier bits a cycle,
+        # finished within B cycles (a job comes at most every B cycles)
+        self.sbits = -(-nw // max(beats - 1, 1))
+        self.scycles = -(-nw // self.sbits)
         self.k, self.units = divider_plan(frac_bits, beats)
         self.valid = Signal()
         self.d = Signal(signed(dw))
@@ -245,7 +250,10 @@ class KeyDivider(Elaboratable):
         m.d.sync += [v1.eq(self.valid), ad.eq(abs(self.d)), neg1.eq(self.d < 0),
                      a1.eq(self.na), b1.eq(self.nb)]
         v2, num2, den2, neg2 = Signal(), Signal(nb), Signal(nb), Signal()
-        m.d.sync += [v2.eq(v1), num2.eq(ad * ad), den2.eq(a1 * b1), neg2.eq(neg1)]
+        if self.serial:
+            self._serial_products(m, v1, ad, a1, b1, neg1, v2, num2, den2, neg2)
+        else:
+            m.d.sync += [v2.eq(v1), num2.eq(ad * ad), den2.eq(a1 * b1), neg2.eq(neg1)]
         v3, num3, den3, neg3 = Signal(), Signal(nb), Signal(nb), Signal()
         m.d.sync += [v3.eq(v2), num3.eq(num2), den3.eq(den2), neg3.eq(neg2)]
         rr = Signal(range(max(self.units, 2)))
@@ -265,3 +273,24 @@ class KeyDivider(Elaboratable):
             key = Mux(d.done, d.key, key)
         m.d.sync += self.key.eq(key)
         return m
+
+    def _serial_products(self, m, v1, ad, a1, b1, neg1, v2, num2, den2, neg2):
+        """``num2 = ad*ad`` and ``den2 = a1*b1`` by shift-add (no ``*``, so no DSP):
+        ``sbits`` bits of the multiplier a cycle, ``v2`` one cycle after the last."""
+        nb, sb = self.nbits, self.sbits
+        pa, pb = Signal(nb), Signal(nb)  # multiplicands, shifted left sb bits a cycle
+        qa, qb = Signal(len(ad)), Signal(len(b1))  # multipliers, shifted right
+        cnt = Signal(range(self.scycles + 1))
+        m.d.sync += v2.eq(0)
+        with m.If(v1):
+            m.d.sync += [pa.eq(ad), qa.eq(ad), pb.eq(a1), qb.eq(b1), num2.eq(0), den2.eq(0),
+                         neg2.eq(neg1), cnt.eq(self.scycles)]
+        with m.Elif(cnt != 0):
+            def partial(p, q):
+                terms = [Mux(q[i], p << i, 0) for i in range(min(sb, len(q)))]
+                return sum(terms[1:], terms[0])
+            m.d.sync += [num2.eq(num2 + partial(pa, qa)), den2.eq(den2 + partial(pb, qb)),
+                         pa.eq(pa << sb), pb.eq(pb << sb), qa.eq(qa >> sb), qb.eq(qb >> sb),
+                         cnt.eq(cnt - 1)]
+            with m.If(cnt == 1):
+                m.d.sync += v2.eq(1)

@@ -99,12 +99,14 @@ class CubistMerge(wiring.Component):
     dividing ``c``), ``width`` (8 or 16), ``frac_bits`` (8..24), ``max_prefix`` (0..16),
     ``unmerge`` (include the unmerge unit), ``buffers`` (2: frame buffer double-buffered
     so frames overlap; 1: single frame buffer, half the memory, frames no longer fully
-    overlapped).
+    overlapped), ``serial_mul`` (1: the key dividers' wide products by shift-add over
+    B-1 cycles and the map's multiply in LUTs, so that only the 4P per-beat products
+    use DSPs; needs B >= 2).
     """
 
     def __init__(self, *, h_max: int = 14, w_max: int = 14, c: int = 64, lanes: int = 4,
                  width: int = 8, frac_bits: int = 16, max_prefix: int = 4,
-                 unmerge: bool = True, buffers: int = 2):
+                 unmerge: bool = True, buffers: int = 2, serial_mul: int = 0):
         self.h_max = check_int("h_max", h_max, 2, 64)
         self.w_max = check_int("w_max", w_max, 2, 64)
         self.c = check_int("c", c, 1, 1024)
@@ -123,6 +125,11 @@ class CubistMerge(wiring.Component):
             raise ValueError(f"buffers must be 1 or 2, not {buffers!r}")
         self.buffers = buffers
         self.beats = self.c // self.lanes
+        if serial_mul not in (0, 1, True, False):
+            raise ValueError(f"serial_mul must be 0 or 1, not {serial_mul!r}")
+        if serial_mul and self.beats < 2:
+            raise ValueError(f"serial_mul needs c/lanes >= 2 beats per token, not {self.beats}")
+        self.serial_mul = bool(serial_mul)
         tok = token_layout(width, lanes)
         sig = {
             "cfg": In(stream.Signature(cfg_layout())),
@@ -308,7 +315,8 @@ class CubistMerge(wiring.Component):
                     m.next = "IDLE"
 
         # ======================= H keys and H-RANK ==================================
-        m.submodules.hdiv = hdiv = KeyDivider(dw=hfront.dw, nw=hfront.nw, frac_bits=F, beats=B)
+        m.submodules.hdiv = hdiv = KeyDivider(dw=hfront.dw, nw=hfront.nw, frac_bits=F, beats=B,
+                                                  serial=self.serial_mul)
         m.d.comb += [hdiv.valid.eq(hfront.job_valid), hdiv.d.eq(hfront.job_d),
                      hdiv.na.eq(hfront.job_na), hdiv.nb.eq(hfront.job_nb)]
         h_scores = [Signal(signed(KW), name=f"hs{k}") for k in range(KH)]
@@ -447,7 +455,8 @@ class CubistMerge(wiring.Component):
                      vfront.has_prev.eq(row2 != 0)]
 
         # ======================= V keys and V-RANK ==================================
-        m.submodules.vdiv = vdiv = KeyDivider(dw=vfront.dw, nw=vfront.nw, frac_bits=F, beats=B)
+        m.submodules.vdiv = vdiv = KeyDivider(dw=vfront.dw, nw=vfront.nw, frac_bits=F, beats=B,
+                                                  serial=self.serial_mul)
         m.d.comb += [vdiv.valid.eq(vfront.job_valid), vdiv.d.eq(vfront.job_d),
                      vdiv.na.eq(vfront.job_na), vdiv.nb.eq(vfront.job_nb)]
         n_v, col_v, slot_v = Signal(8), Signal(8), Signal(2)
@@ -731,7 +740,12 @@ class CubistMerge(wiring.Component):
         s2v, s2i, s2j, s2l = Signal(), Signal(8), Signal(8), Signal()
         m.d.sync += [s2v.eq(s1v), s2i.eq(s1i - rv - up), s2j.eq(s1j), s2l.eq(s1l)]
         s3v, s3x, s3l = Signal(), Signal(16), Signal()
-        m.d.sync += [s3v.eq(s2v), s3x.eq(s2i * w2 + s2j), s3l.eq(s2l)]
+        if self.serial_mul:  # shift-add: no `*`, so Yosys gives it no DSP
+            terms = [Mux(w2[b], s2i << b, 0) for b in range(8)]
+            prod = sum(terms[1:], terms[0])
+        else:
+            prod = s2i * w2
+        m.d.sync += [s3v.eq(s2v), s3x.eq(prod + s2j), s3l.eq(s2l)]
         m.d.comb += [mfifo.i.valid.eq(s3v), mfifo.i.payload.index.eq(s3x),
                      mfifo.i.payload.last.eq(s3l)]
         m.d.sync += inflight.eq(inflight + issue - s3v)

@@ -52,7 +52,8 @@ class Env:
         self.unit = CubistMerge(h_max=p["h"], w_max=p["w"], c=p["c"], lanes=p["lanes"],
                                 width=p["width"], frac_bits=p["frac_bits"],
                                 max_prefix=p["max_prefix"], unmerge=p["unmerge"],
-                                buffers=p.get("buffers", 2))
+                                buffers=p.get("buffers", 2),
+                                serial_mul=p.get("serial_mul", 0))
         self.width, self.lanes, self.c = p["width"], p["lanes"], p["c"]
         self.beats = self.c // self.lanes
         seed, burst = p.get("seed", 1), p.get("burst", 4)
