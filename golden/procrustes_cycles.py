@@ -44,7 +44,7 @@ __all__ = [
 _GEMM_FIXED = 6 + 1  # accept..CHECK (6) + RUNSTART..RESP beyond the walkers' time (1)
 _WALK_TAIL = 5  # end marker popped -> done flag visible
 _WGRAD_FIXED = 12
-_UPDATE_FIXED = 13
+_UPDATE_FIXED = 15
 
 
 @dataclass(frozen=True)

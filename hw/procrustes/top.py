@@ -134,6 +134,7 @@ class Procrustes(wiring.Component):
         u_issue = Signal()
         um, uk = Signal(16), Signal(16)
         uidx = Signal(32)
+        hx = Signal(32)  # uidx·MULT mod 2^32, stepped down by MULT per element
         U1 = Signal(data.StructLayout({
             "valid": 1, "t": max(1, (NB - 1).bit_length()), "bank": max(1, c.log_lanes),
             "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16, "hx": 32}))
@@ -158,7 +159,8 @@ class Procrustes(wiring.Component):
                 U1.bank.eq((u_bi + u_bj) & (L - 1)),
                 U1.ybank.eq(um & (R - 1)), U1.lane.eq(uk & (C - 1)),
                 U1.yaddr.eq(mul2 + (uk >> c.log_cols)),
-                U1.hx.eq((uidx * MULT)[:32]),
+                U1.hx.eq(hx),
+                hx.eq(hx - MULT),  # idx·MULT for the next (one lower) index: no multiplier
             ]
         # U1: value address, dW lane, PRNG -> w0
         bword = Signal(c.mbw)
@@ -495,6 +497,17 @@ class Procrustes(wiring.Component):
                 m.d.comb += [ma.eq(cmd.m), mb.eq(cmd.k)]
                 m.d.sync += [uidx.eq(mul1 - 1), um.eq(cmd.m - 1), uk.eq(cmd.k - 1),
                              regs[Reg.TRACKED].eq(0)]
+                m.next = "UPDHX0"
+            # hx = uidx·MULT mod 2^32 from the shared 16x16 multipliers, in two cycles:
+            # lo·MULT + (hi·MULT_lo << 16) with uidx = hi·2^16 + lo
+            with m.State("UPDHX0"):
+                m.d.comb += [ma.eq(uidx[:16]), mb.eq(MULT & 0xFFFF),
+                             na.eq(uidx[:16]), nb2.eq(MULT >> 16)]
+                m.d.sync += hx.eq(mul1 + (mul2[:16] << 16))
+                m.next = "UPDHX1"
+            with m.State("UPDHX1"):
+                m.d.comb += [ma.eq(uidx[16:32]), mb.eq(MULT & 0xFFFF)]
+                m.d.sync += hx.eq(hx + (mul1[:16] << 16))
                 m.next = "UPD"
             with m.State("UPD"):
                 m.d.comb += [u_issue.eq(1), ma.eq(u_bi), mb.eq(GKL),
