@@ -57,8 +57,9 @@ def _mul_cells(**kw):
 
 
 def test_serial_mul_leaves_only_the_per_beat_products_as_multipliers():
-    # 4P per-beat products (two KeyFronts), 4 wide key products, 1 map multiply
-    assert _mul_cells(h_max=6, w_max=6, c=16, lanes=2, unmerge=0) == 4 * 2 + 4 + 1
+    # 4P per-beat products (two KeyFronts); per divider the 19-bit |d|^2 in 3 partial
+    # products (a square shares its cross product) and na*nb in 4; 1 map multiply
+    assert _mul_cells(h_max=6, w_max=6, c=16, lanes=2, unmerge=0) == 4 * 2 + 2 * (3 + 4) + 1
     assert _mul_cells(h_max=6, w_max=6, c=16, lanes=2, unmerge=0, serial_mul=1) == 4 * 2
 
 

@@ -150,6 +150,29 @@ class KeyFront(Elaboratable):
         return m
 
 
+SPLIT = 17  # operand bits of one DSP partial product (unsigned in an 18x18 signed multiplier)
+
+
+def _split_product(m: Module, a, b, name: str):
+    """``a * b`` as registered partial products of at most SPLIT x SPLIT bits; returns
+    the (unregistered) sum of the registers. A square shares its cross product."""
+    if len(a) <= SPLIT and len(b) <= SPLIT:
+        r = Signal(len(a) + len(b), name=f"{name}_p")
+        m.d.sync += r.eq(a * b)
+        return r
+    a0, a1, b0, b1 = a[:SPLIT], a[SPLIT:], b[:SPLIT], b[SPLIT:]
+    square = a is b
+    parts = {"00": (a0, b0, 0), "01": (a0, b1, SPLIT), "11": (a1, b1, 2 * SPLIT)}
+    if not square:
+        parts["10"] = (a1, b0, SPLIT)
+    total = 0
+    for n, (x, y, sh) in parts.items():
+        r = Signal(len(x) + len(y), name=f"{name}_p{n}")
+        m.d.sync += r.eq(x * y)
+        total = total + ((r << (sh + 1)) if square and n == "01" else (r << sh))
+    return total
+
+
 def divider_plan(frac_bits: int, beats: int, max_units: int = 3) -> tuple[int, int]:
     """``(bits_per_cycle, units)``: the slowest divider bank that takes a job every
     ``beats`` cycles, with at most ``max_units`` dividers."""
@@ -249,13 +272,19 @@ class KeyDivider(Elaboratable):
             Signal.like(self.na), Signal.like(self.nb)
         m.d.sync += [v1.eq(self.valid), ad.eq(abs(self.d)), neg1.eq(self.d < 0),
                      a1.eq(self.na), b1.eq(self.nb)]
-        v2, num2, den2, neg2 = Signal(), Signal(nb), Signal(nb), Signal()
-        if self.serial:
-            self._serial_products(m, v1, ad, a1, b1, neg1, v2, num2, den2, neg2)
-        else:
-            m.d.sync += [v2.eq(v1), num2.eq(ad * ad), den2.eq(a1 * b1), neg2.eq(neg1)]
+        v2, neg2 = Signal(), Signal()
         v3, num3, den3, neg3 = Signal(), Signal(nb), Signal(nb), Signal()
-        m.d.sync += [v3.eq(v2), num3.eq(num2), den3.eq(den2), neg3.eq(neg2)]
+        if self.serial:
+            num2, den2 = Signal(nb), Signal(nb)
+            self._serial_products(m, v1, ad, a1, b1, neg1, v2, num2, den2, neg2)
+            num_sum, den_sum = num2, den2
+        else:
+            # M2: 17-bit partial products registered (one DSP each, its output registered);
+            # M3: their shifted sum (adders only)
+            m.d.sync += [v2.eq(v1), neg2.eq(neg1)]
+            num_sum = _split_product(m, ad, ad, "sq")
+            den_sum = _split_product(m, a1, b1, "nn")
+        m.d.sync += [v3.eq(v2), num3.eq(num_sum), den3.eq(den_sum), neg3.eq(neg2)]
         rr = Signal(range(max(self.units, 2)))
         keys = []
         for n in range(self.units):

@@ -739,14 +739,20 @@ class CubistMerge(wiring.Component):
         up = rem_v & ~(dv >> ki)[0]
         s2v, s2i, s2j, s2l = Signal(), Signal(8), Signal(8), Signal()
         m.d.sync += [s2v.eq(s1v), s2i.eq(s1i - rv - up), s2j.eq(s1j), s2l.eq(s1l)]
-        s3v, s3x, s3l = Signal(), Signal(16), Signal()
+        # W' registered (constant over a frame); stage 3: i'*W' registered (a DSP with its
+        # output register); stage 4: + j'
+        w2r = Signal(8)
+        m.d.sync += w2r.eq(w2)
         if self.serial_mul:  # shift-add: no `*`, so Yosys gives it no DSP
-            terms = [Mux(w2[b], s2i << b, 0) for b in range(8)]
+            terms = [Mux(w2r[b], s2i << b, 0) for b in range(8)]
             prod = sum(terms[1:], terms[0])
         else:
-            prod = s2i * w2
-        m.d.sync += [s3v.eq(s2v), s3x.eq(prod + s2j), s3l.eq(s2l)]
-        m.d.comb += [mfifo.i.valid.eq(s3v), mfifo.i.payload.index.eq(s3x),
-                     mfifo.i.payload.last.eq(s3l)]
-        m.d.sync += inflight.eq(inflight + issue - s3v)
-        m.d.comb += env["map_done"].eq(mfsm.ongoing("IDLE") & ~s1v & ~s2v & ~s3v)
+            prod = s2i * w2r
+        s3v, s3p, s3j, s3l = Signal(), Signal(16), Signal(8), Signal()
+        m.d.sync += [s3v.eq(s2v), s3p.eq(prod), s3j.eq(s2j), s3l.eq(s2l)]
+        s4v, s4x, s4l = Signal(), Signal(16), Signal()
+        m.d.sync += [s4v.eq(s3v), s4x.eq(s3p + s3j), s4l.eq(s3l)]
+        m.d.comb += [mfifo.i.valid.eq(s4v), mfifo.i.payload.index.eq(s4x),
+                     mfifo.i.payload.last.eq(s4l)]
+        m.d.sync += inflight.eq(inflight + issue - s4v)
+        m.d.comb += env["map_done"].eq(mfsm.ongoing("IDLE") & ~s1v & ~s2v & ~s3v & ~s4v)
