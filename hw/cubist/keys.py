@@ -197,44 +197,35 @@ class _Divider(Elaboratable):
         self.key = Signal(signed(frac_bits + 2))
         self.rbits = nbits + 1
 
-    def _steps(self, m, r, qq, den, n, name):
-        """``n`` restoring steps; every step's remainder is a named signal, so the
-        expression of one step is not copied into the next."""
-        for i in range(n):
-            r2 = Cat(Const(0, 1), r)[:self.rbits]
-            ge = Signal(name=f"{name}_ge{i}")
-            rn = Signal(self.rbits, name=f"{name}_r{i}")
-            m.d.comb += [ge.eq(r2 >= den), rn.eq(Mux(ge, r2 - den, r2))]
-            r, qq = rn, Cat(ge, qq)[:self.f + 1]
-        return r, qq
-
     def elaborate(self, platform):
         m = Module()
-        f, k = self.f, self.k
-        rem = Signal(self.rbits)
-        den = Signal(self.rbits)
+        f, k, rb = self.f, self.k, self.rbits
+        cycles = -(-(f + 1) // k)  # the integer bit and F fraction bits, k a cycle
+        # Long division of num * 2^F: the first `lead` steps shift in num's low bits, so
+        # every cycle runs the same k steps (num >> lead < den, so the implicit higher
+        # quotient bits are 0; the extra leading ones fall off q's top).
+        lead = k * cycles - f
+        rem, den = Signal(rb), Signal(rb)
+        low = Signal(lead)  # num's low bits, shifted in during the first cycle
         q = Signal(f + 1)
-        neg, zero, ini = Signal(), Signal(), Signal()
-        cycles = -(-(f + 1) // k)  # cycles of steps: the integer bit, then F fraction bits
-        first = f + 1 - k * (cycles - 1)  # steps in the first cycle (1..k), integer included
+        neg, zero, first = Signal(), Signal(), Signal()
         cnt = Signal(range(cycles + 1))
 
         m.d.sync += self.done.eq(0)
         with m.If(self.start):
-            # load cycle: operands registered only (they come from the multipliers)
-            m.d.sync += [rem.eq(self.num), den.eq(self.den), neg.eq(self.neg),
-                         zero.eq(self.den == 0), ini.eq(1), cnt.eq(0)]
-        with m.Elif(ini):
-            # the integer bit (no shift), then the first fraction steps
-            ge0, r0 = Signal(name="int_ge"), Signal(self.rbits, name="int_r")
-            m.d.comb += [ge0.eq(rem >= den), r0.eq(Mux(ge0, rem - den, rem))]
-            r, qq = self._steps(m, r0, ge0, den, first - 1, "ld")
-            m.d.sync += [rem.eq(r), q.eq(qq), ini.eq(0), cnt.eq(cycles - 1)]
-            if cycles == 1:
-                m.d.sync += self.done.eq(1)
+            m.d.sync += [rem.eq(self.num >> lead), low.eq(self.num[:lead]), den.eq(self.den),
+                         neg.eq(self.neg), zero.eq(self.den == 0), first.eq(1),
+                         cnt.eq(cycles)]
         with m.Elif(cnt != 0):
-            r, qq = self._steps(m, rem, q, den, k, "it")
-            m.d.sync += [rem.eq(r), q.eq(qq), cnt.eq(cnt - 1)]
+            r, qq = rem, q
+            for i in range(k):
+                inbit = first & low[lead - 1 - i] if i < lead else Const(0, 1)
+                ge = Signal(name=f"ge{i}")
+                rn = Signal(rb, name=f"r{i}")
+                r2 = Cat(inbit, r)[:rb]
+                m.d.comb += [ge.eq(r2 >= den), rn.eq(Mux(ge, r2 - den, r2))]
+                r, qq = rn, Cat(ge, qq)[:f + 1]
+            m.d.sync += [rem.eq(r), q.eq(qq), first.eq(0), cnt.eq(cnt - 1)]
             with m.If(cnt == 1):
                 m.d.sync += self.done.eq(1)
         qs = Signal(signed(f + 2))
