@@ -583,8 +583,14 @@ class CubistMerge(wiring.Component):
         nxt_v = Signal()
         pp, io, jo = Signal(5), Signal(8), Signal(8)
         m.d.comb += [vd_r.addr.eq(Cat(_bits(jo, WB), bank_o)), ptr_r.addr.eq(_bits(jo, WB))]
-        vd = vd_r.data
-        e = Mux(io == 0, 0, ptr_r.data)
+        # with B >= 3 beats a token, the read data is registered first (GREG): a
+        # descriptor every 3 cycles still runs ahead of the beat engine
+        dreg = B >= 3
+        vd, e = vd_r.data, Mux(io == 0, 0, ptr_r.data)
+        if dreg:
+            vd_q, e_q = Signal(len(vd)), Signal(8)
+            m.d.sync += [vd_q.eq(vd), e_q.eq(e)]
+            vd, e = vd_q, e_q
         ke = e >> 1
         rmv, dv = vd[:KV], vd[KV:]
         e_even = ~e[0]
@@ -609,7 +615,10 @@ class CubistMerge(wiring.Component):
                     with m.If(pp == oc["prefix"] - 1):
                         m.next = "GREAD"
             with m.State("GREAD"):
-                m.next = "GCALC"
+                m.next = "GREG" if dreg else "GCALC"
+            if dreg:
+                with m.State("GREG"):
+                    m.next = "GCALC"
             with m.State("GCALC"):
                 with m.If(~nxt_v | pop):
                     last_tok = (io == h2 - 1) & (jo == w2 - 1)
