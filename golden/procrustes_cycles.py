@@ -12,7 +12,8 @@ count depends on the data, and adds the fixed latencies of the command decoder:
   is full; switching to a PE row's second row range costs one setup cycle. The phase ends
   when the slowest PE row has flushed its last result, so balancing shortens it.
 * weight gradient: dense, ``ceil(M/rows)·ceil(K/cols)·N`` cycles plus latency.
-* update: one element per cycle (``M·K``) in the update pipeline, then one element per
+* update: one element every three cycles (``3·M·K``: the quantile step's serial
+  dependence is pipelined over three cycles) in the update pipeline, then one element per
   cycle of the padded block grid (``GM·GK·bm·bk``) in the encoder, plus latency.
 
 ``predict_*`` take a boolean mask (or a ``BlockSparse``) and a ``golden.balance``
@@ -41,10 +42,11 @@ __all__ = [
 ]
 
 # fixed latencies of the command decoder and pipelines (see the module docstring)
-_GEMM_FIXED = 6 + 1  # accept..CHECK (6) + RUNSTART..RESP beyond the walkers' time (1)
+_GEMM_FIXED = 10 + 1  # accept..CHECK (8) + SCHK pipeline (2); RUNSTART..RESP beyond walkers (1)
 _WALK_TAIL = 5  # end marker popped -> done flag visible
-_WGRAD_FIXED = 12
-_UPDATE_FIXED = 15
+_WGRAD_FIXED = 14
+_UPDATE_FIXED = 17
+_UPDATE_II = 3  # cycles per element in the update pipeline (the quantile step's loop)
 
 
 @dataclass(frozen=True)
@@ -175,4 +177,4 @@ def predict_weight_grad(M: int, K: int, N: int, p: ArrayParams) -> int:
 
 def predict_update(M: int, K: int, p: ArrayParams) -> int:
     gm, gk = -(-M // p.bm), -(-K // p.bk)
-    return M * K + gm * gk * p.bm * p.bk + _UPDATE_FIXED
+    return _UPDATE_II * M * K + gm * gk * p.bm * p.bk + _UPDATE_FIXED

@@ -77,6 +77,16 @@ class Procrustes(wiring.Component):
         mul2 = Signal(32)
         m.d.comb += mul2.eq(na * nb2)
 
+        # the range checks' own multiplier, pipelined: operands registered (issue), product
+        # registered, then compared; a check issued at cycle t is decided at t + 2
+        ck_a, ck_b, ck_add, ck_lim = Signal(16), Signal(16), Signal(32), Signal(32)
+        ck_v, ck_v2, ck_p, ck_add2, ck_lim2 = Signal(), Signal(), Signal(32), Signal(32), \
+            Signal(32)
+        m.d.sync += [ck_v.eq(0), ck_v2.eq(ck_v), ck_p.eq(ck_a * ck_b), ck_add2.eq(ck_add),
+                     ck_lim2.eq(ck_lim)]
+        ck_bad = Signal()
+        m.d.comb += ck_bad.eq(ck_v2 & ((ck_p + ck_add2) > ck_lim2))
+
         running = Signal()  # PE rows own their memories' read ports
         m.d.comb += [r_.ext.eq(~running) for r_ in rows]
 
@@ -135,6 +145,7 @@ class Procrustes(wiring.Component):
         um, uk = Signal(16), Signal(16)
         uidx = Signal(32)
         hx = Signal(32)  # uidx·MULT mod 2^32, stepped down by MULT per element
+        uph = Signal(2)  # issue phase in UPD (0: issue)
         U1 = Signal(data.StructLayout({
             "valid": 1, "t": max(1, (NB - 1).bit_length()), "bank": max(1, c.log_lanes),
             "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16, "hx": 32}))
@@ -197,23 +208,27 @@ class Procrustes(wiring.Component):
             U3.ybank.eq(U2.ybank), U3.lane.eq(U2.lane), U3.yaddr.eq(U2.yaddr),
         ]
         # U3: score, threshold, write W' in place of dW
+        # (the quantile step takes three cycles, Q1 and Q2 carry the element meanwhile)
         diff = Signal(signed(D + 3))
         m.d.comb += [
             diff.eq(U3.w1 - U3.dw0),
+            qstep.start.eq(U3.valid),
             qstep.theta.eq(regs[Reg.THETA]), qstep.up.eq(regs[Reg.UP]),
             qstep.dn.eq(regs[Reg.DN]),
             qstep.score.eq(Mux(diff < 0, -diff, diff)),
         ]
-        wnew = Mux(qstep.tracked, U3.w1, U3.dw0)
+        Q1, Q2 = Signal(U3.shape(), name="Q1"), Signal(U3.shape(), name="Q2")
+        m.d.sync += [Q1.eq(U3), Q2.eq(Q1)]
+        wnew = Mux(qstep.tracked, Q2.w1, Q2.dw0)
         for r, pr in enumerate(rows):
-            with m.If(U3.valid & (U3.ybank == r)):
-                m.d.comb += [pr.y_wen.eq(Const(1, C) << U3.lane), pr.y_waddr.eq(U3.yaddr),
+            with m.If(qstep.done & (Q2.ybank == r)):
+                m.d.comb += [pr.y_wen.eq(Const(1, C) << Q2.lane), pr.y_waddr.eq(Q2.yaddr),
                              pr.y_wdata.eq(Cat(*[wnew[:D]] * C))]
-        with m.If(U3.valid):
+        with m.If(qstep.done):
             m.d.sync += regs[Reg.THETA].eq(qstep.theta_next)
             with m.If(qstep.tracked):
                 m.d.sync += regs[Reg.TRACKED].eq(regs[Reg.TRACKED] + 1)
-        upd_busy = U1.valid | U2.valid | U3.valid
+        upd_busy = U1.valid | U2.valid | U3.valid | Q1.valid | Q2.valid
 
         # ---- encoder pipeline -------------------------------------------------------
         e_issue = Signal()
@@ -310,8 +325,8 @@ class Procrustes(wiring.Component):
                     m.next = "CHECK"
 
             with m.State("CHECK"):
-                # up to three checks "a·b + add <= limit", one per cycle (shared multiplier)
-                add, lim, chk = Signal(32), Signal(32), Signal()
+                # up to three checks "a·b + add <= limit", issued one per cycle at i0 = 0..2
+                # and decided two cycles later (i0 = 2..4); leaves at i0 = 5
                 one = Const(1, 16)
                 blk = (GM, GKL, cmd.addr, c.blk_depth)
                 tables = {
@@ -332,7 +347,8 @@ class Procrustes(wiring.Component):
 
                 def emit(entry):
                     a, b, ad, li = entry
-                    m.d.comb += [ma.eq(a), mb.eq(b), add.eq(ad), lim.eq(li), chk.eq(1)]
+                    m.d.sync += [ck_a.eq(a), ck_b.eq(b), ck_add.eq(ad), ck_lim.eq(li),
+                                 ck_v.eq(1)]
 
                 with m.Switch(op):
                     for o_, lst in tables.items():
@@ -349,12 +365,11 @@ class Procrustes(wiring.Component):
                                         emit(entry)
                         with m.If((i0 == 1) & (cmd.sel == Buf.Y)):
                             emit((one, one, cmd.arg, R))
-                bad = chk & ((mul1 + add) > lim)
                 m.d.sync += i0.eq(i0 + 1)
-                with m.If(bad):
+                with m.If(ck_bad):
                     m.d.sync += err.eq(Err.RANGE)
                     m.next = "RESP"
-                with m.Elif(i0 == 3):
+                with m.Elif(i0 == 5):
                     m.d.sync += [i0.eq(0), cnt.eq(0), bi.eq(0), bj.eq(0)]
                     with m.Switch(op):
                         with m.Case(Op.LOAD):
@@ -375,18 +390,22 @@ class Procrustes(wiring.Component):
                             m.next = "RESP"
 
             with m.State("SCHK"):
-                # schedule of PE row i0: ranges inside the output rows, results fit the bank
+                # schedule of PE row i0 (i0 < R): ranges inside the output rows (now), its
+                # results fit the bank (pipelined check, decided at i0 + 2); leaves at R + 1
                 out_rows = Mux(is_bwd, cmd.k, cmd.m)
-                s = Array(sched)[i0]
+                s = Array(sched)[i0[:max(1, c.log_rows)]]
                 s0_, e0_, s1_, e1_ = s[0:16], s[16:32], s[32:48], s[48:64]
-                m.d.comb += [ma.eq((e0_ - s0_) + (e1_ - s1_)), mb.eq(NT)]
-                bad = ((e0_ > out_rows) | (s0_ > e0_) | (e1_ > out_rows) | (s1_ > e1_)
-                       | (mul1 > c.y_depth))
+                in_rows = i0 < R
+                with m.If(in_rows):
+                    m.d.sync += [ck_a.eq((e0_ - s0_) + (e1_ - s1_)), ck_b.eq(NT),
+                                 ck_add.eq(0), ck_lim.eq(c.y_depth), ck_v.eq(1)]
+                bad = (in_rows & ((e0_ > out_rows) | (s0_ > e0_) | (e1_ > out_rows)
+                                  | (s1_ > e1_))) | ck_bad
                 m.d.sync += i0.eq(i0 + 1)
                 with m.If(bad):
                     m.d.sync += err.eq(Err.RANGE)
                     m.next = "RESP"
-                with m.Elif(i0 == R - 1):
+                with m.Elif(i0 == R + 1):
                     m.next = "RUNSTART"
 
             with m.State("RUNSTART"):
@@ -507,16 +526,19 @@ class Procrustes(wiring.Component):
                 m.next = "UPDHX1"
             with m.State("UPDHX1"):
                 m.d.comb += [ma.eq(uidx[16:32]), mb.eq(MULT & 0xFFFF)]
-                m.d.sync += hx.eq(hx + (mul1[:16] << 16))
+                m.d.sync += [hx.eq(hx + (mul1[:16] << 16)), uph.eq(0)]
                 m.next = "UPD"
             with m.State("UPD"):
-                m.d.comb += [u_issue.eq(1), ma.eq(u_bi), mb.eq(GKL),
-                             na.eq(um >> c.log_rows), nb2.eq(KT)]
-                m.d.sync += [uidx.eq(uidx - 1), uk.eq(uk - 1)]
-                with m.If(uk == 0):
-                    m.d.sync += [uk.eq(cmd.k - 1), um.eq(um - 1)]
-                with m.If(uidx == 0):
-                    m.next = "UPDDRAIN"
+                # one element every three cycles: the quantile step's serial dependence
+                m.d.comb += [ma.eq(u_bi), mb.eq(GKL), na.eq(um >> c.log_rows), nb2.eq(KT)]
+                m.d.sync += uph.eq(Mux(uph == 2, 0, uph + 1))
+                with m.If(uph == 0):
+                    m.d.comb += u_issue.eq(1)
+                    m.d.sync += [uidx.eq(uidx - 1), uk.eq(uk - 1)]
+                    with m.If(uk == 0):
+                        m.d.sync += [uk.eq(cmd.k - 1), um.eq(um - 1)]
+                    with m.If(uidx == 0):
+                        m.next = "UPDDRAIN"
             with m.State("UPDDRAIN"):
                 m.d.sync += [bi.eq(0), bj.eq(0), i0.eq(0), nnz.eq(0), blkmask.eq(0),
                              blkptr.eq(0)]

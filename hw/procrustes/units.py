@@ -50,26 +50,52 @@ class Prng(wiring.Component):
 class QuantileStep(wiring.Component):
     """One step of the streaming quantile estimator (contract, "Weight update"):
     ``tracked = theta < (score << 16)``; ``theta`` moves up by ``(theta·up) >> 32``
-    (saturating at 2^32-1) if tracked, else down by ``(theta·dn) >> 32``."""
+    (saturating at 2^32-1) if tracked, else down by ``(theta·dn) >> 32``.
+
+    Pipelined over three cycles so that no 32x32 product sits inside one cycle: ``start``
+    with ``score`` at cycle t registers the eight 16x16 partial products of ``theta·up``
+    and ``theta·dn``; t+1 sums them (``>> 32``) and compares; at t+2 ``done`` is high
+    with ``tracked`` and ``theta_next``. ``theta``, ``up`` and ``dn`` must hold from t to
+    t+2 (the caller writes ``theta_next`` back at t+2, so steps start 3 cycles apart).
+    """
 
     def __init__(self, score_bits: int):
         self.score_bits = score_bits
         super().__init__({
-            "theta": In(32), "up": In(32), "dn": In(32), "score": In(score_bits),
-            "tracked": Out(1), "theta_next": Out(32),
+            "start": In(1), "theta": In(32), "up": In(32), "dn": In(32),
+            "score": In(score_bits),
+            "done": Out(1), "tracked": Out(1), "theta_next": Out(32),
         })
 
     def elaborate(self, platform):
         m = Module()
-        up = (self.theta * self.up) >> 32
-        dn = (self.theta * self.dn) >> 32
-        inc = Signal(33)
-        m.d.comb += [
-            self.tracked.eq(self.theta < (self.score << 16)),
-            inc.eq(self.theta + up),
-        ]
-        with m.If(self.tracked):
-            m.d.comb += self.theta_next.eq(Mux(inc > _M32, _M32, inc))
+        th = self.theta
+        v1, v2 = Signal(), Signal()
+        score1 = Signal(self.score_bits)
+        m.d.sync += [v1.eq(self.start), v2.eq(v1)]
+        with m.If(self.start):
+            m.d.sync += score1.eq(self.score)
+        # stage 1: partial products (each an unsigned 16x16 multiply)
+        parts = {}
+        for name, c in (("up", self.up), ("dn", self.dn)):
+            for i in range(2):
+                for j in range(2):
+                    p = Signal(32, name=f"pp_{name}{i}{j}")
+                    m.d.sync += p.eq(th[16 * i:16 * i + 16] * c[16 * j:16 * j + 16])
+                    parts[name, i, j] = p
+        # stage 2: (theta·c) >> 32 from the partial products; the compare
+        inc, dec = Signal(32), Signal(32)
+        tracked = Signal()
+        for name, out in (("up", inc), ("dn", dec)):
+            full = (parts[name, 0, 0] + (parts[name, 0, 1] << 16) + (parts[name, 1, 0] << 16)
+                    + (parts[name, 1, 1] << 32))
+            m.d.sync += out.eq(full >> 32)
+        m.d.sync += tracked.eq(th < (score1 << 16))
+        # stage 3: the new threshold
+        up_sum = Signal(33)
+        m.d.comb += [up_sum.eq(th + inc), self.done.eq(v2), self.tracked.eq(tracked)]
+        with m.If(tracked):
+            m.d.comb += self.theta_next.eq(Mux(up_sum > _M32, _M32, up_sum))
         with m.Else():
-            m.d.comb += self.theta_next.eq(self.theta - dn)
+            m.d.comb += self.theta_next.eq(th - dec)
         return m
