@@ -433,9 +433,13 @@ class CubistMerge(wiring.Component):
                         m.next = "IDLE"
         # stage 1: the row buffer's output registered (T is read now, for stage 2);
         # stage 2: merge and emit
-        m.d.comb += t_r.addr.eq(_bits(c1, CB))
-        sq = _pipe(m, True, "hm2", **s1, c=c1, col=col1, row=row1, bank=bank1, x=rb_r.data)
-        x, tv = sq["x"], t_r.data
+        # T: with B >= 2 it is read at issue and its output registered too (a parked
+        # beat is written 2 cycles after its issue, B >= 2 cycles before it is read)
+        early = B >= 2
+        m.d.comb += t_r.addr.eq(_bits(c_m if early else c1, CB))
+        sq = _pipe(m, True, "hm2", **s1, c=c1, col=col1, row=row1, bank=bank1, x=rb_r.data,
+                   **({"t": t_r.data} if early else {}))
+        x, tv = sq["x"], sq["t"] if early else t_r.data
         even_v = Mux(sq["src_l"], mm_lanes(x, tv, P, WD), x)
         merged = Signal(LW)
         m.d.comb += merged.eq(Mux(sq["odd"], Mux(sq["rem"], mm_lanes(tv, x, P, WD), x), even_v))
@@ -674,9 +678,11 @@ class CubistMerge(wiring.Component):
         # stage 1: the memories' outputs registered (T is read now, for stage 2);
         # stage 2: merge
         pre_data = env["pf_r"].data if self.max_prefix else Const(0, LW)
-        m.d.comb += to_r.addr.eq(_bits(cb1, CB))
-        bq = _pipe(m, True, "ob2", **b1, cb=cb1, ev=fb_r[0].data, od=fb_r[1].data, pre_d=pre_data)
-        ev, od, tp = bq["ev"], bq["od"], to_r.data
+        early = B >= 2  # T read at issue, output registered (as in H-MERGE)
+        m.d.comb += to_r.addr.eq(_bits(cb if early else cb1, CB))
+        bq = _pipe(m, True, "ob2", **b1, cb=cb1, ev=fb_r[0].data, od=fb_r[1].data, pre_d=pre_data,
+                   **({"t": to_r.data} if early else {}))
+        ev, od, tp = bq["ev"], bq["od"], bq["t"] if early else to_r.data
         dest = Mux(bq["eodd"], od, ev)
         va = Mux(bq["hl"], mm_lanes(dest, od, P, WD), dest)
         vb = mm_lanes(tp, od, P, WD)
