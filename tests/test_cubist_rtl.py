@@ -205,3 +205,28 @@ def test_key_divider_matches_the_key_formula(frac_bits, beats, serial):
     sim.add_testbench(collect)
     sim.run()
     assert got == [key(*j) for j in jobs]
+
+
+def test_mm_lanes_is_max_magnitude_with_ties_to_the_first_on_every_8_bit_pair():
+    from amaranth.hdl import Module, Signal
+
+    from hw.cubist.unit import mm_lanes
+
+    a, b, o = Signal(8), Signal(8), Signal(8)
+    m = Module()
+    m.d.comb += o.eq(mm_lanes(a, b, 1, 8))
+    sim = Simulator(m)
+    wrong = []
+
+    async def bench(ctx):
+        for x in range(-128, 128):
+            for y in range(-128, 128):
+                ctx.set(a, x & 255)
+                ctx.set(b, y & 255)
+                got = ctx.get(o)
+                if (got - 256 if got > 127 else got) != (y if abs(y) > abs(x) else x):
+                    wrong.append((x, y))
+
+    sim.add_testbench(bench)
+    sim.run()
+    assert not wrong, wrong[:5]

@@ -51,9 +51,13 @@ def mm_lanes(a, b, p: int, width: int):
     """Per lane: ``b`` if ``|b| > |a|`` else ``a`` (magnitudes with one extra bit)."""
     out = []
     for x, y in zip(lanes_of(a, p, width), lanes_of(b, p, width)):
-        ma = Mux(x < 0, -x, x)
-        mb = Mux(y < 0, -y, y)
-        out.append(Mux(mb > ma, y, x))
+        # no negation in series with a compare: same signs compare the values, opposite
+        # signs look at the sign of x + y (exact for -2^(width-1) too)
+        sx, sy = x[-1], y[-1]
+        s = x + y
+        same = Mux(sx, y < x, y > x)
+        diff = Mux(sy, s < 0, s > 0)
+        out.append(Mux(Mux(sx == sy, same, diff), y, x))
     return Cat(*out)
 
 
