@@ -45,7 +45,7 @@ __all__ = [
 _GEMM_FIXED = 10 + 1  # accept..CHECK (8) + SCHK pipeline (2); RUNSTART..RESP beyond walkers (1)
 _WALK_TAIL = 5  # end marker popped -> done flag visible
 _WGRAD_FIXED = 14
-_UPDATE_FIXED = 17
+_UPDATE_FIXED = 20
 _UPDATE_II = 3  # cycles per element in the update pipeline (the quantile step's loop)
 
 

@@ -69,13 +69,18 @@ class Procrustes(wiring.Component):
         GM, GK, GKL, NT, KT, MT = (Signal(16, name=n) for n in
                                    ("GM", "GK", "GKL", "NT", "KT", "MT"))
 
-        # shared multipliers
+        # shared multipliers, only for one-time set-up products: operands registered when
+        # a state sets them, product registered, read two cycles later
         ma, mb = Signal(16), Signal(16)
         mul1 = Signal(32)
-        m.d.comb += mul1.eq(ma * mb)
         na, nb2 = Signal(16), Signal(16)
         mul2 = Signal(32)
-        m.d.comb += mul2.eq(na * nb2)
+        m.d.sync += [mul1.eq(ma * mb), mul2.eq(na * nb2)]
+        # block-store row bases kept by counting, not by multiplying: brow = bi·GKL (loads,
+        # unloads, encoder), ubrow = (um >> log_bm)·GKL and yrow = (um >> log_rows)·KT
+        # (update, um counting down), ebase = ((bi·bm) >> log_rows)·KT (encoder)
+        brow, ubrow, yrow, ebase = (Signal(16, name=n) for n in
+                                    ("brow", "ubrow", "yrow", "ebase"))
 
         # the range checks' own multiplier, pipelined: operands registered (issue), product
         # registered, then compared; a check issued at cycle t is decided at t + 2
@@ -161,15 +166,15 @@ class Procrustes(wiring.Component):
         u_bi, u_bj = um >> c.log_bm, uk >> c.log_bk
         with m.If(u_issue):
             m.d.comb += [
-                ext_baddr.eq(cmd.addr + mul1 + (u_bj >> c.log_lanes)),
-                y_raddr.eq(mul2 + (uk >> c.log_cols)),
+                ext_baddr.eq(cmd.addr + ubrow + (u_bj >> c.log_lanes)),
+                y_raddr.eq(yrow + (uk >> c.log_cols)),
             ]
             m.d.sync += [
                 U1.valid.eq(1),
                 U1.t.eq(((um & (c.bm - 1)) << c.log_bk) | (uk & (c.bk - 1))),
                 U1.bank.eq((u_bi + u_bj) & (L - 1)),
                 U1.ybank.eq(um & (R - 1)), U1.lane.eq(uk & (C - 1)),
-                U1.yaddr.eq(mul2 + (uk >> c.log_cols)),
+                U1.yaddr.eq(yrow + (uk >> c.log_cols)),
                 U1.hx.eq(hx),
                 hx.eq(hx - MULT),  # idx·MULT for the next (one lower) index: no multiplier
             ]
@@ -239,13 +244,18 @@ class Procrustes(wiring.Component):
         m.d.sync += EN1.valid.eq(0)
         e_m = (bi << c.log_bm) | (i0 >> c.log_bk)
         e_k = (bj << c.log_bk) | (i0 & (c.bk - 1))
+        if c.bm > R:  # the block's row e_m may cross PE-row tiles: add (d >> log_rows)·KT
+            dsteps = (i0 >> c.log_bk) >> c.log_rows
+            eoff = sum(Mux(dsteps[b], KT << b, 0) for b in range(max(1, c.log_bm - c.log_rows)))
+        else:
+            eoff = 0
         with m.If(e_issue):
-            m.d.comb += y_raddr.eq(mul2 + (e_k >> c.log_cols))
+            m.d.comb += y_raddr.eq(ebase + eoff + (e_k >> c.log_cols))
             m.d.sync += [
                 EN1.valid.eq(1), EN1.inside.eq((e_m < cmd.m) & (e_k < cmd.k)),
                 EN1.tt.eq(i0), EN1.last.eq(i0 == NB - 1), EN1.ybank.eq(e_m & (R - 1)),
                 EN1.lane.eq(e_k & (C - 1)), EN1.bank.eq((bi + bj) & (L - 1)),
-                EN1.baddr.eq(cmd.addr + mul1 + (bj >> c.log_lanes)),
+                EN1.baddr.eq(cmd.addr + brow + (bj >> c.log_lanes)),
             ]
         eword = ydata[EN1.ybank]
         ev = Signal(D)
@@ -370,7 +380,7 @@ class Procrustes(wiring.Component):
                     m.d.sync += err.eq(Err.RANGE)
                     m.next = "RESP"
                 with m.Elif(i0 == 5):
-                    m.d.sync += [i0.eq(0), cnt.eq(0), bi.eq(0), bj.eq(0)]
+                    m.d.sync += [i0.eq(0), cnt.eq(0), bi.eq(0), bj.eq(0), brow.eq(0)]
                     with m.Switch(op):
                         with m.Case(Op.LOAD):
                             m.next = "LOAD"
@@ -449,14 +459,13 @@ class Procrustes(wiring.Component):
                     m.d.sync += cnt.eq(cnt + 1)
                     with m.Switch(cmd.sel):
                         with m.Case(Buf.BLOCKS):
-                            m.d.comb += [ma.eq(bi), mb.eq(GKL),
-                                         bw_en.eq(Const(1, L) << lane_of(bi + bj)),
-                                         bw_addr.eq(cmd.addr + mul1 + (bj >> c.log_lanes)),
+                            m.d.comb += [bw_en.eq(Const(1, L) << lane_of(bi + bj)),
+                                         bw_addr.eq(cmd.addr + brow + (bj >> c.log_lanes)),
                                          bw_data.eq(word[:c.mbw])]
                             m.d.comb += last.eq((bi == GM - 1) & (bj == GK - 1))
                             m.d.sync += bj.eq(bj + 1)
                             with m.If(bj == GK - 1):
-                                m.d.sync += [bj.eq(0), bi.eq(bi + 1)]
+                                m.d.sync += [bj.eq(0), bi.eq(bi + 1), brow.eq(brow + GKL)]
                         with m.Case(Buf.VALUES):
                             m.d.comb += [vw_en.eq(1), vw_addr.eq(cmd.addr + cnt),
                                          vw_data.eq(word[:D])]
@@ -491,7 +500,7 @@ class Procrustes(wiring.Component):
                     with m.If(cmd.sel == Buf.BLOCKS):
                         m.d.sync += bj.eq(bj + 1)
                         with m.If(bj == GK - 1):
-                            m.d.sync += [bj.eq(0), bi.eq(bi + 1)]
+                            m.d.sync += [bj.eq(0), bi.eq(bi + 1), brow.eq(brow + GKL)]
                     with m.If(last):
                         m.next = "RESP"
                     with m.Else():
@@ -511,48 +520,62 @@ class Procrustes(wiring.Component):
                             m.d.sync += value.eq(sig)
                 m.next = "RESP"
 
+            # set-up products on the shared (registered) multipliers: the element index
+            # uidx = M·K-1 (the last element is visited first), the row bases of element
+            # uidx, and hx = uidx·MULT mod 2^32 = lo·MULT + (hi·MULT_lo << 16)
             with m.State("UPDSTART"):
-                # element index M·K-1 first; the last element is visited first
-                m.d.comb += [ma.eq(cmd.m), mb.eq(cmd.k)]
-                m.d.sync += [uidx.eq(mul1 - 1), um.eq(cmd.m - 1), uk.eq(cmd.k - 1),
-                             regs[Reg.TRACKED].eq(0)]
-                m.next = "UPDHX0"
-            # hx = uidx·MULT mod 2^32 from the shared 16x16 multipliers, in two cycles:
-            # lo·MULT + (hi·MULT_lo << 16) with uidx = hi·2^16 + lo
-            with m.State("UPDHX0"):
-                m.d.comb += [ma.eq(uidx[:16]), mb.eq(MULT & 0xFFFF),
-                             na.eq(uidx[:16]), nb2.eq(MULT >> 16)]
+                m.d.sync += [ma.eq(cmd.m), mb.eq(cmd.k), na.eq(GM - 1), nb2.eq(GKL),
+                             um.eq(cmd.m - 1), uk.eq(cmd.k - 1), regs[Reg.TRACKED].eq(0)]
+                m.next = "UPDS1"
+            with m.State("UPDS1"):
+                m.d.sync += [na.eq((cmd.m - 1) >> c.log_rows), nb2.eq(KT)]
+                m.next = "UPDS2"
+            with m.State("UPDS2"):
+                idx = mul1 - 1
+                m.d.sync += [uidx.eq(idx), ubrow.eq(mul2), ma.eq(idx[:16]),
+                             mb.eq(MULT & 0xFFFF), na.eq(idx[:16]), nb2.eq(MULT >> 16)]
+                m.next = "UPDS3"
+            with m.State("UPDS3"):
+                m.d.sync += [yrow.eq(mul2), ma.eq(uidx[16:32]), mb.eq(MULT & 0xFFFF)]
+                m.next = "UPDS4"
+            with m.State("UPDS4"):
                 m.d.sync += hx.eq(mul1 + (mul2[:16] << 16))
-                m.next = "UPDHX1"
-            with m.State("UPDHX1"):
-                m.d.comb += [ma.eq(uidx[16:32]), mb.eq(MULT & 0xFFFF)]
+                m.next = "UPDS5"
+            with m.State("UPDS5"):
                 m.d.sync += [hx.eq(hx + (mul1[:16] << 16)), uph.eq(0)]
                 m.next = "UPD"
             with m.State("UPD"):
                 # one element every three cycles: the quantile step's serial dependence
-                m.d.comb += [ma.eq(u_bi), mb.eq(GKL), na.eq(um >> c.log_rows), nb2.eq(KT)]
                 m.d.sync += uph.eq(Mux(uph == 2, 0, uph + 1))
                 with m.If(uph == 0):
                     m.d.comb += u_issue.eq(1)
                     m.d.sync += [uidx.eq(uidx - 1), uk.eq(uk - 1)]
                     with m.If(uk == 0):
                         m.d.sync += [uk.eq(cmd.k - 1), um.eq(um - 1)]
+                        with m.If((um & (c.bm - 1)) == 0):
+                            m.d.sync += ubrow.eq(ubrow - GKL)
+                        with m.If((um & (R - 1)) == 0):
+                            m.d.sync += yrow.eq(yrow - KT)
                     with m.If(uidx == 0):
                         m.next = "UPDDRAIN"
             with m.State("UPDDRAIN"):
                 m.d.sync += [bi.eq(0), bj.eq(0), i0.eq(0), nnz.eq(0), blkmask.eq(0),
-                             blkptr.eq(0)]
+                             blkptr.eq(0), brow.eq(0), ebase.eq(0)]
                 with m.If(~upd_busy):
                     m.next = "ENC"
             with m.State("ENC"):
                 # block order: (bi, bj), bit i0 of the block
-                m.d.comb += [e_issue.eq(1), ma.eq(bi), mb.eq(GKL),
-                             na.eq(e_m >> c.log_rows), nb2.eq(KT)]
+                m.d.comb += e_issue.eq(1)
                 m.d.sync += i0.eq(i0 + 1)
                 with m.If(i0 == NB - 1):
                     m.d.sync += [i0.eq(0), bj.eq(bj + 1)]
                     with m.If(bj == GK - 1):
-                        m.d.sync += [bj.eq(0), bi.eq(bi + 1)]
+                        m.d.sync += [bj.eq(0), bi.eq(bi + 1), brow.eq(brow + GKL)]
+                        if c.bm >= R:
+                            m.d.sync += ebase.eq(ebase + (KT << (c.log_bm - c.log_rows)))
+                        else:
+                            with m.If(((bi + 1) & (R // c.bm - 1)) == 0):
+                                m.d.sync += ebase.eq(ebase + KT)
                         with m.If(bi == GM - 1):
                             m.next = "ENCDRAIN"
             with m.State("ENCDRAIN"):
@@ -573,8 +596,7 @@ class Procrustes(wiring.Component):
         with m.If(unloading):
             with m.Switch(cmd.sel):
                 with m.Case(Buf.BLOCKS):
-                    m.d.comb += [ma.eq(bi), mb.eq(GKL),
-                                 ext_baddr.eq(cmd.addr + mul1 + (bj >> c.log_lanes))]
+                    m.d.comb += ext_baddr.eq(cmd.addr + brow + (bj >> c.log_lanes))
                     bsel = Signal(max(1, c.log_lanes))
                     m.d.comb += bsel.eq((bi + bj) & (L - 1))
                     with m.Switch(bsel):
