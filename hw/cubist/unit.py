@@ -388,7 +388,9 @@ class CubistMerge(wiring.Component):
         t_r = tbuf.read_port(transparent_for=(t_w,))
         row_m, slot_m = Signal(8), Signal(2)
         bank_m = bank_of(slot_m)
-        mc = cfg_of(slot_m)
+        # the merging frame's W and H, registered (slot_m is stable from IDLE to the row's end)
+        mc = {n: Signal(8, name=f"hm_{n}") for n in ("w", "h")}
+        m.d.sync += [mc[n].eq(slot_cfg[n][slot_m]) for n in mc]
         rm_mask, dr_mask = Signal(KH + 1), Signal(KH + 1)
         pos, col_i = Signal(8), Signal(8)
         c_m = Signal(range(max(B, 2)))
@@ -533,8 +535,9 @@ class CubistMerge(wiring.Component):
         slot_o = Signal(2)
         bank_o = bank_of(slot_o)
         oc = cfg_of(slot_o)
-        h2 = oc["h"] - oc["r_h"]
-        w2 = oc["w"] - oc["r_w"]
+        # the output grid's H', W', registered (slot_o changes a cycle before OUT can start)
+        h2, w2 = Signal(8), Signal(8)
+        m.d.sync += [h2.eq(oc["h"] - oc["r_h"]), w2.eq(oc["w"] - oc["r_w"])]
         tok_start, map_start = Signal(), Signal()
         tok_done, map_done = Signal(), Signal()
         with m.FSM(name="out_fsm"):
