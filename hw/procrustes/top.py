@@ -153,7 +153,7 @@ class Procrustes(wiring.Component):
         uph = Signal(2)  # issue phase in UPD (0: issue)
         U1 = Signal(data.StructLayout({
             "valid": 1, "t": max(1, (NB - 1).bit_length()), "bank": max(1, c.log_lanes),
-            "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16, "hx": 32}))
+            "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16, "u": 32}))
         U2 = Signal(data.StructLayout({
             "valid": 1, "set": 1, "dw": signed(D), "w0": signed(D + 1),
             "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16}))
@@ -175,7 +175,7 @@ class Procrustes(wiring.Component):
                 U1.bank.eq((u_bi + u_bj) & (L - 1)),
                 U1.ybank.eq(um & (R - 1)), U1.lane.eq(uk & (C - 1)),
                 U1.yaddr.eq(yrow + (uk >> c.log_cols)),
-                U1.hx.eq(hx),
+                U1.u.eq(prng.u),  # the PRNG runs in the issue cycle, off the w0 product
                 hx.eq(hx - MULT),  # idx·MULT for the next (one lower) index: no multiplier
             ]
         # U1: value address, dW lane, PRNG -> w0
@@ -193,9 +193,9 @@ class Procrustes(wiring.Component):
             for i in range(C):
                 with m.Case(i):
                     m.d.comb += dw_lane.eq(yword[i * D:(i + 1) * D].as_signed())
-        m.d.comb += [prng.hx.eq(U1.hx), prng.seed.eq(regs[Reg.SEED])]
+        m.d.comb += [prng.hx.eq(hx), prng.seed.eq(regs[Reg.SEED])]
         s16 = Signal(signed(17))
-        m.d.comb += s16.eq(prng.u[16:32] - 32768)
+        m.d.comb += s16.eq(U1.u[16:32] - 32768)
         w0 = (s16 * regs[Reg.BOUND] + (1 << 14)) >> 15
         with m.If(U1.valid):
             m.d.comb += ext_vaddr.eq(cmd.arg + bptr + popc)
