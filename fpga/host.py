@@ -250,39 +250,59 @@ class Board:
         m = self.max_read if max_bytes is None else max_bytes
         return self.link.request(Cmd.READ, bytes([sid]) + m.to_bytes(2, "little"))
 
-    def transfer(self, inputs: dict[str, bytes], expect: dict[str, int], *,
+    def transfer(self, inputs, expect: dict[str, int], *, ordered: bool = False,
                  max_idle: int = 200) -> dict[str, bytes]:
-        """Send ``inputs`` (stream name → bytes) and collect ``expect`` (name → byte count).
+        """Send ``inputs`` and collect ``expect`` (stream name → byte count).
 
-        Interleaves writes and reads so that the accelerator never waits on a full output
-        buffer; raises :class:`LinkError` after ``max_idle`` rounds without progress.
+        ``inputs`` is either a dict (stream name → bytes), whose streams are written side
+        by side, or, with ``ordered=True``, a sequence of ``(name, bytes)`` segments that
+        are written strictly one after the other (for a device that must see a command
+        before its data). Writes and reads are interleaved so that the accelerator never
+        waits on a full output buffer; raises :class:`LinkError` after ``max_idle``
+        rounds without progress.
         """
-        pending = {k: bytes(v) for k, v in inputs.items() if v}
+        segs = list(inputs.items()) if isinstance(inputs, dict) else list(inputs)
+        queue = [[name, bytes(data)] for name, data in segs if data]
         got = {k: bytearray() for k in expect}
         idle = 0
-        while pending or any(len(got[k]) < n for k, n in expect.items()):
-            progress = False
-            for name in list(pending):
-                sent = self.write(name, pending[name])
-                if sent:
-                    progress = True
-                    pending[name] = pending[name][sent:]
-                    if not pending[name]:
-                        del pending[name]
+        while queue or any(len(got[k]) < n for k, n in expect.items()):
+            progress = self._write_round(queue, ordered)
             for name, n in expect.items():
                 if len(got[name]) < n:
                     data = self.read(name, min(self.max_read, n - len(got[name])))
                     if data:
                         progress = True
                         got[name] += data
-            if pending and not progress:
+            if queue and not progress:
                 self.status()  # refresh the credit
             idle = 0 if progress else idle + 1
             if idle > max_idle:
                 short = {k: f"{len(got[k])}/{n}" for k, n in expect.items()}
-                raise LinkError(f"no progress: {sum(map(len, pending.values()))} bytes unsent, "
-                                f"received {short}")
+                raise LinkError(f"no progress: {sum(len(d) for _, d in queue)} bytes in "
+                                f"{len(queue)} segments unsent, received {short}")
         return {k: bytes(v) for k, v in got.items()}
+
+    def _write_round(self, queue: list, ordered: bool) -> bool:
+        """One round of writes from ``queue`` (consumed in place). Ordered: the head
+        segment, then the next, for as long as the board grants credit. Otherwise: one
+        write per pending segment. Returns whether anything was sent."""
+        progress = False
+        for seg in list(queue[:1] if ordered else queue):
+            while True:
+                sent = self.write(seg[0], seg[1])
+                if not sent:
+                    break
+                progress = True
+                seg[1] = seg[1][sent:]
+                if not seg[1]:
+                    queue.remove(seg)
+                    if ordered and queue:
+                        seg = queue[0]
+                        continue
+                    break
+                if not ordered:
+                    break
+        return progress
 
     def _index(self, table: dict, name: str, what: str) -> int:
         if name not in table:

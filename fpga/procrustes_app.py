@@ -96,7 +96,7 @@ class BoardProcrustes:
                     segs.append([name, bytearray(data)])
         expect = {"resp": len(program) * rcod.nbytes,
                   "dout": sum(n for _, _, n in program) * ocod.nbytes}
-        got = self._exchange(segs, expect)
+        got = b.transfer(segs, expect, ordered=True)
         resps = rcod.decode_all(got["resp"])
         douts = [w["data"] for w in ocod.decode_all(got["dout"])]
         out, pos = [], 0
@@ -113,42 +113,6 @@ class BoardProcrustes:
             pos += n
         self.commands += len(program)
         return out
-
-    def _exchange(self, segs, expect: dict, max_idle: int = 200) -> dict:
-        from .host import LinkError
-
-        b = self.board
-        got = {k: bytearray() for k in expect}
-        i, off, idle = 0, 0, 0
-
-        def short():
-            return any(len(got[k]) < n for k, n in expect.items())
-
-        while i < len(segs) or short():
-            sent = 0
-            if i < len(segs):
-                name, data = segs[i]
-                sent = b.write(name, bytes(data[off:]))
-                off += sent
-                if off == len(data):
-                    i, off = i + 1, 0
-            if sent and i < len(segs):
-                idle = 0
-                continue  # keep sending while the board grants credit
-            progress = bool(sent)
-            for name, n in expect.items():
-                if len(got[name]) < n:
-                    data = b.read(name, min(b.max_read, n - len(got[name])))
-                    if data:
-                        progress = True
-                        got[name] += data
-            if i < len(segs) and not progress:
-                b.status()  # refresh the credit
-            idle = 0 if progress else idle + 1
-            if idle > max_idle:
-                raise LinkError(f"no progress: {len(segs) - i} segments unsent, received "
-                                + ", ".join(f"{k} {len(got[k])}/{n}" for k, n in expect.items()))
-        return got
 
     # ---- command builders ----------------------------------------------------------
     @staticmethod
