@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from golden.prng import CounterInit, init_bounds, w0_nb
-from golden.quantile import _BLOCK, _chain, _consts, _key, check_quantile_args, factors
+from golden.quantile import _BLOCK, _blocks, _consts, _key, check_quantile_args, factors
 
 _EMPTY_F32 = np.empty(0, dtype=np.float32)
 
@@ -180,52 +180,66 @@ def _reset_thr(w, buf, w0, seed, bound, counter, mom, d32, bits, thr, mask):
 
 
 @numba.njit(inline="always")
+def _w0v(w0v, jj, base, seed, bound, counter):
+    """w0 of element ``base + jj`` of a parameter, ``w0v`` the stored view from ``base``."""
+    if counter:
+        return w0_nb(seed, np.uint64(base + jj), bound)
+    return w0v[jj]
+
+
+@numba.njit(inline="always")
 def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b, up, down,
-                   mask, key, r0):
-    """Quantile mode for one parameter in one pass, last block to first: SGD
-    update, score key and d32*w0 of a block into L1 buffers, the estimator chain
-    of :mod:`golden.quantile` over it, then the reset of the untracked (w0 is
-    regenerated once per element). Returns theta's bits."""
+                   mask, key, r0, wn, reg, stats):
+    """Quantile mode for one parameter in one pass, last chunk of 2048 elements
+    to first: SGD update, d32*w0 and score key of the chunk into L1 buffers
+    (vectorized), the estimator over the chunk's keys (:func:`golden.quantile._blocks`:
+    bulk blocks, the exact serial chain where needed), then the write-back of
+    tracked weights and the reset of the untracked (w0 is regenerated once per
+    element). Loops run over views from 0 (offset loops do not vectorize in
+    numba). Returns theta's bits."""
     u, d = _consts(up, down)
     end = w.shape[0]
     while end > 0:
         start = max(0, end - _BLOCK)
         m = end - start
+        wv = w[start:end]
+        gv = g[start:end]
+        bv = buf[start:end]
+        w0v = w0[start:end]
         for jj in range(m):
-            r0[jj] = d32 * _w0(w0, start + jj, seed, bound, counter)
+            r = d32 * _w0v(w0v, jj, start, seed, bound, counter)
+            x = _sgd(wv, gv, bv, jj, neg_lr, mom, wd)
+            r0[jj] = r
+            wn[jj] = x
+            key[jj] = _key(abs(x - r))
+        b = _blocks(key, m, b, u, d, up, down, mask, start, reg, stats)
+        mv = mask[start:end]
         for jj in range(m):
-            j = start + jj
-            wn = _sgd(w, g, buf, j, neg_lr, mom, wd)
-            w[j] = wn
-            key[jj] = _key(abs(wn - r0[jj]))
-        b = _chain(key, m, b, u, d, up, down, mask, start)
-        for jj in range(m):
-            j = start + jj
-            t = mask[j]
-            w[j] = w[j] if t else r0[jj]
+            t = mv[jj]
+            wv[jj] = wn[jj] if t else r0[jj]
             if mom != 0:
-                buf[j] = buf[j] if t else np.float32(0)
+                bv[jj] = bv[jj] if t else np.float32(0)
         end = start
     return b
 
 
 @numba.njit(cache=False)
 def _quantile_param(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b, up, down,
-                    mask, key, r0):
+                    mask, key, r0, wn, reg, stats):
     """:func:`_quantile_loop` with literal flags per variant (as :func:`_update_score`)."""
     z = np.float32(0)
     plain = mom == 0 and wd == 0
     if counter:
         if plain:
             return _quantile_loop(w, g, buf, w0, seed, bound, True, neg_lr, z, z, d32, b,
-                                  up, down, mask, key, r0)
+                                  up, down, mask, key, r0, wn, reg, stats)
         return _quantile_loop(w, g, buf, w0, seed, bound, True, neg_lr, mom, wd, d32, b,
-                              up, down, mask, key, r0)
+                              up, down, mask, key, r0, wn, reg, stats)
     if plain:
         return _quantile_loop(w, g, buf, w0, seed, bound, False, neg_lr, z, z, d32, b,
-                              up, down, mask, key, r0)
+                              up, down, mask, key, r0, wn, reg, stats)
     return _quantile_loop(w, g, buf, w0, seed, bound, False, neg_lr, mom, wd, d32, b,
-                          up, down, mask, key, r0)
+                          up, down, mask, key, r0, wn, reg, stats)
 
 
 def _select_threshold(hist_hi: np.ndarray, k: int):
@@ -282,6 +296,12 @@ class Dropback(torch.optim.Optimizer):
         self.tracked_count = 0
         self.threshold = float(q_init) if quantile is not None else 0.0
         self._theta = np.float32(q_init)
+        # quantile mode: estimator blocks taken in bulk / through the serial chain
+        self.bulk_blocks = 0
+        self.chained_blocks = 0
+        # top-k mode: steps whose threshold came from the hint band / a full radix select
+        self.hint_hits = 0
+        self.hint_misses = 0
         self._offsets = np.cumsum([0] + [p.numel() for p in plist]).tolist()
         self._bounds = init_bounds([p.shape for p in plist])
         self._scores = None
@@ -370,19 +390,25 @@ class Dropback(torch.optim.Optimizer):
     def _step_quantile(self, work, d32):
         up, down = factors(self.quantile, self.q_step)
         b = np.int64(np.float32(self._theta).view(np.uint32))
-        key = np.empty(_BLOCK, dtype=np.int64)
+        key = np.empty(_BLOCK, dtype=np.int32)
         r0 = np.empty(_BLOCK, dtype=np.float32)
+        wn = np.empty(_BLOCK, dtype=np.float32)
+        reg = np.array([1, 0, 0, 0], dtype=np.int64)  # no region cached yet
+        stats = np.zeros(2, dtype=np.int64)
         total = 0
         for (_, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask) in reversed(work):
             b = _quantile_param(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32, b,
-                                up, down, mask, key, r0)  # last parameter to first
+                                up, down, mask, key, r0, wn, reg, stats)  # last to first
             total += int(np.count_nonzero(mask))
+        self.bulk_blocks += int(stats[0])
+        self.chained_blocks += int(stats[1])
         theta = np.uint32(b).view(np.float32)
         self._theta = np.float32(theta)
         self.threshold = float(theta)
         self.tracked_count = total
 
     def _step_topk(self, work, d32):
+        self.hint_misses += 1
         n_scored = self._update(work, d32)
         off = self._offsets
         bits = self._scores.view(np.uint32)  # scores >= 0: bit order == value order
