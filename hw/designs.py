@@ -96,6 +96,7 @@ register(Design(
         Param("unmerge", 1, "include the unmerge unit (0 or 1)"),
         Param("buffers", 2, "frame-buffer banks: 2 overlaps frames, 1 halves the memory"),
         Param("serial_mul", 0, "1: key products by shift-add, no DSP (iCE40; needs C/P >= 2)"),
+        Param("shared_keys", 0, "1: one key front/divider for both passes, half throughput"),
     ),
 ))
 

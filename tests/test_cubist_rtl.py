@@ -72,6 +72,50 @@ def test_14x14x64_meets_the_throughput_target():
         assert run["cycles_ratio"] <= 1.10, run
 
 
+def test_shared_keys_are_bit_exact_with_one_frame_buffer_bank():
+    """shared_keys: one key front and divider for both passes (IN and H-MERGE take turns),
+    here with buffers=1 (the single-port frame-buffer shape) and serial products; the
+    full testbench, unmerge included."""
+    design = dict(FAST, buffers=1, serial_mul=1, shared_keys=1)
+    r = _run("icarus" if _have("icarus") else "verilator", design, frames=6, real_frames=1,
+             gap=0.25, stall=0.3)
+    assert r.metrics["frames_checked"] == 8 and r.metrics["error_cases"] == 10
+
+
+def test_shared_keys_at_one_beat_per_token():
+    """C = P with shared keys: H and V beats alternate cycle by cycle, jobs back to back."""
+    design = dict(FAST, h=4, w=5, c=4, lanes=4, max_prefix=1, shared_keys=1)
+    _run("icarus" if _have("icarus") else "verilator", design, frames=8, real=0)
+
+
+@pytest.mark.slow
+def test_icebreaker_configuration_is_bit_exact_on_both_simulators(simulator):
+    """The iCEBreaker's merge unit (fpga.designs.BOARD_DEFAULTS: 14x14x64, P=4, shared keys,
+    one frame-buffer bank, serial products, no unmerge): a few frames under gaps and
+    backpressure, at maximum r and at r = 0; on Verilator also its steady-state rate."""
+    from fpga.designs import board_params
+    from hw.designs import get
+
+    design = {**get("cubist").defaults(), **board_params("icebreaker", "cubist")}
+    assert design["shared_keys"] == 1 and design["buffers"] == 1
+    cases = ["test_random_frames"]
+    extra = {}
+    if simulator == "verilator":
+        cases.append("test_throughput")
+        extra = dict(bench=[[14, 14, 1, 1]], bench_frames=3)
+    r = simulate(design_from_params(**design), test_module="sim.tb.tb_cubist",
+                 simulator=simulator, name="cubist", testcase=cases,
+                 params={**design, "seed": 5, "frames": 2, "gap": 0.2, "stall": 0.2,
+                         **extra})
+    assert r.passed, r.log.read_text()[-4000:] if r.log else r
+    assert r.metrics["frames_checked"] == 4
+    if simulator == "verilator":
+        # input at half rate (2 H*W*B cycles), then, with one frame-buffer bank, the
+        # output (H'W'B) before the next frame can merge: about 2.9 at r = 1
+        (run,) = r.metrics["throughput"]
+        assert 2.5 <= run["cycles_ratio"] <= 3.1, run
+
+
 def _have(sim):
     from sim.runner import available_simulators
 
@@ -91,6 +135,7 @@ def _have(sim):
     (dict(buffers=3), r"buffers must be 1 or 2, not 3"),
     (dict(serial_mul=2), r"serial_mul must be 0 or 1, not 2"),
     (dict(c=4, lanes=4, serial_mul=1), r"serial_mul needs c/lanes >= 2 beats per token, not 1"),
+    (dict(shared_keys=2), r"shared_keys must be 0 or 1, not 2"),
 ])
 def test_bad_parameters_are_refused(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
@@ -230,3 +275,69 @@ def test_mm_lanes_is_max_magnitude_with_ties_to_the_first_on_every_8_bit_pair():
     sim.add_testbench(bench)
     sim.run()
     assert not wrong, wrong[:5]
+
+
+@pytest.mark.parametrize("beats, serial, c", [(16, True, 64), (16, True, 8), (4, False, 8),
+                                             (1, False, 8)])
+def test_queued_key_divider_keeps_order_and_tags_of_two_interleaved_streams(beats, serial, c):
+    """KeyDivider(queue=True), as shared by both passes: two tagged job streams, each at
+    most one job per 2B cycles, arriving at unrelated times (often back to back); every
+    key is right and comes back in job order with its job's tag. (C = 64, B = 16: the
+    serial products consume more multiplier bits than their operands have.)"""
+    from hw.cubist.keys import KeyDivider, norm_bits
+
+    width, frac_bits = 8, 16
+    nw = norm_bits(c, width)
+    rng = random.Random(beats + c)
+    times = {}
+    for tag in (0, 1):
+        t = rng.randint(0, 3)
+        for _ in range(25):
+            while t in times:  # one front: at most one job a cycle
+                t += 1
+            times[t] = tag
+            t += 2 * beats + rng.choice([0, 0, 1, beats])
+    jobs = []
+    for n, t in enumerate(sorted(times)):
+        a = [rng.randint(-128, 127) for _ in range(c)]
+        b = [rng.randint(-128, 127) for _ in range(c)]
+        if n % 9 == 4:  # the extremes: d = na = nb = C * 128^2
+            a = b = [-128] * c
+        jobs.append((t, times[t], sum(x * y for x, y in zip(a, b)), sum(x * x for x in a),
+                     sum(y * y for y in b)))
+
+    def key(d, na, nb):
+        return (1 if d >= 0 else -1) * ((d * d << frac_bits) // (na * nb))
+
+    dut = KeyDivider(dw=nw + 1, nw=nw, frac_bits=frac_bits, beats=beats, serial=serial,
+                     queue=True)
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    got = []
+    end = jobs[-1][0] + dut.latency + 2 * beats + 10
+
+    async def drive(ctx):
+        now = 0
+        for t, tag, d, na, nb in jobs:
+            await ctx.tick().repeat(t - now) if t > now else None
+            now = t
+            ctx.set(dut.valid, 1)
+            ctx.set(dut.tag, tag)
+            ctx.set(dut.d, d)
+            ctx.set(dut.na, na)
+            ctx.set(dut.nb, nb)
+            await ctx.tick()
+            now += 1
+            ctx.set(dut.valid, 0)
+
+    async def collect(ctx):
+        for _ in range(end):
+            await ctx.tick()
+            if ctx.get(dut.key_valid):
+                got.append((ctx.get(dut.key_tag), ctx.get(dut.key)))
+
+    sim.add_testbench(drive)
+    sim.add_testbench(collect)
+    sim.run()
+    assert sum(1 for j in jobs[1:] if j[0] - jobs[jobs.index(j) - 1][0] == 1) > 0
+    assert got == [(tag, key(d, na, nb)) for _, tag, d, na, nb in jobs]

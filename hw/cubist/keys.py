@@ -16,7 +16,7 @@ leave in job order (all dividers have the same latency).
 
 from __future__ import annotations
 
-from amaranth.hdl import Cat, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
 from amaranth.lib.memory import Memory
 
 __all__ = ["KeyDivider", "KeyFront", "clog2", "divider_plan", "lanes_of", "norm_bits"]
@@ -62,10 +62,15 @@ class KeyFront(Elaboratable):
     (beat index), ``tok`` (slot of the predecessor / of this token), ``end`` (last
     beat of the token), ``has_prev`` (emit a job at this token's end).
     Outputs: ``job_valid`` (one cycle), ``job_d``, ``job_na``, ``job_nb``.
+
+    ``ways = 2``: two token streams interleaved beat by beat (input ``way``; their ``tok``
+    slots must differ), each with its own accumulators; ``job_way`` says whose job it is.
     """
 
-    def __init__(self, *, p: int, width: int, beats: int, tokens: int, c: int):
+    def __init__(self, *, p: int, width: int, beats: int, tokens: int, c: int,
+                 ways: int = 1):
         self.p, self.width, self.beats, self.tokens = p, width, beats, tokens
+        self.ways = ways
         self.cb, self.tb = clog2(beats), clog2(tokens)
         self.nw = norm_bits(c, width)
         self.dw = self.nw + 1
@@ -75,7 +80,9 @@ class KeyFront(Elaboratable):
         self.tok = Signal(range(max(tokens, 2)))
         self.end = Signal()
         self.has_prev = Signal()
+        self.way = Signal()
         self.job_valid = Signal()
+        self.job_way = Signal()
         self.job_d = Signal(signed(self.dw))
         self.job_na = Signal(unsigned(self.nw))
         self.job_nb = Signal(unsigned(self.nw))
@@ -95,8 +102,10 @@ class KeyFront(Elaboratable):
         v1, x1 = Signal(), Signal(p * w)
         ctl = [(self.c == 0, "first"), (self.end, "end"), (self.has_prev, "hp")]
         c1 = {n: Signal(name=f"{n}1") for _, n in ctl}
-        tok1 = Signal.like(self.tok)
+        tok1, way1 = Signal.like(self.tok), Signal()
         m.d.sync += [v1.eq(self.valid), x1.eq(self.data), tok1.eq(self.tok)]
+        if self.ways == 2:
+            m.d.sync += way1.eq(self.way)
         m.d.sync += [c1[n].eq(s) for s, n in ctl]
 
         # stage 2: the old beat (memory output) and the new beat registered again, so the
@@ -129,24 +138,34 @@ class KeyFront(Elaboratable):
         va = delayed(v1, delay, "v")
         ca = {n: delayed(c1[n], delay, n) for _, n in ctl}
         toka = delayed(tok1, delay, "tok")
+        waya = delayed(way1, delay, "way")
 
         # accumulate stage (a): running sums, predecessor's norm read at the first beat
-        acc_d = Signal(signed(self.dw + 1))
-        acc_n = Signal(unsigned(self.nw + 1))
+        acc_d = Array(Signal(signed(self.dw + 1), name=f"acc_d{n}") for n in range(self.ways))
+        acc_n = Array(Signal(unsigned(self.nw + 1), name=f"acc_n{n}") for n in range(self.ways))
         m.submodules.norms = norms = Memory(shape=self.nw, depth=max(self.tokens, 2), init=[])
         nw_ = norms.write_port()
         nr = norms.read_port(transparent_for=(nw_,))
+        ad, an = acc_d[waya], acc_n[waya]
         with m.If(va):
-            m.d.sync += [acc_d.eq(Mux(ca["first"], 0, acc_d) + sdr),
-                         acc_n.eq(Mux(ca["first"], 0, acc_n) + snr)]
+            m.d.sync += [ad.eq(Mux(ca["first"], 0, ad) + sdr),
+                         an.eq(Mux(ca["first"], 0, an) + snr)]
         m.d.comb += [nr.addr.eq(toka[:self.tb]), nr.en.eq(va & ca["first"])]
         vb, endb, hpb, tokb = Signal(), Signal(), Signal(), Signal.like(self.tok)
-        m.d.sync += [vb.eq(va), endb.eq(ca["end"]), hpb.eq(ca["hp"]), tokb.eq(toka)]
+        firstb, wayb = Signal(), Signal()
+        m.d.sync += [vb.eq(va), endb.eq(ca["end"]), hpb.eq(ca["hp"]), tokb.eq(toka),
+                     firstb.eq(ca["first"]), wayb.eq(waya)]
         # stage b: token complete
         done = vb & endb
-        m.d.comb += [nw_.addr.eq(tokb[:self.tb]), nw_.data.eq(acc_n), nw_.en.eq(done),
-                     self.job_valid.eq(done & hpb), self.job_d.eq(acc_d),
-                     self.job_na.eq(nr.data), self.job_nb.eq(acc_n)]
+        na = nr.data
+        if self.ways == 2:  # the other stream's first beat would overwrite nr.data
+            na_hold = Array(Signal(self.nw, name=f"na_hold{n}") for n in range(2))
+            with m.If(vb & firstb):
+                m.d.sync += na_hold[wayb].eq(nr.data)
+            na = Mux(firstb, nr.data, na_hold[wayb])
+        m.d.comb += [nw_.addr.eq(tokb[:self.tb]), nw_.data.eq(acc_n[wayb]), nw_.en.eq(done),
+                     self.job_valid.eq(done & hpb), self.job_d.eq(acc_d[wayb]),
+                     self.job_na.eq(na), self.job_nb.eq(acc_n[wayb]), self.job_way.eq(wayb)]
         return m
 
 
@@ -193,7 +212,9 @@ class _Divider(Elaboratable):
         self.num = Signal(nbits)
         self.den = Signal(nbits)
         self.neg = Signal()
+        self.tag = Signal()
         self.done = Signal()
+        self.tag_out = Signal()
         self.key = Signal(signed(frac_bits + 2))
         self.rbits = nbits + 1
 
@@ -215,7 +236,7 @@ class _Divider(Elaboratable):
         with m.If(self.start):
             m.d.sync += [rem.eq(self.num >> lead), low.eq(self.num[:lead]), den.eq(self.den),
                          neg.eq(self.neg), zero.eq(self.den == 0), first.eq(1),
-                         cnt.eq(cycles)]
+                         cnt.eq(cycles), self.tag_out.eq(self.tag)]
         with m.Elif(cnt != 0):
             r, qq = rem, q
             for i in range(k):
@@ -234,11 +255,21 @@ class _Divider(Elaboratable):
 
 
 class KeyDivider(Elaboratable):
-    """Jobs ``(d, na, nb)`` in, keys out in order; ``latency`` cycles from job to key."""
+    """Jobs ``(d, na, nb)`` in, keys out in order; ``latency`` cycles from job to key.
 
-    def __init__(self, *, dw: int, nw: int, frac_bits: int, beats: int, serial: bool = False):
+    Each job carries a one-bit ``tag``, returned with its key as ``key_tag``.
+    ``queue``: jobs may come closer than ``beats`` cycles apart, as long as at most two
+    come in any ``2*beats`` cycles (two streams, each at most one job per ``2*beats``
+    cycles): one job waits in a register and starts ``beats`` cycles after the previous
+    one, so a key can be up to ``beats`` cycles later than ``latency``.
+    """
+
+    def __init__(self, *, dw: int, nw: int, frac_bits: int, beats: int, serial: bool = False,
+                 queue: bool = False):
         self.f = frac_bits
         self.serial = serial
+        self.queue = queue
+        self.beats = beats
         # serial: the two products by shift-add in LUTs, `sbits` multiplier bits a cycle,
         # finished within B cycles (a job comes at most every B cycles)
         self.sbits = -(-nw // max(beats - 1, 1))
@@ -248,7 +279,9 @@ class KeyDivider(Elaboratable):
         self.d = Signal(signed(dw))
         self.na = Signal(unsigned(nw))
         self.nb = Signal(unsigned(nw))
+        self.tag = Signal()
         self.key_valid = Signal()
+        self.key_tag = Signal()
         self.key = Signal(signed(frac_bits + 2))
         self.nbits = 2 * nw
         cycles = -(-(frac_bits + 1) // self.k)
@@ -258,59 +291,94 @@ class KeyDivider(Elaboratable):
     def elaborate(self, platform):
         m = Module()
         nb = self.nbits
+        valid, d, na, nbv, tag = self.valid, self.d, self.na, self.nb, self.tag
+        if self.queue:
+            valid, d, na, nbv, tag = self._queue(m)
         # M1: magnitudes registered; M2: products registered; M3: products again (DSP out)
         v1, ad, neg1, a1, b1 = Signal(), Signal(self.d.shape().width), Signal(), \
             Signal.like(self.na), Signal.like(self.nb)
-        m.d.sync += [v1.eq(self.valid), ad.eq(abs(self.d)), neg1.eq(self.d < 0),
-                     a1.eq(self.na), b1.eq(self.nb)]
+        tag1, tag2, tag3 = Signal(), Signal(), Signal()
+        m.d.sync += [v1.eq(valid), ad.eq(abs(d)), neg1.eq(d < 0), a1.eq(na), b1.eq(nbv),
+                     tag1.eq(tag)]
         v2, neg2 = Signal(), Signal()
         v3, num3, den3, neg3 = Signal(), Signal(nb), Signal(nb), Signal()
         if self.serial:
             num2, den2 = Signal(nb), Signal(nb)
             self._serial_products(m, v1, ad, a1, b1, neg1, v2, num2, den2, neg2)
+            with m.If(v1):
+                m.d.sync += tag2.eq(tag1)
             num_sum, den_sum = num2, den2
         else:
             # M2: 17-bit partial products registered (one DSP each, its output registered);
             # M3: their shifted sum (adders only)
-            m.d.sync += [v2.eq(v1), neg2.eq(neg1)]
+            m.d.sync += [v2.eq(v1), neg2.eq(neg1), tag2.eq(tag1)]
             num_sum = _split_product(m, ad, ad, "sq")
             den_sum = _split_product(m, a1, b1, "nn")
-        m.d.sync += [v3.eq(v2), num3.eq(num_sum), den3.eq(den_sum), neg3.eq(neg2)]
+        m.d.sync += [v3.eq(v2), num3.eq(num_sum), den3.eq(den_sum), neg3.eq(neg2),
+                     tag3.eq(tag2)]
         rr = Signal(range(max(self.units, 2)))
         keys = []
         for n in range(self.units):
             div = _Divider(nb, self.f, self.k)
             m.submodules[f"div{n}"] = div
             m.d.comb += [div.start.eq(v3 & (rr == n)), div.num.eq(num3), div.den.eq(den3),
-                         div.neg.eq(neg3)]
+                         div.neg.eq(neg3), div.tag.eq(tag3)]
             keys.append(div)
         with m.If(v3):
             m.d.sync += rr.eq(Mux(rr == self.units - 1, 0, rr + 1))
         # keys leave from a register (the sign/zero fix-up ends a cycle of its own)
         m.d.sync += self.key_valid.eq(Cat(d.done for d in keys).any())
-        key = keys[0].key
-        for d in keys[1:]:
-            key = Mux(d.done, d.key, key)
-        m.d.sync += self.key.eq(key)
+        key, ktag = keys[0].key, keys[0].tag_out
+        for dv in keys[1:]:
+            key, ktag = Mux(dv.done, dv.key, key), Mux(dv.done, dv.tag_out, ktag)
+        m.d.sync += [self.key.eq(key), self.key_tag.eq(ktag)]
         return m
+
+    def _queue(self, m):
+        """One waiting job; a job starts at least ``beats`` cycles after the previous."""
+        b = self.beats
+        since = Signal(range(b + 1), init=b)  # cycles since the last start, saturated
+        pv, pd, pa, pb, pt = (Signal(), Signal.like(self.d), Signal.like(self.na),
+                              Signal.like(self.nb), Signal())
+        start = Signal()
+        m.d.comb += start.eq((since >= b) & (pv | self.valid))
+        m.d.sync += since.eq(Mux(start, 1, Mux(since == b, b, since + 1)))
+        incoming = [pd.eq(self.d), pa.eq(self.na), pb.eq(self.nb), pt.eq(self.tag)]
+        with m.If(start & pv):
+            m.d.sync += pv.eq(self.valid)
+            with m.If(self.valid):
+                m.d.sync += incoming
+        with m.Elif(~start & self.valid):
+            m.d.sync += [pv.eq(1), *incoming]
+        return (start, Mux(pv, pd, self.d), Mux(pv, pa, self.na), Mux(pv, pb, self.nb),
+                Mux(pv, pt, self.tag))
 
     def _serial_products(self, m, v1, ad, a1, b1, neg1, v2, num2, den2, neg2):
         """``num2 = ad*ad`` and ``den2 = a1*b1`` by shift-add (no ``*``, so no DSP):
-        ``sbits`` bits of the multiplier a cycle, ``v2`` one cycle after the last."""
-        nb, sb = self.nbits, self.sbits
-        pa, pb = Signal(nb), Signal(nb)  # multiplicands, shifted left sb bits a cycle
-        qa, qb = Signal(len(ad)), Signal(len(b1))  # multipliers, shifted right
+        ``sbits`` bits of the multiplier a cycle, ``v2`` one cycle after the last.
+
+        Each product is one register ``[partial sum | multiplier]`` shifted right ``sbits``
+        a cycle, the multiplicand added to its top part (|d| < 2^nw, so every operand has
+        nw bits): the adders are nw + sbits wide, not 2*nw."""
+        nb, sb, nw = self.nbits, self.sbits, self.nbits // 2
+        mb = self.scycles * sb  # multiplier bits consumed (zero-extended beyond nw)
         cnt = Signal(range(self.scycles + 1))
         m.d.sync += v2.eq(0)
+        regs = []
+        for name, x, y, out in (("sq", ad, ad, num2), ("nn", a1, b1, den2)):
+            mul = Signal(nw, name=f"{name}_mcand")
+            acc = Signal(mb + nw + sb, name=f"{name}_acc")
+            with m.If(v1):
+                m.d.sync += [mul.eq(x[:nw]), acc.eq(y[:nw])]
+            with m.Elif(cnt != 0):
+                terms = [Mux(acc[i], mul << i, 0) for i in range(sb)]
+                hi = acc[mb:] + sum(terms[1:], terms[0])
+                m.d.sync += acc.eq(Cat(acc[sb:mb], hi[:nw + sb]))
+            m.d.comb += out.eq(acc[:nb])
+            regs.append(acc)
         with m.If(v1):
-            m.d.sync += [pa.eq(ad), qa.eq(ad), pb.eq(a1), qb.eq(b1), num2.eq(0), den2.eq(0),
-                         neg2.eq(neg1), cnt.eq(self.scycles)]
+            m.d.sync += [neg2.eq(neg1), cnt.eq(self.scycles)]
         with m.Elif(cnt != 0):
-            def partial(p, q):
-                terms = [Mux(q[i], p << i, 0) for i in range(min(sb, len(q)))]
-                return sum(terms[1:], terms[0])
-            m.d.sync += [num2.eq(num2 + partial(pa, qa)), den2.eq(den2 + partial(pb, qb)),
-                         pa.eq(pa << sb), pb.eq(pb << sb), qa.eq(qa >> sb), qb.eq(qb >> sb),
-                         cnt.eq(cnt - 1)]
+            m.d.sync += cnt.eq(cnt - 1)
             with m.If(cnt == 1):
                 m.d.sync += v2.eq(1)

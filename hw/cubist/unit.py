@@ -21,6 +21,8 @@ run concurrently on up to three frames:
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
@@ -105,12 +107,15 @@ class CubistMerge(wiring.Component):
     so frames overlap; 1: single frame buffer, half the memory, frames no longer fully
     overlapped), ``serial_mul`` (1: the key dividers' wide products by shift-add over
     B-1 cycles and the map's multiply in LUTs, so that only the 4P per-beat products
-    use DSPs; needs B >= 2).
+    use DSPs; needs B >= 2), ``shared_keys`` (1: one key front and one key divider serve
+    both passes, the input and the horizontal merge taking turns cycle by cycle: half
+    the throughput, half the multipliers; for the iCE40).
     """
 
     def __init__(self, *, h_max: int = 14, w_max: int = 14, c: int = 64, lanes: int = 4,
                  width: int = 8, frac_bits: int = 16, max_prefix: int = 4,
-                 unmerge: bool = True, buffers: int = 2, serial_mul: int = 0):
+                 unmerge: bool = True, buffers: int = 2, serial_mul: int = 0,
+                 shared_keys: int = 0):
         self.h_max = check_int("h_max", h_max, 2, 64)
         self.w_max = check_int("w_max", w_max, 2, 64)
         self.c = check_int("c", c, 1, 1024)
@@ -134,6 +139,9 @@ class CubistMerge(wiring.Component):
         if serial_mul and self.beats < 2:
             raise ValueError(f"serial_mul needs c/lanes >= 2 beats per token, not {self.beats}")
         self.serial_mul = bool(serial_mul)
+        if shared_keys not in (0, 1, True, False):
+            raise ValueError(f"shared_keys must be 0 or 1, not {shared_keys!r}")
+        self.shared_keys = bool(shared_keys)
         tok = token_layout(width, lanes)
         sig = {
             "cfg": In(stream.Signature(cfg_layout())),
@@ -198,11 +206,26 @@ class CubistMerge(wiring.Component):
         hd_w = hdec.write_port()
         hd_r_merge, hd_r_map = hdec.read_port(), hdec.read_port()
         fb_w, fb_r = [], []
+        # one bank: H-MERGE writes and OUT reads a bank at different times, so each
+        # parity's memory has a single-port shape (one address), which Yosys maps to
+        # SB_SPRAM256KA on an iCE40UP (named *_spram: fpga/build.py drops their zero init,
+        # which SPRAM cannot hold)
+        spram = (NB == 1 and LW <= 32 and (NB << (HH + WB + CB)) <= 16384
+                 and str(getattr(platform, "device", "")).startswith("iCE40UP"))
+        fb_waddr = [Signal(HH + WB + CB + (NB == 2), name=f"fb{par}_waddr") for par in range(2)]
+        fb_raddr = [Signal(HH + WB + CB + (NB == 2), name=f"fb{par}_raddr") for par in range(2)]
         for par in range(2):
-            mem = Memory(shape=LW, depth=NB << (HH + WB + CB), init=[])
-            m.submodules[f"frame{par}"] = mem
+            mem = Memory(shape=LW, depth=NB << (HH + WB + CB), init=[],
+                         attrs={"ram_style": "huge"} if spram else None)
+            m.submodules[f"frame{par}_spram" if spram else f"frame{par}"] = mem
             fb_w.append(mem.write_port())
             fb_r.append(mem.read_port())
+            if NB == 1:
+                shared_addr = Mux(fb_w[par].en, fb_waddr[par], fb_raddr[par])
+                m.d.comb += [fb_w[par].addr.eq(shared_addr), fb_r[par].addr.eq(shared_addr),
+                             fb_r[par].en.eq(~fb_w[par].en)]
+            else:
+                m.d.comb += [fb_w[par].addr.eq(fb_waddr[par]), fb_r[par].addr.eq(fb_raddr[par])]
         vword = KV * KW + KV * RBV + KV + KW
         m.submodules.vrank = vrank = Memory(shape=vword, depth=NB << WB, init=[])
         vr_w = vrank.write_port()
@@ -217,8 +240,49 @@ class CubistMerge(wiring.Component):
         rows_ready = Signal(S_BITS + 2)
         rows_merged = Signal(S_BITS + 2)
 
+        # ======================= key path ===========================================
+        # Separate: one KeyFront + KeyDivider per pass. Shared: one of each, the input (H
+        # beats) on even cycles and H-MERGE (V beats) on odd cycles; jobs tagged by pass.
+        shared = self.shared_keys
+        tdm = Signal()  # shared: 0 = IN's cycle, 1 = H-MERGE's cycle
+        in_ok, mg_ok = (~tdm, tdm) if shared else (Const(1), Const(1))
+        if shared:
+            m.d.sync += tdm.eq(~tdm)
+            m.submodules.kfront = kf = KeyFront(p=P, width=WD, beats=B, tokens=2 << WB,
+                                                c=self.c, ways=2)
+            m.submodules.kdiv = kd = KeyDivider(dw=kf.dw, nw=kf.nw, frac_bits=F, beats=B,
+                                                serial=self.serial_mul, queue=True)
+
+            def front_port(tokens):
+                return SimpleNamespace(
+                    valid=Signal(), data=Signal(LW), c=Signal(range(max(B, 2))),
+                    tok=Signal(range(max(tokens, 2))), end=Signal(), has_prev=Signal())
+            hfront, vfront = front_port(1), front_port(1 << WB)
+            m.d.comb += [
+                kf.valid.eq(hfront.valid | vfront.valid), kf.way.eq(vfront.valid),
+                kf.data.eq(Mux(vfront.valid, vfront.data, hfront.data)),
+                kf.c.eq(Mux(vfront.valid, vfront.c, hfront.c)),
+                kf.tok.eq(Mux(vfront.valid, Cat(_bits(vfront.tok, WB), 1), 0)),
+                kf.end.eq(Mux(vfront.valid, vfront.end, hfront.end)),
+                kf.has_prev.eq(Mux(vfront.valid, vfront.has_prev, hfront.has_prev)),
+                kd.valid.eq(kf.job_valid), kd.d.eq(kf.job_d), kd.na.eq(kf.job_na),
+                kd.nb.eq(kf.job_nb), kd.tag.eq(kf.job_way)]
+            hkey_v, vkey_v = kd.key_valid & ~kd.key_tag, kd.key_valid & kd.key_tag
+            hkey = vkey = kd.key
+        else:
+            m.submodules.hfront = hfront = KeyFront(p=P, width=WD, beats=B, tokens=1, c=self.c)
+            m.submodules.vfront = vfront = KeyFront(p=P, width=WD, beats=B, tokens=1 << WB,
+                                                    c=self.c)
+            m.submodules.hdiv = hdiv = KeyDivider(dw=hfront.dw, nw=hfront.nw, frac_bits=F,
+                                                  beats=B, serial=self.serial_mul)
+            m.submodules.vdiv = vdiv = KeyDivider(dw=vfront.dw, nw=vfront.nw, frac_bits=F,
+                                                  beats=B, serial=self.serial_mul)
+            for front, div in ((hfront, hdiv), (vfront, vdiv)):
+                m.d.comb += [div.valid.eq(front.job_valid), div.d.eq(front.job_d),
+                             div.na.eq(front.job_na), div.nb.eq(front.job_nb)]
+            hkey_v, hkey, vkey_v, vkey = hdiv.key_valid, hdiv.key, vdiv.key_valid, vdiv.key
+
         # ======================= IN ==================================================
-        m.submodules.hfront = hfront = KeyFront(p=P, width=WD, beats=B, tokens=1, c=self.c)
         cur = {n: Signal(8, name=f"in_{n}") for n in ("h", "w", "prefix")}
         err = Signal(3)
         good = Signal()
@@ -289,7 +353,8 @@ class CubistMerge(wiring.Component):
                         m.d.comb += in_flight_inc.eq(1)
                         m.next = "RUN"
             with m.State("RUN"):
-                m.d.comb += [self.i.ready.eq(ph | occ_ok), take.eq(self.i.valid & (ph | occ_ok))]
+                m.d.comb += [self.i.ready.eq((ph | occ_ok) & in_ok),
+                             take.eq(self.i.valid & (ph | occ_ok) & in_ok)]
                 with m.If(take):
                     last = self.i.payload.last
                     with m.If(last & ~final):
@@ -303,7 +368,7 @@ class CubistMerge(wiring.Component):
                     with m.If(final & last):
                         m.next = "FIN"
             with m.State("PAD"):
-                m.d.comb += pad.eq(ph | occ_ok)
+                m.d.comb += pad.eq((ph | occ_ok) & in_ok)
                 with m.If(pad & final):
                     m.next = "FIN"
             with m.State("DROP"):
@@ -319,10 +384,6 @@ class CubistMerge(wiring.Component):
                     m.next = "IDLE"
 
         # ======================= H keys and H-RANK ==================================
-        m.submodules.hdiv = hdiv = KeyDivider(dw=hfront.dw, nw=hfront.nw, frac_bits=F, beats=B,
-                                                  serial=self.serial_mul)
-        m.d.comb += [hdiv.valid.eq(hfront.job_valid), hdiv.d.eq(hfront.job_d),
-                     hdiv.na.eq(hfront.job_na), hdiv.nb.eq(hfront.job_nb)]
         h_scores = [Signal(signed(KW), name=f"hs{k}") for k in range(KH)]
         h_ranks = [Signal(RBH, name=f"hr{k}") for k in range(KH)]
         h_dirs = [Signal(name=f"hd{k}") for k in range(KH)]
@@ -336,8 +397,8 @@ class CubistMerge(wiring.Component):
         a_v, a_fin, a_right, a_end = Signal(), Signal(), Signal(), Signal()
         a_k, a_row, a_slot = Signal(range(max(KH, 2))), Signal(8), Signal(2)
         a_score = Signal(signed(KW))
-        with m.If(hdiv.key_valid):
-            key = hdiv.key
+        with m.If(hkey_v):
+            key = hkey
             odd = n_h[0]
             is_final = odd | (n_h + 2 >= hc["w"])
             right = odd & (key > h_pend)
@@ -352,7 +413,7 @@ class CubistMerge(wiring.Component):
                     m.d.sync += [row_h.eq(0), slot_h.eq(slot_h + 1)]
             with m.Else():
                 m.d.sync += n_h.eq(n_h + 1)
-        m.d.sync += a_v.eq(hdiv.key_valid)
+        m.d.sync += a_v.eq(hkey_v)
         # S1: the new candidate against the scores of the earlier ones in this row
         b_v, b_end = Signal(), Signal()
         b_k, b_row, b_slot = Signal.like(a_k), Signal(8), Signal(2)
@@ -427,16 +488,18 @@ class CubistMerge(wiring.Component):
                              pos.eq(0), c_m.eq(0), col_i.eq(0)]
                 m.next = "RUN"
             with m.State("RUN"):
-                m.d.comb += [issue.eq(1), occ_dec.eq(1)]
-                m.d.sync += c_m.eq(Mux(c_m == B - 1, 0, c_m + 1))
-                with m.If(c_m == B - 1):
-                    m.d.sync += [rd_slot.eq(rd_slot + 1), pos.eq(pos + 1),
-                                 col_i.eq(col_i + emits)]
-                    with m.If(pos == mc["w"] - 1):
-                        m.d.sync += [rows_merged.eq(rows_merged + 1), row_m.eq(row_m + 1)]
-                        with m.If(row_m == mc["h"] - 1):
-                            m.d.sync += [row_m.eq(0), slot_m.eq(slot_m + 1)]
-                        m.next = "IDLE"
+                with m.If(mg_ok):
+                    m.d.comb += [issue.eq(1), occ_dec.eq(1)]
+                    m.d.sync += c_m.eq(Mux(c_m == B - 1, 0, c_m + 1))
+                    with m.If(c_m == B - 1):
+                        m.d.sync += [rd_slot.eq(rd_slot + 1), pos.eq(pos + 1),
+                                     col_i.eq(col_i + emits)]
+                        with m.If(pos == mc["w"] - 1):
+                            m.d.sync += [rows_merged.eq(rows_merged + 1),
+                                         row_m.eq(row_m + 1)]
+                            with m.If(row_m == mc["h"] - 1):
+                                m.d.sync += [row_m.eq(0), slot_m.eq(slot_m + 1)]
+                            m.next = "IDLE"
         # stage 1: the row buffer's output registered (T is read now, for stage 2);
         # stage 2: merge and emit
         # T: with B >= 2 it is read at issue and its output registered too (a parked
@@ -455,24 +518,18 @@ class CubistMerge(wiring.Component):
         emit1 = sq["v"] & sq["emit"]
         c2, col2, row2 = sq["c"], sq["col"], sq["row"]
         for par in range(2):
-            m.d.comb += [fb_w[par].addr.eq(Cat(_bits(c2, CB), _bits(col2, WB), _bits(row2 >> 1, HH),
+            m.d.comb += [fb_waddr[par].eq(Cat(_bits(c2, CB), _bits(col2, WB), _bits(row2 >> 1, HH),
                                                sq["bank"][:1 if NB == 2 else 0])),
                          fb_w[par].data.eq(merged), fb_w[par].en.eq(emit1 & (row2[0] == par))]
-        m.submodules.vfront = vfront = KeyFront(p=P, width=WD, beats=B, tokens=1 << WB,
-                                                c=self.c)
         m.d.comb += [vfront.valid.eq(emit1), vfront.data.eq(merged), vfront.c.eq(c2),
                      vfront.tok.eq(_bits(col2, WB)), vfront.end.eq(c2 == B - 1),
                      vfront.has_prev.eq(row2 != 0)]
 
         # ======================= V keys and V-RANK ==================================
-        m.submodules.vdiv = vdiv = KeyDivider(dw=vfront.dw, nw=vfront.nw, frac_bits=F, beats=B,
-                                                  serial=self.serial_mul)
-        m.d.comb += [vdiv.valid.eq(vfront.job_valid), vdiv.d.eq(vfront.job_d),
-                     vdiv.na.eq(vfront.job_na), vdiv.nb.eq(vfront.job_nb)]
         n_v, col_v, slot_v = Signal(8), Signal(8), Signal(2)
         vc = cfg_of(slot_v)
         m.d.comb += vr_r.addr.eq(Cat(_bits(col_v, WB), bank_of(slot_v)))
-        with m.If(vdiv.key_valid):
+        with m.If(vkey_v):
             m.d.sync += col_v.eq(col_v + 1)
             with m.If(col_v == vc["w"] - vc["r_w"] - 1):
                 m.d.sync += [col_v.eq(0), n_v.eq(n_v + 1)]
@@ -480,14 +537,16 @@ class CubistMerge(wiring.Component):
                     m.d.sync += [n_v.eq(0), slot_v.eq(slot_v + 1)]
         v1, key1 = Signal(), Signal(signed(KW))
         n1, vcol1, slot1 = Signal(8), Signal(8), Signal(2)
-        m.d.sync += [v1.eq(vdiv.key_valid), key1.eq(vdiv.key), n1.eq(n_v), vcol1.eq(col_v),
+        m.d.sync += [v1.eq(vkey_v), key1.eq(vkey), n1.eq(n_v), vcol1.eq(col_v),
                      slot1.eq(slot_v)]
         vc1 = cfg_of(slot1)
         # V-RANK: read-modify-write of the column's word. Stage 1: the word (memory output)
         # and the score; A: compare with the earlier scores; B: new ranks, word written.
         # Stages A and B are registered when a column's next key (at least B cycles later,
         # W' >= 1) reads after the write (B >= 3); otherwise they are one cycle, as for B < 3.
-        deep = B >= 3
+        # With shared keys (a 30 MHz iCE40 target) they are one cycle too: the two registered
+        # copies of the rank word cost about 400 flip-flops.
+        deep = B >= 3 and not shared
         word = vr_r.data
         off = 0
         v_scores = [word[off + j * KW: off + (j + 1) * KW].as_signed() for j in range(KV)]
@@ -578,7 +637,7 @@ class CubistMerge(wiring.Component):
         P, WD, B, LW, CB = env["P"], env["WD"], env["B"], env["LW"], env["CB"]
         KV, WB, HH, PB, NB = env["KV"], env["WB"], env["HH"], env["PB"], env["NB"]
         oc, h2, w2, slot_o, bank_o = env["oc"], env["h2"], env["w2"], env["slot_o"], env["bank_o"]
-        fb_r, vd_r = env["fb_r"], env["vd_r_tok"]
+        fb_r, vd_r, fb_raddr = env["fb_r"], env["vd_r_tok"], env["fb_raddr"]
         m.submodules.o_fifo = ofifo = StreamFIFO(token_layout(WD, P), FIFO_DEPTH)
         m.d.comb += [self.o.payload.eq(ofifo.o.payload), self.o.valid.eq(ofifo.o.valid),
                      ofifo.o.ready.eq(self.o.ready)]
@@ -657,8 +716,8 @@ class CubistMerge(wiring.Component):
         odd_row = Mux(pass_b | e_c[0], e_c >> 1, (e_c >> 1) - 1)
         bk = bank_o[:1 if NB == 2 else 0]
         cbc = Cat(_bits(cb, CB), _bits(cur["col"], WB))
-        m.d.comb += [fb_r[0].addr.eq(Cat(cbc, _bits(e_c >> 1, HH), bk)),
-                     fb_r[1].addr.eq(Cat(cbc, _bits(odd_row, HH), bk))]
+        m.d.comb += [fb_raddr[0].eq(Cat(cbc, _bits(e_c >> 1, HH), bk)),
+                     fb_raddr[1].eq(Cat(cbc, _bits(odd_row, HH), bk))]
         if self.max_prefix:
             m.d.comb += env["pf_r"].addr.eq(Cat(_bits(cb, CB), _bits(cur["p"], PB), slot_o))
         b1 = {n: Signal(name=f"ob1_{n}") for n in
@@ -763,13 +822,15 @@ class CubistMerge(wiring.Component):
         m.d.sync += [s2v.eq(s1v), s2i.eq(s1i - rv - up), s2j.eq(s1j), s2l.eq(s1l)]
         # W' registered (constant over a frame); stage 3: i'*W' registered (a DSP with its
         # output register); stage 4: + j'
-        w2r = Signal(8)
+        # (i' < H_max and W' <= W_max: the product's operands are only as wide as those)
+        w2r = Signal(clog2(self.w_max + 1))
         m.d.sync += w2r.eq(w2)
+        i2 = s2i[:max(HB, 1)]
         if self.serial_mul:  # shift-add: no `*`, so Yosys gives it no DSP
-            terms = [Mux(w2r[b], s2i << b, 0) for b in range(8)]
+            terms = [Mux(w2r[b], i2 << b, 0) for b in range(len(w2r))]
             prod = sum(terms[1:], terms[0])
         else:
-            prod = s2i * w2r
+            prod = i2 * w2r
         s3v, s3p, s3j, s3l = Signal(), Signal(16), Signal(8), Signal()
         m.d.sync += [s3v.eq(s2v), s3p.eq(prod), s3j.eq(s2j), s3l.eq(s2l)]
         s4v, s4x, s4l = Signal(), Signal(16), Signal()

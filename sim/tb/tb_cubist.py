@@ -53,7 +53,8 @@ class Env:
                                 width=p["width"], frac_bits=p["frac_bits"],
                                 max_prefix=p["max_prefix"], unmerge=p["unmerge"],
                                 buffers=p.get("buffers", 2),
-                                serial_mul=p.get("serial_mul", 0))
+                                serial_mul=p.get("serial_mul", 0),
+                                shared_keys=p.get("shared_keys", 0))
         self.width, self.lanes, self.c = p["width"], p["lanes"], p["c"]
         self.beats = self.c // self.lanes
         seed, burst = p.get("seed", 1), p.get("burst", 4)
