@@ -16,7 +16,7 @@ from amaranth.build import Clock, Resource
 from amaranth.hdl import Elaboratable, Module
 from amaranth.lib import io
 
-__all__ = ["BOARDS", "BoardSpec", "BoardTop", "get_board", "make_platform"]
+__all__ = ["BOARDS", "BoardSpec", "BoardTop", "get_board", "make_platform", "synth_overrides"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class BoardSpec:
     bitstream: str  # file name of the bitstream in the build directory
     baud: int  # default UART rate (the FTDI chips of both boards do 1 Mbaud)
     synth_opts: str
+    script_after_read: str  # Yosys commands between reading the design and synthesis
     in_depth: int  # link input buffer, bytes
     out_depth: int  # each output FIFO, bytes
     programmer: tuple[str, ...]  # argv; {bitstream} is replaced; argv[0] may be $ENV
@@ -45,14 +46,19 @@ BOARDS = {
         name="icebreaker", family="ice40", device="iCE40UP5K-SG48",
         platform="amaranth_boards.icebreaker:ICEBreakerPlatform", clk_resource="clk12",
         clk_hz=12_000_000, target_mhz=30.0, bitstream="top.bin", baud=1_000_000,
-        # Amaranth's iCE40 flow leaves multipliers in LUTs unless Yosys gets -dsp.
-        synth_opts="-dsp", in_depth=1024, out_depth=512,
+        # Amaranth's iCE40 flow leaves multipliers in LUTs unless Yosys gets -dsp, and
+        # single-port RAM out of the SPRAMs unless it gets -spram. SPRAM cannot be
+        # initialized and Amaranth gives every memory an (all-zero) init: memories named
+        # *_spram (hw.cubist's frame buffer) lose it, the rest keep theirs.
+        synth_opts="-dsp -spram",
+        script_after_read=r"delete t:$meminit_v2 r:MEMID=*_spram %i",
+        in_depth=1024, out_depth=512,
         programmer=("ICEPROG=iceprog", "{bitstream}")),
     "ulx3s": BoardSpec(
         name="ulx3s", family="ecp5", device="LFE5U-85F-6BG381C",
         platform="amaranth_boards.ulx3s:ULX3S_85F_Platform", clk_resource="clk25",
         clk_hz=25_000_000, target_mhz=100.0, bitstream="top.bit", baud=1_000_000,
-        synth_opts="", in_depth=2048, out_depth=1024,
+        synth_opts="", script_after_read="", in_depth=2048, out_depth=1024,
         programmer=("OPENFPGALOADER=openFPGALoader", "-b", "ulx3s", "{bitstream}")),
 }
 
@@ -61,6 +67,16 @@ def get_board(name: str) -> BoardSpec:
     if name not in BOARDS:
         raise ValueError(f"board must be one of {', '.join(BOARDS)}, not {name!r}")
     return BOARDS[name]
+
+
+def synth_overrides(spec: BoardSpec) -> dict:
+    """The Yosys overrides of the board's Amaranth build plan (``synth_opts`` ...)."""
+    opts = {}
+    if spec.synth_opts:
+        opts["synth_opts"] = spec.synth_opts
+    if spec.script_after_read:
+        opts["script_after_read"] = spec.script_after_read
+    return opts
 
 
 def make_platform(spec: BoardSpec, target_mhz: float | None = None):

@@ -22,7 +22,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from .boards import BOARDS, BoardTop, get_board, make_platform
+from .boards import BOARDS, BoardTop, get_board, make_platform, synth_overrides
 from .designs import DESIGNS, board_params, make_accel
 from .toolchain import find_toolchain
 
@@ -113,9 +113,8 @@ def build(board: str, design: str, params: dict | None = None, *, out: Path | st
     platform = make_platform(spec, target)
     # --timing-allow-fail: a missed target is reported, not fatal; the bitstream still
     # runs at the oscillator's rate.
-    opts = {"nextpnr_opts": f"--seed {seed} --report top.report.json --timing-allow-fail"}
-    if spec.synth_opts:
-        opts["synth_opts"] = spec.synth_opts
+    opts = {"nextpnr_opts": f"--seed {seed} --report top.report.json --timing-allow-fail",
+            **synth_overrides(spec)}
     plan = platform.build(BoardTop(core), name="top", do_build=False, **opts)
     versions = _tool_versions(spec.family)
     key_src = plan.digest().hex() + json.dumps(versions, sort_keys=True)

@@ -114,7 +114,7 @@ def measure(design: str, params: dict | None = None, *, board: str = "ulx3s",
     """
     from hw import designs as hw_designs
 
-    from .boards import BOARDS, get_board, make_platform
+    from .boards import BOARDS, get_board, make_platform, synth_overrides
     from .build import _tool_versions, parse_nextpnr_report, run_plan
     from .designs import board_params
 
@@ -141,9 +141,8 @@ def measure(design: str, params: dict | None = None, *, board: str = "ulx3s",
             raise ValueError(str(e)) from None
         wrapper = {"input_bits": top.in_bits, "output_bits": top.out_bits}
         platform = make_platform(spec, target)
-        opts = {"nextpnr_opts": f"--seed {seed} --report top.report.json --timing-allow-fail"}
-        if spec.synth_opts:
-            opts["synth_opts"] = spec.synth_opts
+        opts = {"nextpnr_opts": f"--seed {seed} --report top.report.json --timing-allow-fail",
+                **synth_overrides(spec)}
         plan = platform.build(top, name="top", do_build=False, **opts)
         key = hashlib.sha256((plan.digest().hex() + json.dumps(versions, sort_keys=True))
                              .encode()).hexdigest()[:16]
