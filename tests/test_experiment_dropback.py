@@ -17,6 +17,7 @@ def _args(*argv):
     return p.parse_args(list(argv))
 
 
+@pytest.mark.slow  # ~40 s on an idle core (two tiny tuning+final runs, numba compile)
 def test_quick_run_writes_outputs(tmp_path, capsys):
     assert E.run(_args("--quick", "--out", str(tmp_path))) == 0
     out = capsys.readouterr().out
@@ -209,6 +210,8 @@ def test_models_and_bad_arguments(tmp_path):
         E.tune(seeds=0)
     with pytest.raises(ValueError, match="seed must be an integer >= 0"):
         E.tune(seed=-1)
+    with pytest.raises(ValueError, match=r"jobs must be an integer in \[1, \d+\]"):
+        E.run_experiment(hp, jobs=0)
     with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\)"):
         E.holdout(load_digits_split(0, size=8), 0, fraction=1.0)
     bad = tmp_path / "tuning.json"

@@ -27,8 +27,8 @@ Protocol (no hyper-parameter sees the test images):
 1. Data. One fixed split (``load_digits_split(0)``): 449 test images, used only for
    the final numbers, and 1348 training images.
 2. Tuning. For each model and method (sparse ones at 10x), the same budget of 12
-   training runs x ``--tune-seeds`` seeds (3), each evaluated at epochs 50, 100,
-   150 and 200 (so the epoch count is tuned too): dense and Dropback over lr x batch
+   training runs x ``--tune-seeds`` seeds (2), each evaluated at epochs 50, 100
+   and 150 (so the epoch count is tuned too): dense and Dropback over lr x batch
    (``LRS`` x ``BATCHES``), Procrustes over lr x init_decay (``LRS`` x
    ``INIT_DECAYS``, batch 32). Each tuning seed trains on 80% of the 1348 training
    images and scores on the other 20% (270 validation images, a per-seed carve). The
@@ -65,9 +65,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import statistics
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -94,7 +97,7 @@ VAL_FRACTION = 0.2  # of the training images, carved per tuning seed
 LRS = (0.05, 0.1, 0.2, 0.4)
 BATCHES = (16, 32, 64)  # dense and Dropback
 INIT_DECAYS = (0.98, 0.99, 0.995)  # Procrustes (batch 32); 0.995**2100 < 3e-5 at 50 epochs
-CHECKPOINTS = (50, 100, 150, 200)  # epochs at which every tuning run is scored
+CHECKPOINTS = (50, 100, 150)  # epochs at which every tuning run is scored
 QUICK_CHECKPOINTS = (1, 2)
 QUICK_TRAIN_LIMIT = 512
 FIXED = "procrustes-fixed"  # fixed-point Procrustes (golden.procrustes_ref), MLP at 10x
@@ -257,38 +260,76 @@ def _check_seeds(seed, seeds, name="seeds"):
         raise ValueError(f"{name} must be an integer >= 1, not {seeds!r}")
 
 
-def tune(*, seed: int = 0, seeds: int = 3, quick: bool = False,
+def _check_jobs(jobs):
+    cpus = os.cpu_count() or 1
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= cpus:
+        raise ValueError(f"jobs must be an integer in [1, {cpus}] (the CPU count), not {jobs!r}")
+
+
+def _train_task(task):
+    """One training run (``task`` as in :func:`_train_all`), in a worker process."""
+    cfg, data, checkpoints = task
+    with torch_threads(1):
+        if cfg.method == FIXED:
+            return train_fixed_one(cfg, data)
+        return train_one(cfg, data, checkpoints=checkpoints)
+
+
+def _train_all(tasks, jobs: int, bar: tqdm) -> list[dict]:
+    """Run ``(cfg, data, checkpoints)`` tasks, in this process (``jobs`` 1) or in
+    ``jobs`` worker processes of one torch thread each; results in task order (every
+    run is deterministic, so both give the same numbers)."""
+    if jobs == 1:
+        out = []
+        for cfg, data, checkpoints in tasks:
+            bar.set_description(f"{cfg.model} {cfg.method} {cfg.ratio}x seed {cfg.seed}")
+            if cfg.method == FIXED:
+                out.append(train_fixed_one(cfg, data, progress=bar))
+            else:
+                out.append(train_one(cfg, data, progress=bar, checkpoints=checkpoints))
+        return out
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_train_task, t) for t in tasks]
+        out = []
+        for f, (cfg, _, _) in zip(futures, tasks):
+            out.append(f.result())
+            bar.update(cfg.epochs)
+        return out
+
+
+def tune(*, seed: int = 0, seeds: int = 2, quick: bool = False, jobs: int = 1,
          show_progress: bool = True) -> dict:
     """Validation tuning (module docstring, step 2). Returns ``trials`` (every grid
     point with its per-seed validation curves and their mean) and ``best``
     (``"<model>/<method>"`` -> the chosen lr, batch, epochs, init_decay and its mean
     validation accuracy). ``quick``: the first 2 grid points, epochs 1 and 2, 512
-    training images."""
+    training images. ``jobs``: worker processes."""
     _check_seeds(seed, seeds, "tune seeds")
+    _check_jobs(jobs)
     checkpoints = QUICK_CHECKPOINTS if quick else CHECKPOINTS
     base = load_digits_split(SPLIT_SEED, size=8)
     vals = {sd: holdout(base, sd) for sd in range(seed, seed + seeds)}
-    jobs = [(m, meth, hp) for m in MODELS for meth in METHODS
-            for hp in (grid(meth)[:2] if quick else grid(meth))]
+    points = [(m, meth, hp) for m in MODELS for meth in METHODS
+              for hp in (grid(meth)[:2] if quick else grid(meth))]
+    tasks = [(RunConfig(model, method, ratio=1 if method == "dense" else TUNE_RATIO,
+                        epochs=max(checkpoints), seed=sd,
+                        train_limit=QUICK_TRAIN_LIMIT if quick else None, **hp),
+              vals[sd], checkpoints)
+             for model, method, hp in points for sd in vals]
+    with torch_threads(1), tqdm(total=len(tasks) * max(checkpoints), unit="epoch",
+                                disable=not show_progress, desc="tuning") as bar:
+        runs = _train_all(tasks, jobs, bar)
     trials, best = [], {}
-    with torch_threads(1), tqdm(total=len(jobs) * seeds * max(checkpoints), unit="epoch",
-                                disable=not show_progress) as bar:
-        for model, method, hp in jobs:
-            bar.set_description(f"tune {model} {method} {hp}")
-            ratio = 1 if method == "dense" else TUNE_RATIO
-            curves = []
-            for sd in vals:
-                cfg = RunConfig(model, method, ratio=ratio, epochs=max(checkpoints), seed=sd,
-                                train_limit=QUICK_TRAIN_LIMIT if quick else None, **hp)
-                curves.append(train_one(cfg, vals[sd], progress=bar,
-                                        checkpoints=checkpoints)["curve"])
-            mean = {e: statistics.fmean(c[e] for c in curves) for e in checkpoints}
-            trials.append(dict(model=model, method=method, **hp, val_per_seed=curves,
-                               val_mean=mean))
-            key = f"{model}/{method}"
-            for e in checkpoints:  # strict >: first grid point, then fewer epochs, wins ties
-                if key not in best or mean[e] > best[key]["val_accuracy"]:
-                    best[key] = dict(hp, epochs=e, val_accuracy=mean[e])
+    for i, (model, method, hp) in enumerate(points):
+        curves = [r["curve"] for r in runs[i * seeds:(i + 1) * seeds]]
+        mean = {e: statistics.fmean(c[e] for c in curves) for e in checkpoints}
+        trials.append(dict(model=model, method=method, **hp, val_per_seed=curves,
+                           val_mean=mean))
+        key = f"{model}/{method}"
+        for e in checkpoints:  # strict >: first grid point, then fewer epochs, wins ties
+            if key not in best or mean[e] > best[key]["val_accuracy"]:
+                best[key] = dict(hp, epochs=e, val_accuracy=mean[e])
     for hp in best.values():
         hp.setdefault("init_decay", 1.0)
     return dict(seeds=list(vals), val_images=len(next(iter(vals.values())).y_test),
@@ -296,11 +337,12 @@ def tune(*, seed: int = 0, seeds: int = 3, quick: bool = False,
 
 
 def run_experiment(hparams: dict, *, seed: int = 0, seeds: int = 5, quick: bool = False,
-                   show_progress: bool = True) -> list[dict]:
+                   jobs: int = 1, show_progress: bool = True) -> list[dict]:
     """Every configuration with its tuned setting (``hparams["<model>/<method>"]``:
     lr, batch, epochs, init_decay) for seeds ``seed .. seed+seeds-1``, scored on the
-    test images of the fixed split."""
+    test images of the fixed split. ``jobs``: worker processes."""
     _check_seeds(seed, seeds)
+    _check_jobs(jobs)
     for key in (f"{m}/{meth}" for m in MODELS for meth in METHODS):
         if key not in hparams:
             raise ValueError(f"hparams must hold a setting for every model/method; "
@@ -329,15 +371,10 @@ def run_experiment(hparams: dict, *, seed: int = 0, seeds: int = 5, quick: bool 
                 if model == "mlp" and method == "procrustes":
                     cfgs.append(replace(base, method=FIXED, ratio=FIXED_RATIO))
     data = load_digits_split(SPLIT_SEED, size=8)
-    results = []
     # tiny models: extra threads only add sync cost on shared cores
     with torch_threads(1), tqdm(total=sum(c.epochs for c in cfgs), unit="epoch",
-                                disable=not show_progress) as bar:
-        for cfg in cfgs:
-            bar.set_description(f"{cfg.model} {cfg.method} {cfg.ratio}x seed {cfg.seed}")
-            train = train_fixed_one if cfg.method == FIXED else train_one
-            results.append(train(cfg, data, progress=bar))
-    return results
+                                disable=not show_progress, desc="final runs") as bar:
+        return _train_all([(c, data, ()) for c in cfgs], jobs, bar)
 
 
 def _runs(results, model, method, ratio):
@@ -538,7 +575,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds of the final runs (default 5, or 1 with --quick)")
     parser.add_argument("--tune-seeds", type=int, default=None,
-                        help="seeds per tuning trial (default 3, or 1 with --quick)")
+                        help="seeds per tuning trial (default 2, or 1 with --quick)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes, one torch thread each (default 1)")
     parser.add_argument("--tuning", type=Path, default=None,
                         help="reuse the settings of an earlier tuning.json instead of tuning")
     parser.add_argument("--save-data-masks", action="store_true",
@@ -558,16 +597,18 @@ def _load_tuning(path: Path) -> dict:
 
 def run(args) -> int:
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
-    tune_seeds = args.tune_seeds if args.tune_seeds is not None else (1 if args.quick else 3)
+    tune_seeds = args.tune_seeds if args.tune_seeds is not None else (1 if args.quick else 2)
     _check_seeds(args.seed, seeds)
     _check_seeds(args.seed, tune_seeds, "tune seeds")
+    _check_jobs(args.jobs)
     out = Path(args.out)
     if args.tuning is not None:
         tuning = _load_tuning(args.tuning)
     else:
-        tuning = tune(seed=args.seed, seeds=tune_seeds, quick=args.quick)
+        tuning = tune(seed=args.seed, seeds=tune_seeds, quick=args.quick, jobs=args.jobs)
     hparams = tuning["best"]
-    results = run_experiment(hparams, seed=args.seed, seeds=seeds, quick=args.quick)
+    results = run_experiment(hparams, seed=args.seed, seeds=seeds, quick=args.quick,
+                             jobs=args.jobs)
     out.mkdir(parents=True, exist_ok=True)
     if args.tuning is None:
         (out / "tuning.json").write_text(json.dumps(tuning, indent=2))
