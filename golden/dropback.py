@@ -42,7 +42,15 @@ import numpy as np
 import torch
 
 from golden.prng import CounterInit, init_bounds, w0_nb
-from golden.quantile import _BLOCK, _blocks, _consts, _key, check_quantile_args, factors
+from golden.quantile import (
+    _BLOCK,
+    _blocks,
+    _consts,
+    _key,
+    _region_cache,
+    check_quantile_args,
+    factors,
+)
 
 _EMPTY_F32 = np.empty(0, dtype=np.float32)
 
@@ -189,7 +197,7 @@ def _w0v(w0v, jj, base, seed, bound, counter):
 
 @numba.njit(inline="always")
 def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b, up, down,
-                   mask, key, r0, wn, reg, stats):
+                   mask, key, r0, wn, rc, stats):
     """Quantile mode for one parameter in one pass, last chunk of 2048 elements
     to first: SGD update, d32*w0 and score key of the chunk into L1 buffers
     (vectorized), the estimator over the chunk's keys (:func:`golden.quantile._blocks`:
@@ -212,7 +220,7 @@ def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b,
             r0[jj] = r
             wn[jj] = x
             key[jj] = _key(abs(x - r))
-        b = _blocks(key, m, b, u, d, up, down, mask, start, reg, stats)
+        b = _blocks(key, m, b, u, d, up, down, mask, start, rc, stats)
         mv = mask[start:end]
         for jj in range(m):
             t = mv[jj]
@@ -225,21 +233,21 @@ def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b,
 
 @numba.njit(cache=False)
 def _quantile_param(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b, up, down,
-                    mask, key, r0, wn, reg, stats):
+                    mask, key, r0, wn, rc, stats):
     """:func:`_quantile_loop` with literal flags per variant (as :func:`_update_score`)."""
     z = np.float32(0)
     plain = mom == 0 and wd == 0
     if counter:
         if plain:
             return _quantile_loop(w, g, buf, w0, seed, bound, True, neg_lr, z, z, d32, b,
-                                  up, down, mask, key, r0, wn, reg, stats)
+                                  up, down, mask, key, r0, wn, rc, stats)
         return _quantile_loop(w, g, buf, w0, seed, bound, True, neg_lr, mom, wd, d32, b,
-                              up, down, mask, key, r0, wn, reg, stats)
+                              up, down, mask, key, r0, wn, rc, stats)
     if plain:
         return _quantile_loop(w, g, buf, w0, seed, bound, False, neg_lr, z, z, d32, b,
-                              up, down, mask, key, r0, wn, reg, stats)
+                              up, down, mask, key, r0, wn, rc, stats)
     return _quantile_loop(w, g, buf, w0, seed, bound, False, neg_lr, mom, wd, d32, b,
-                          up, down, mask, key, r0, wn, reg, stats)
+                          up, down, mask, key, r0, wn, rc, stats)
 
 
 # --- top-k with a threshold hint: one pass ------------------------------------
@@ -641,12 +649,12 @@ class Dropback(torch.optim.Optimizer):
         key = np.empty(_BLOCK, dtype=np.int32)
         r0 = np.empty(_BLOCK, dtype=np.float32)
         wn = np.empty(_BLOCK, dtype=np.float32)
-        reg = np.array([1, 0, 0, 0], dtype=np.int64)  # no region cached yet
+        rc = _region_cache()
         stats = np.zeros(2, dtype=np.int64)
         total = 0
         for (_, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask) in reversed(work):
             b = _quantile_param(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32, b,
-                                up, down, mask, key, r0, wn, reg, stats)  # last to first
+                                up, down, mask, key, r0, wn, rc, stats)  # last to first
             total += int(np.count_nonzero(mask))
         self.bulk_blocks += int(stats[0])
         self.chained_blocks += int(stats[1])
