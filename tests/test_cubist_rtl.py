@@ -72,6 +72,7 @@ def test_14x14x64_meets_the_throughput_target():
         assert run["cycles_ratio"] <= 1.10, run
 
 
+@pytest.mark.slow
 def test_shared_keys_are_bit_exact_with_one_frame_buffer_bank():
     """shared_keys: one key front and divider for both passes (IN and H-MERGE take turns),
     here with buffers=1 (the single-port frame-buffer shape) and serial products; the
