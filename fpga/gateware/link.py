@@ -220,6 +220,7 @@ class HostLink(wiring.Component):
         args = Array(Signal(8, name=f"arg{n}") for n in range(3))
         err = Signal(8)
         crc_hi = Signal(8)
+        crc_ok = Signal()
         last_wseq = Signal(8)
         last_wseq_valid = Signal()
         idle = Signal(range(self.timeout_cycles + 1))
@@ -303,39 +304,44 @@ class HostLink(wiring.Component):
                 timeout_check()
             with m.State("CRC1"):
                 with m.If(got):
-                    m.next = "HUNT"
-                    with m.If(Cat(byte, crc_hi) != crc):
-                        nak(Nak.CRC)
-                        m.d.sync += self.crc_errors.eq(self.crc_errors + 1)
-                    with m.Elif(err != 0):
-                        nak(err)
-                    with m.Elif(cmd == Cmd.WRITE):
-                        m.d.sync += [req.eq(1), req_kind.eq(REPLY_WRITE), req_cmd.eq(cmd | 0x80),
-                                     req_seq.eq(seq)]
-                        with m.If(~last_wseq_valid | (last_wseq != seq)):
-                            m.d.sync += [cp.eq(wp), last_wseq.eq(seq), last_wseq_valid.eq(1)]
-                    with m.Elif(cmd == Cmd.READ):
-                        with m.If(length != 3):
-                            nak(Nak.LENGTH)
-                        with m.Elif(args[0] >= len(self.outputs)):
-                            nak(Nak.STREAM)
-                        with m.Else():
-                            m.d.sync += [req.eq(1), req_kind.eq(REPLY_READ),
-                                         req_cmd.eq(cmd | 0x80), req_seq.eq(seq)]
-                    with m.Elif((cmd == Cmd.INFO) | (cmd == Cmd.STATUS) | (cmd == Cmd.CLEAR)):
-                        with m.If(length != 0):
-                            nak(Nak.LENGTH)
-                        with m.Else():
-                            m.d.sync += [req.eq(1), req_cmd.eq(cmd | 0x80), req_seq.eq(seq),
-                                         req_kind.eq(Mux(cmd == Cmd.INFO, REPLY_INFO,
-                                                         Mux(cmd == Cmd.STATUS, REPLY_STATUS,
-                                                             REPLY_EMPTY)))]
-                            with m.If(cmd == Cmd.CLEAR):
-                                m.d.sync += clear.eq(1)
-                    with m.Else():
-                        nak(Nak.COMMAND)
-
+                    m.d.sync += crc_ok.eq(Cat(byte, crc_hi) == crc)
+                    m.next = "CHECK"
                 timeout_check()
+            with m.State("CHECK"):
+                # the CRC comparison was registered in CRC1 (CRC compare -> reply decision
+                # -> request registers was the board's 94.6 MHz path); no byte can arrive
+                # a cycle after the last one
+                m.next = "HUNT"
+                with m.If(~crc_ok):
+                    nak(Nak.CRC)
+                    m.d.sync += self.crc_errors.eq(self.crc_errors + 1)
+                with m.Elif(err != 0):
+                    nak(err)
+                with m.Elif(cmd == Cmd.WRITE):
+                    m.d.sync += [req.eq(1), req_kind.eq(REPLY_WRITE), req_cmd.eq(cmd | 0x80),
+                                 req_seq.eq(seq)]
+                    with m.If(~last_wseq_valid | (last_wseq != seq)):
+                        m.d.sync += [cp.eq(wp), last_wseq.eq(seq), last_wseq_valid.eq(1)]
+                with m.Elif(cmd == Cmd.READ):
+                    with m.If(length != 3):
+                        nak(Nak.LENGTH)
+                    with m.Elif(args[0] >= len(self.outputs)):
+                        nak(Nak.STREAM)
+                    with m.Else():
+                        m.d.sync += [req.eq(1), req_kind.eq(REPLY_READ),
+                                     req_cmd.eq(cmd | 0x80), req_seq.eq(seq)]
+                with m.Elif((cmd == Cmd.INFO) | (cmd == Cmd.STATUS) | (cmd == Cmd.CLEAR)):
+                    with m.If(length != 0):
+                        nak(Nak.LENGTH)
+                    with m.Else():
+                        m.d.sync += [req.eq(1), req_cmd.eq(cmd | 0x80), req_seq.eq(seq),
+                                     req_kind.eq(Mux(cmd == Cmd.INFO, REPLY_INFO,
+                                                     Mux(cmd == Cmd.STATUS, REPLY_STATUS,
+                                                         REPLY_EMPTY)))]
+                        with m.If(cmd == Cmd.CLEAR):
+                            m.d.sync += clear.eq(1)
+                with m.Else():
+                    nak(Nak.COMMAND)
         # A partial frame whose bytes stop arriving is abandoned (NAK TIMEOUT).
         with m.If(deframer.ongoing("HUNT") | got):
             m.d.sync += idle.eq(0)
