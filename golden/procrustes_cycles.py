@@ -6,11 +6,12 @@ count depends on the data, and adds the fixed latencies of the command decoder:
 
 * forward / backward: per PE row, the walker issues one *group* (``lanes`` blocks along
   the walk) per cycle; a group with ``b`` set bits in the walked slice is pushed into a
-  FIFO of ``fifo_depth`` entries and costs the emitter ``b`` cycles; empty groups are
-  dropped, except that a job (one output row and one tile of ``cols`` minibatch columns)
-  without any non-zero pushes one null group (1 cycle). The scanner stalls while the FIFO
-  is full; switching to a PE row's second row range costs one setup cycle. The phase ends
-  when the slowest PE row has flushed its last result, so balancing shortens it.
+  FIFO of ``fifo_depth`` entries two cycles later and costs the emitter ``b`` cycles;
+  empty groups are dropped, except that a job (one output row and one tile of ``cols``
+  minibatch columns) without any non-zero pushes one null group (1 cycle). Issue is
+  credit-based: at most ``fifo_depth`` groups are out (issued and not yet popped or
+  dropped); starting a PE row's row range costs two setup cycles. The phase ends when
+  the slowest PE row has flushed its last result, so balancing shortens it.
 * weight gradient: dense, ``ceil(M/rows)·ceil(K/cols)·N`` cycles plus latency.
 * update: one element every three cycles (``3·M·K``: the quantile step's serial
   dependence is pipelined over three cycles) in the update pipeline, then one element per
@@ -43,9 +44,10 @@ __all__ = [
 
 # fixed latencies of the command decoder and pipelines (see the module docstring)
 _GEMM_FIXED = 10 + 1  # accept..CHECK (8) + SCHK pipeline (2); RUNSTART..RESP beyond walkers (1)
-_WALK_TAIL = 5  # end marker popped -> done flag visible
-_WGRAD_FIXED = 14
-_UPDATE_FIXED = 20
+_WALK_SETUP = 2  # SETUP, SETUP2 (row bases) before a range's first group
+_WALK_TAIL = 7  # end marker popped -> done flag visible
+_WGRAD_FIXED = 16
+_UPDATE_FIXED = 28
 _UPDATE_II = 3  # cycles per element in the update pipeline (the quantile step's loop)
 
 
@@ -99,49 +101,82 @@ def group_counts(mask, p: ArrayParams, transpose: bool) -> np.ndarray:
 
 @numba.njit(cache=False)
 def _walk(counts, ranges, nt, depth):
-    """Cycle (relative to RUNSTART) at which one PE row's done flag rises."""
-    hist = np.zeros(depth, dtype=np.int64)  # pop cycles of the last `depth` pushes
+    """Cycle (relative to RUNSTART) at which one PE row's done flag rises.
+
+    The walker issues a group only while it holds a credit (``depth`` of them): a pushed
+    group returns its credit in the cycle the emitter pops it, a dropped one in its S2
+    cycle (issue + 2); a credit returned in cycle c can be used from c + 1.
+    """
+    pops = np.zeros(depth, dtype=np.int64)  # pop cycles of the last `depth` pushes
     npush = 0
-    last_pop = -1  # L_{j-1}
+    last_pop = -1
     last_cost = 0
-    issue = 2  # SETUP at 1, first ISSUE at 2
+    d1 = -1  # S2 cycles of the two most recent dropped groups
+    d2 = -1
+    nxt = _WALK_SETUP + 1  # IDLE at 0, SETUP, first ISSUE
+    seen = False
     any_range = False
-    for h in range(2):
-        a, b = ranges[h, 0], ranges[h, 1]
-        if a == b:
-            continue
-        if any_range:
-            issue += 1  # SETUP between the two ranges
-        any_range = True
-        for o in range(a, b):
-            for _t in range(nt):
-                seen = False
-                ng = counts.shape[1]
-                for g in range(ng):
+    ng = counts.shape[1]
+    for h in range(3):
+        if h < 2:
+            a, b = ranges[h, 0], ranges[h, 1]
+            if a == b:
+                continue
+            if any_range:
+                nxt += _WALK_SETUP  # SETUP between the two ranges
+            any_range = True
+            n_jobs = (b - a) * nt
+        else:
+            if not any_range:
+                nxt = 1  # END right after IDLE
+            a = 0
+            n_jobs = 1  # the end marker
+        for j in range(n_jobs):
+            o = a + j // nt
+            for g in range(ng if h < 2 else 1):
+                # earliest cycle >= nxt with fewer than `depth` credits out
+                i = nxt
+                while True:
+                    out = (d1 >= i) + (d2 >= i)
+                    lo = -1
+                    for q in range(min(npush, depth)):
+                        pq = pops[q]
+                        if pq >= i:
+                            out += 1
+                            if lo < 0 or pq < lo:
+                                lo = pq
+                    if out < depth:
+                        break
+                    nl = i + 1
+                    if lo >= 0:
+                        nl = lo + 1
+                    if d1 >= i and d1 + 1 < nl:
+                        nl = d1 + 1
+                    if d2 >= i and d2 + 1 < nl:
+                        nl = d2 + 1
+                    i = max(i + 1, nl)
+                if h == 2:
+                    bits = 0
+                    push = True
+                else:
                     bits = counts[o, g]
-                    push = bits > 0 or (g == ng - 1 and not seen)
-                    adv = issue + 1
-                    if push:
-                        if npush >= depth:
-                            adv = max(adv, hist[npush % depth] + 1)
-                        pop = adv + 1 if npush == 0 else max(last_pop + last_cost, adv + 1)
-                        hist[npush % depth] = pop
-                        npush += 1
-                        last_pop = pop
-                        last_cost = max(bits, 1)
-                    if g == ng - 1:
+                    if g == 0:
                         seen = False
-                    elif bits > 0:
-                        seen = True
-                    issue = adv
-    if not any_range:
-        issue = 1  # END right after IDLE
-    # the end marker
-    adv = issue + 1
-    if npush >= depth:
-        adv = max(adv, hist[npush % depth] + 1)
-    pop = adv + 1 if npush == 0 else max(last_pop + last_cost, adv + 1)
-    return pop + _WALK_TAIL
+                    push = bits > 0 or (g == ng - 1 and not seen)
+                s2 = i + 2
+                if push:
+                    pop = s2 + 1 if npush == 0 else max(last_pop + last_cost, s2 + 1)
+                    pops[npush % depth] = pop
+                    npush += 1
+                    last_pop = pop
+                    last_cost = max(bits, 1)
+                else:
+                    d2 = d1
+                    d1 = s2
+                if h < 2 and bits > 0:
+                    seen = True
+                nxt = i + 1
+    return last_pop + _WALK_TAIL
 
 
 def row_cycles(counts: np.ndarray, sched: Schedule, nt: int, p: ArrayParams) -> np.ndarray:

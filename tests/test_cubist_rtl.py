@@ -342,3 +342,62 @@ def test_queued_key_divider_keeps_order_and_tags_of_two_interleaved_streams(beat
     sim.run()
     assert sum(1 for j in jobs[1:] if j[0] - jobs[jobs.index(j) - 1][0] == 1) > 0
     assert got == [(tag, key(d, na, nb)) for _, tag, d, na, nb in jobs]
+
+
+def _key_front_jobs(product_regs, tokens, p, width):
+    """KeyFront(tokens=1) fed ``tokens`` (lists of P-lane beats) back to back: the jobs
+    ``(cycle, d, na, nb)`` it emits."""
+    from hw.cubist.keys import KeyFront
+
+    beats = len(tokens[0])
+    c = beats * p
+    dut = KeyFront(p=p, width=width, beats=beats, tokens=1, c=c, product_regs=product_regs)
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    got = []
+
+    async def drive(ctx):
+        for n, tok in enumerate(tokens):
+            for k, beat in enumerate(tok):
+                ctx.set(dut.valid, 1)
+                ctx.set(dut.data, sum((v & ((1 << width) - 1)) << (i * width)
+                                      for i, v in enumerate(beat)))
+                ctx.set(dut.c, k)
+                ctx.set(dut.end, k == beats - 1)
+                ctx.set(dut.has_prev, n != 0)
+                await ctx.tick()
+        ctx.set(dut.valid, 0)
+
+    async def collect(ctx):
+        for cycle in range(len(tokens) * beats + 40):
+            await ctx.tick()
+            if ctx.get(dut.job_valid):
+                got.append((cycle, ctx.get(dut.job_d), ctx.get(dut.job_na), ctx.get(dut.job_nb)))
+
+    sim.add_testbench(drive)
+    sim.add_testbench(collect)
+    sim.run()
+    return got
+
+
+def test_key_front_product_registers_only_delay_the_jobs():
+    """product_regs=2 (ECP5 timing, the default) and 1 (shared keys, iCE40 area): the same
+    jobs d = <prev, new>, na = |prev|^2, nb = |new|^2, the second register one cycle later."""
+    p, width, beats = 4, 8, 3
+    rng = random.Random(5)
+    tokens = [[[rng.randint(-128, 127) for _ in range(p)] for _ in range(beats)]
+              for _ in range(6)]
+    flat = [sum(t, []) for t in tokens]
+    want = [(sum(x * y for x, y in zip(a, b)), sum(x * x for x in a), sum(y * y for y in b))
+            for a, b in zip(flat, flat[1:])]
+    one, two = _key_front_jobs(1, tokens, p, width), _key_front_jobs(2, tokens, p, width)
+    assert [j[1:] for j in one] == want
+    assert [j[1:] for j in two] == want
+    assert [j[0] + 1 for j in one] == [j[0] for j in two]
+
+
+def test_key_front_refuses_a_bad_product_register_count():
+    from hw.cubist.keys import KeyFront
+
+    with pytest.raises(ValueError, match=r"product_regs must be 1 or 2, not 3"):
+        KeyFront(p=4, width=8, beats=2, tokens=1, c=8, product_regs=3)

@@ -249,7 +249,7 @@ class CubistMerge(wiring.Component):
         if shared:
             m.d.sync += tdm.eq(~tdm)
             m.submodules.kfront = kf = KeyFront(p=P, width=WD, beats=B, tokens=2 << WB,
-                                                c=self.c, ways=2)
+                                                c=self.c, ways=2, product_regs=1)
             m.submodules.kdiv = kd = KeyDivider(dw=kf.dw, nw=kf.nw, frac_bits=F, beats=B,
                                                 serial=self.serial_mul, queue=True)
 
@@ -524,11 +524,17 @@ class CubistMerge(wiring.Component):
         write_t = sq["v"] & Mux(sq["odd"], sq["rem"] & sq["right"], sq["src_r"])
         m.d.comb += [t_w.addr.eq(_bits(sq["c"], CB)), t_w.data.eq(Mux(sq["odd"], x, even_v)),
                      t_w.en.eq(write_t)]
-        emit1 = sq["v"] & sq["emit"]
-        c2, col2, row2 = sq["c"], sq["col"], sq["row"]
+        # stage 3: the merged beat registered before the frame-buffer write and KeyFront(V)
+        # (merge -> KeyFront(V)'s input register was the 101.8 MHz path); only the frame
+        # buffer (read by OUT after vdone, which this beat's key precedes) sees it later.
+        # Not with shared keys: H-MERGE's beats must reach the shared KeyFront on its own
+        # (odd) cycles, and the iCE40 target (30 MHz) does not need the stage.
+        s3 = _pipe(m, not shared, "hm3", v=sq["v"] & sq["emit"], c=sq["c"], col=sq["col"],
+                   row=sq["row"], bank=sq["bank"], d=merged)
+        emit1, c2, col2, row2, merged = s3["v"], s3["c"], s3["col"], s3["row"], s3["d"]
         for par in range(2):
             m.d.comb += [fb_waddr[par].eq(Cat(_bits(c2, CB), _bits(col2, WB), _bits(row2 >> 1, HH),
-                                               sq["bank"][:1 if NB == 2 else 0])),
+                                              s3["bank"][:1 if NB == 2 else 0])),
                          fb_w[par].data.eq(merged), fb_w[par].en.eq(emit1 & (row2[0] == par))]
         m.d.comb += [vfront.valid.eq(emit1), vfront.data.eq(merged), vfront.c.eq(c2),
                      vfront.tok.eq(_bits(col2, WB)), vfront.end.eq(c2 == B - 1),

@@ -122,10 +122,27 @@ class PERow(wiring.Component):
     def elaborate(self, platform):
         c = self.cfg
         m = Module()
-        D, A, C, L, S, NB, PB = (c.data_bits, c.acc_bits, c.cols, c.lanes, c.slice_bits,
+        D, A_, C, L, S, NB, PB = (c.data_bits, c.acc_bits, c.cols, c.lanes, c.slice_bits,
                                  c.nb, c.ptr_bits)
-        mode_bwd = self.mode == MODE_BWD
-        wgrad = self.mode == MODE_WGRAD
+        # The phase configuration is held stable by the top level from before ``start``
+        # to the end of the run: registered copies keep its decoding (and the wires
+        # from the top level) off the walker's paths. ``mode`` is used through its copy
+        # from the cycle after ``start`` on.
+        mode_r = Signal(2)
+        ng_m1, nt_m1, lim, gkl, xstride, blk_base = (Signal(16, name=n) for n in (
+            "ng_m1", "nt_m1", "lim_r", "gkl_r", "xstride_r", "blk_base_r"))
+        val_base = Signal(c.ptr_bits)
+        e0, e1, s1_start = Signal(16), Signal(16), Signal(16)
+        has1 = Signal()
+        m.d.sync += [
+            mode_r.eq(self.mode), ng_m1.eq(self.ng - 1), nt_m1.eq(self.nt - 1),
+            lim.eq(self.lim), gkl.eq(self.gkl), xstride.eq(self.xstride),
+            blk_base.eq(self.blk_base), val_base.eq(self.val_base),
+            e0.eq(self.e0), e1.eq(self.e1), s1_start.eq(self.s1),
+            has1.eq(self.s1 != self.e1),
+        ]
+        mode_bwd = mode_r == MODE_BWD
+        wgrad = mode_r == MODE_WGRAD
 
         # ---- memories -------------------------------------------------------------
         banks = []
@@ -151,10 +168,18 @@ class PERow(wiring.Component):
             xwr.en.eq(self.xw_en), xwr.addr.eq(self.xw_addr), xwr.data.eq(self.xw_data),
             self.bdata.eq(Cat(*[p.data for p in brd])),
             self.vdata.eq(vrd.data), self.xdata.eq(xrd.data),
-            yrd.addr.eq(self.y_raddr), self.ydata.eq(yrd.data),
+            yrd.addr.eq(self.y_raddr),
         ]
 
+        # the result bank's output is registered: it goes to the top level's update,
+        # encoder and unload (a word arrives two cycles after its address)
+        m.d.sync += self.ydata.eq(yrd.data)
+
         # ---- S0: walk (output row, tile, group), address the banks ---------------
+        # Issue is credit-based: a group is issued only while the FIFO has a slot for it
+        # counting the groups in flight (S1, S2), so nothing after S0 ever stalls and the
+        # issue decision depends on one register (no path from the mask banks back into
+        # S0). A credit returns when its group is popped by the emitter or dropped in S2.
         h = Signal()
         o = Signal(16)
         t = Signal(16)
@@ -163,43 +188,40 @@ class PERow(wiring.Component):
         rowbase = Signal(16)
         gbase = Signal(16)
         seen = Signal()
+        credits = Signal(range(c.fifo_depth + 1), init=c.fifo_depth)
+        rowmul = Signal(32)  # (o >> log_bm)·gkl, registered in SETUP
+        # backward: bank b's word of the group is colb[b] + gbase, where
+        # colb[b] = blk_base + (bj >> log_lanes) + gkl·((b - bj) mod lanes); kept by
+        # rotating when bj steps by one, set up in SETUP/SETUP2 at a range start
+        lgv = [Signal(16, name=f"lgv{b}") for b in range(L)]
+        colb = [Signal(16, name=f"colb{b}") for b in range(L)]
 
         s1 = Signal(data.StructLayout({
-            "valid": 1, "end": 1, "rot": max(1, c.log_lanes), "sub": 3, "gl": 16,
+            "valid": 1, "end": 1, "rot": max(1, c.log_lanes), "sub": 3, "lvalid": L,
             "last_g": 1, "opbase": 16, "xbase": 16}))
         issue = Signal()
-        s1_adv = Signal()
-        m.d.comb += issue.eq(~s1.valid | s1_adv)
+        pop, drop = Signal(), Signal()  # credits returned this cycle
 
         bi = o >> c.log_bm
         bj = o >> c.log_bk
         for b in range(L):
-            lane = (b - bj) & (L - 1) if L > 1 else Const(0)
-            lg = Signal(16, name=f"lgkl{b}")
-            with m.Switch(lane):
-                for l in range(L):
-                    with m.Case(l):
-                        m.d.comb += lg.eq(self.gkl * l)
-            addr = Mux(mode_bwd,
-                       self.blk_base + (bj >> c.log_lanes) + gbase + lg,
-                       rowbase + g)
-            m.d.comb += brd[b].addr.eq(Mux(self.ext, self.ext_baddr, addr))
+            addr = Mux(mode_bwd, colb[b] + gbase, rowbase + g)
+            m.d.comb += [brd[b].addr.eq(Mux(self.ext, self.ext_baddr, addr)),
+                         brd[b].en.eq(1)]
 
-        last_g = g == self.ng - 1
-        last_t = t == self.nt - 1
+        last_g = g == ng_m1
+        last_t = t == nt_m1
         o_next = o + 1
-        e_cur = Mux(h, self.e1, self.e0)
+        e_cur = Mux(h, e1, e0)
         log_sx_fwd, log_sx_bwd = c.log_bk, c.log_bm
-        fire = Signal()
-        for b in range(L):
-            m.d.comb += brd[b].en.eq(self.ext | fire)
-
-        with m.If(s1_adv):
-            m.d.sync += s1.valid.eq(0)
+        gl = g << c.log_lanes
+        m.d.sync += s1.valid.eq(0)
+        m.d.sync += credits.eq(credits - issue + pop + drop)
         with m.FSM(name="walk"):
             with m.State("IDLE"):
-                with m.If(self.start & ~wgrad):
-                    m.d.sync += [g.eq(0), t.eq(0), gbase.eq(0), xbase.eq(0), seen.eq(0)]
+                with m.If(self.start & (self.mode != MODE_WGRAD)):
+                    m.d.sync += [g.eq(0), t.eq(0), gbase.eq(0), xbase.eq(0), seen.eq(0),
+                                 credits.eq(c.fifo_depth)]
                     with m.If(self.s0 != self.e0):
                         m.d.sync += [h.eq(0), o.eq(self.s0)]
                         m.next = "SETUP"
@@ -209,38 +231,57 @@ class PERow(wiring.Component):
                     with m.Else():
                         m.next = "END"
             with m.State("SETUP"):
-                m.d.sync += rowbase.eq(self.blk_base + (o >> c.log_bm) * self.gkl)
+                m.d.sync += rowmul.eq((o >> c.log_bm) * gkl)
+                for b in range(L):
+                    lane = ((b - bj) & (L - 1)) if L > 1 else Const(0)
+                    with m.Switch(lane):
+                        for l in range(L):
+                            with m.Case(l):
+                                m.d.sync += lgv[b].eq(gkl * l)
+                m.next = "SETUP2"
+            with m.State("SETUP2"):
+                m.d.sync += rowbase.eq(blk_base + rowmul)
+                for b in range(L):
+                    m.d.sync += colb[b].eq(blk_base + (bj >> c.log_lanes) + lgv[b])
                 m.next = "ISSUE"
             with m.State("ISSUE"):
-                m.d.comb += fire.eq(issue)
+                m.d.comb += issue.eq(credits != 0)
                 with m.If(issue):
                     m.d.sync += [
                         s1.valid.eq(1), s1.end.eq(0),
                         s1.rot.eq(Mux(mode_bwd, bj, bi)),
                         s1.sub.eq(Mux(mode_bwd, o & (c.bk - 1), o & (c.bm - 1))),
-                        s1.gl.eq(g << c.log_lanes),
+                        s1.lvalid.eq(Cat(*[(gl + l) < lim for l in range(L)])),
                         s1.last_g.eq(last_g),
                         s1.opbase.eq(Mux(mode_bwd, g << (c.log_lanes + log_sx_bwd),
                                          g << (c.log_lanes + log_sx_fwd))),
                         s1.xbase.eq(xbase),
                     ]
                     with m.If(~last_g):
-                        m.d.sync += [g.eq(g + 1), gbase.eq(gbase + (self.gkl << c.log_lanes))]
+                        m.d.sync += [g.eq(g + 1), gbase.eq(gbase + (gkl << c.log_lanes))]
                     with m.Else():
                         m.d.sync += [g.eq(0), gbase.eq(0)]
                         with m.If(~last_t):
-                            m.d.sync += [t.eq(t + 1), xbase.eq(xbase + self.xstride)]
+                            m.d.sync += [t.eq(t + 1), xbase.eq(xbase + xstride)]
                         with m.Else():
                             m.d.sync += [t.eq(0), xbase.eq(0), o.eq(o_next)]
                             with m.If(~mode_bwd & ((o_next & (c.bm - 1)) == 0)):
-                                m.d.sync += rowbase.eq(rowbase + self.gkl)
+                                m.d.sync += rowbase.eq(rowbase + gkl)
+                            with m.If(mode_bwd & ((o_next & (c.bk - 1)) == 0)):
+                                # bj steps by one: bank b takes bank b-1's lane offset,
+                                # and the word offset bj >> log_lanes steps at a wrap
+                                carry = (((o_next >> c.log_bk) & (L - 1)) == 0) \
+                                    if L > 1 else Const(1)
+                                for b in range(L):
+                                    m.d.sync += colb[b].eq(colb[(b - 1) % L] + carry)
                             with m.If(o_next == e_cur):
-                                with m.If(~h & (self.s1 != self.e1)):
-                                    m.d.sync += [h.eq(1), o.eq(self.s1)]
+                                with m.If(~h & has1):
+                                    m.d.sync += [h.eq(1), o.eq(s1_start)]
                                     m.next = "SETUP"
                                 with m.Else():
                                     m.next = "END"
             with m.State("END"):
+                m.d.comb += issue.eq(credits != 0)
                 with m.If(issue):
                     m.d.sync += [s1.valid.eq(1), s1.end.eq(1)]
                     m.next = "WAIT"
@@ -248,49 +289,53 @@ class PERow(wiring.Component):
                 with m.If(self.done):
                     m.next = "IDLE"
 
-        # ---- S1: slice the masks, drop empty groups, push ---------------------------
-        q = fifo.SyncFIFO(width=entry_layout(c).size, depth=c.fifo_depth)
-        m.submodules.fifo = q
-        ent = Signal(entry_layout(c))
+        # ---- S1: the bank words arrive (unregistered BRAM output); rotate them into
+        # lane order and register (S2) -----------------------------------------------
+        s2 = Signal(s1.shape(), name="s2")
+        s2w = [Signal(c.mbw, name=f"s2w{l}") for l in range(L)]
+        m.d.sync += s2.eq(s1)
         bank_words = [brd[b].data for b in range(L)]
-        lane_words = []
         for l in range(L):
-            w = Signal(c.mbw, name=f"lane{l}")
             if L > 1:
                 with m.Switch((s1.rot + l) & (L - 1)):
                     for b in range(L):
                         with m.Case(b):
-                            m.d.comb += w.eq(bank_words[b])
+                            m.d.sync += s2w[l].eq(bank_words[b])
             else:
-                m.d.comb += w.eq(bank_words[0])
-            lane_words.append(w)
+                m.d.sync += s2w[l].eq(bank_words[0])
+
+        # ---- S2: slice the masks, drop empty groups, push (never stalls) -----------
+        q = fifo.SyncFIFO(width=entry_layout(c).size, depth=c.fifo_depth)
+        m.submodules.fifo = q
+        ent = Signal(entry_layout(c))
+        lane_words = s2w
         bits = []
         for l in range(L):
             mask = lane_words[l][:NB]
-            lvalid = (s1.gl + l) < self.lim
+            lvalid = s2.lvalid[l]
             for s in range(S):
-                fb = Const(0) if s >= c.bk else mask.bit_select((s1.sub << c.log_bk) + s, 1)
-                bb = Const(0) if s >= c.bm else mask.bit_select((s << c.log_bk) + s1.sub, 1)
+                fb = Const(0) if s >= c.bk else mask.bit_select((s2.sub << c.log_bk) + s, 1)
+                bb = Const(0) if s >= c.bm else mask.bit_select((s << c.log_bk) + s2.sub, 1)
                 bits.append(lvalid & Mux(mode_bwd, bb, fb))
         bitvec = Signal(L * S)
         m.d.comb += bitvec.eq(Cat(*bits))
         nonempty = bitvec.any()
         need_push = Signal()
         m.d.comb += [
-            need_push.eq(s1.valid & (s1.end | nonempty | (s1.last_g & ~seen))),
-            s1_adv.eq(s1.valid & (~need_push | q.w_rdy)),
-            ent.bits.eq(Mux(s1.end, 0, bitvec)),
+            need_push.eq(s2.valid & (s2.end | nonempty | (s2.last_g & ~seen))),
+            drop.eq(s2.valid & ~need_push),
+            ent.bits.eq(Mux(s2.end, 0, bitvec)),
             ent.masks.eq(Cat(*[w[:NB] for w in lane_words])),
             ent.ptrs.eq(Cat(*[w[NB:] for w in lane_words])),
-            ent.sub.eq(s1.sub), ent.opbase.eq(s1.opbase), ent.xbase.eq(s1.xbase),
-            ent.first.eq(s1.end | ~seen),
-            ent.null.eq(s1.end | ~nonempty),
-            ent.end.eq(s1.end),
+            ent.sub.eq(s2.sub), ent.opbase.eq(s2.opbase), ent.xbase.eq(s2.xbase),
+            ent.first.eq(s2.end | ~seen),
+            ent.null.eq(s2.end | ~nonempty),
+            ent.end.eq(s2.end),
             q.w_data.eq(ent.as_value()),
-            q.w_en.eq(need_push & s1_adv),
+            q.w_en.eq(need_push),
         ]
-        with m.If(s1_adv & ~s1.end):
-            with m.If(s1.last_g):
+        with m.If(s2.valid & ~s2.end):
+            with m.If(s2.last_g):
                 m.d.sync += seen.eq(0)
             with m.Elif(nonempty):
                 m.d.sync += seen.eq(1)
@@ -321,6 +366,7 @@ class PERow(wiring.Component):
             "valid": 1, "null": 1, "first": 1, "end": 1, "ptr": PB, "mask": NB,
             "t": max(1, (NB - 1).bit_length()), "opidx": 16, "xbase": 16}))
         load_next = ~gv | G.null | (remaining == 0)
+        m.d.comb += pop.eq(load_next & q.r_rdy)  # one assignment: no X in Icarus
         m.d.sync += [
             E.valid.eq(gv), E.null.eq(G.null), E.first.eq(G.first), E.end.eq(G.end),
             E.ptr.eq(ptr_sel), E.mask.eq(mask_sel),
@@ -333,35 +379,49 @@ class PERow(wiring.Component):
         with m.Else():
             m.d.sync += [G.bits.eq(remaining), G.first.eq(0)]
 
-        # ---- E: addresses; read value and operand ---------------------------------
+        # ---- E: addresses, registered (A) before they reach the memories -------------
+        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1})
+        A = Signal(data.StructLayout({"ctl": ctl, "vaddr": PB, "xaddr": 16}))
         below = Cat(*[E.mask[i] & (i < E.t) for i in range(NB)])
         popc = sum(below[i] for i in range(NB))
-        vaddr = (self.val_base + E.ptr + popc)[:PB]
-        xaddr = Mux(wgrad, self.sq_xaddr, E.xbase + E.opidx)
+        m.d.sync += [
+            A.ctl.valid.eq(E.valid), A.ctl.null.eq(E.null), A.ctl.first.eq(E.first),
+            A.ctl.end.eq(E.end),
+            A.vaddr.eq((val_base + E.ptr + popc)[:PB]),
+            A.xaddr.eq(E.xbase + E.opidx),
+        ]
+        # ---- A: read value and operand ----------------------------------------------
+        xaddr = Mux(wgrad, self.sq_xaddr, A.xaddr)
         m.d.comb += [
-            vrd.addr.eq(Mux(self.ext, self.ext_vaddr, vaddr)),
+            vrd.addr.eq(Mux(self.ext, self.ext_vaddr, A.vaddr)),
             xrd.addr.eq(Mux(self.ext, self.ext_xaddr, xaddr)),
         ]
-        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1})
         D1 = Signal(ctl)
         with m.If(wgrad):
             m.d.sync += [D1.valid.eq(self.sq_valid), D1.null.eq(0),
                          D1.first.eq(self.sq_first), D1.end.eq(self.sq_end)]
         with m.Else():
-            m.d.sync += [D1.valid.eq(E.valid), D1.null.eq(E.null),
-                         D1.first.eq(E.first), D1.end.eq(E.end)]
+            m.d.sync += D1.eq(A.ctl)
 
-        # ---- D1: multiply -----------------------------------------------------------
+        # ---- D1: the memories' outputs, registered as the multiplier's operands ------
         w = Signal(signed(D))
-        m.d.comb += w.eq(Mux(wgrad, self.g_lane, Mux(D1.null, 0, vrd.data.as_signed())))
+        xw = Signal(C * D)
+        DM = Signal(ctl)
+        m.d.sync += [
+            DM.eq(D1), xw.eq(xrd.data),
+            w.eq(Mux(wgrad, self.g_lane, Mux(D1.null, 0, vrd.data.as_signed()))),
+        ]
+
+        # ---- DM: multiply -----------------------------------------------------------
         D2 = Signal(ctl)
         prods = [Signal(signed(2 * D), name=f"p{i}") for i in range(C)]
-        m.d.sync += D2.eq(D1)
+        m.d.sync += D2.eq(DM)
         for i in range(C):
-            m.d.sync += prods[i].eq(w * xrd.data[i * D:(i + 1) * D].as_signed())
+            m.d.sync += prods[i].eq(w * xw[i * D:(i + 1) * D].as_signed())
 
-        # ---- D2: accumulate, write results -----------------------------------------
-        accs = [Signal(signed(A), name=f"acc{i}") for i in range(C)]
+        # ---- D2: accumulate; results (and external writes) go to the bank through a
+        # register stage -------------------------------------------------------------
+        accs = [Signal(signed(A_), name=f"acc{i}") for i in range(C)]
         have = Signal()
         wptr = Signal(16)
         outs = []
@@ -378,15 +438,17 @@ class PERow(wiring.Component):
                     m.d.sync += wptr.eq(wptr + 1)
             for i in range(C):
                 base = Mux(D2.first, 0, accs[i])
-                m.d.sync += accs[i].eq(sat(m, base + prods[i], A, f"accn{i}"))
+                m.d.sync += accs[i].eq(sat(m, base + prods[i], A_, f"accn{i}"))
             with m.If(D2.end):
                 m.d.sync += self.done.eq(1)
+        yw_en, yw_addr, yw_data = Signal(C), Signal(16), Signal(C * D)
         with m.If(pe_write):
-            m.d.comb += [ywr.en.eq((1 << C) - 1), ywr.addr.eq(wptr),
-                         ywr.data.eq(Cat(*[v.as_unsigned()[:D] for v in outs]))]
+            m.d.sync += [yw_en.eq((1 << C) - 1), yw_addr.eq(wptr),
+                         yw_data.eq(Cat(*[v.as_unsigned()[:D] for v in outs]))]
         with m.Else():
-            m.d.comb += [ywr.en.eq(self.y_wen), ywr.addr.eq(self.y_waddr),
-                         ywr.data.eq(self.y_wdata)]
+            m.d.sync += [yw_en.eq(self.y_wen), yw_addr.eq(self.y_waddr),
+                         yw_data.eq(self.y_wdata)]
+        m.d.comb += [ywr.en.eq(yw_en), ywr.addr.eq(yw_addr), ywr.data.eq(yw_data)]
         with m.If(self.start):
             m.d.sync += [self.done.eq(0), have.eq(0), wptr.eq(0)]
         return m
