@@ -4,13 +4,15 @@ size, the weight mask and the schedule.
 It follows the RTL's pipeline (``hw/procrustes/README.md``) cycle by cycle where the cycle
 count depends on the data, and adds the fixed latencies of the command decoder:
 
-* forward / backward: per PE row, the walker issues one *group* (``lanes`` blocks along
-  the walk) per cycle; a group with ``b`` set bits in the walked slice is pushed into a
-  FIFO of ``fifo_depth`` entries and costs the emitter ``b`` cycles; empty groups are
-  dropped, except that a job (one output row and one tile of ``cols`` minibatch columns)
-  without any non-zero pushes one null group (1 cycle). The scanner stalls while the FIFO
-  is full; switching to a PE row's second row range costs one setup cycle. The phase ends
-  when the slowest PE row has flushed its last result, so balancing shortens it.
+* forward / backward: a *job* is one output row and one tile of ``cols`` minibatch
+  columns; the schedule (``golden.balance`` with ``nt`` = tiles) gives each PE row two
+  ranges of jobs. Per PE row, the walker issues one *group* (``lanes`` blocks along the
+  walk) per cycle; a group with ``b`` set bits in the walked slice is pushed into a FIFO
+  of ``fifo_depth`` entries and costs the emitter ``b`` cycles; empty groups are dropped,
+  and a job without any non-zero pushes nothing (its result is flagged null). The scanner
+  stalls while the FIFO is full; switching to a PE row's second range costs one setup
+  cycle. The phase ends when the slowest PE row has flushed its last result, so
+  balancing shortens it.
 * weight gradient: dense, ``ceil(M/rows)·ceil(K/cols)·N`` cycles plus latency.
 * update: one element every three cycles (``3·M·K``: the quantile step's serial
   dependence is pipelined over three cycles) in the update pipeline, then one element per
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 # fixed latencies of the command decoder and pipelines (see the module docstring)
-_GEMM_FIXED = 10 + 1  # accept..CHECK (8) + SCHK pipeline (2); RUNSTART..RESP beyond walkers (1)
+_GEMM_FIXED = 8 + 1  # accept..CHECK (8, schedule checked there too); RUNSTART..RESP (1)
 _WALK_TAIL = 5  # end marker popped -> done flag visible
 _WGRAD_FIXED = 14
 _UPDATE_FIXED = 20
@@ -99,7 +101,8 @@ def group_counts(mask, p: ArrayParams, transpose: bool) -> np.ndarray:
 
 @numba.njit(cache=False)
 def _walk(counts, ranges, nt, depth):
-    """Cycle (relative to RUNSTART) at which one PE row's done flag rises."""
+    """Cycle (relative to RUNSTART) at which one PE row's done flag rises; ``ranges``
+    are (start, stop) job ranges, job ``j`` = output row ``j // nt``, tile ``j % nt``."""
     hist = np.zeros(depth, dtype=np.int64)  # pop cycles of the last `depth` pushes
     npush = 0
     last_pop = -1  # L_{j-1}
@@ -113,27 +116,21 @@ def _walk(counts, ranges, nt, depth):
         if any_range:
             issue += 1  # SETUP between the two ranges
         any_range = True
-        for o in range(a, b):
-            for _t in range(nt):
-                seen = False
-                ng = counts.shape[1]
-                for g in range(ng):
-                    bits = counts[o, g]
-                    push = bits > 0 or (g == ng - 1 and not seen)
-                    adv = issue + 1
-                    if push:
-                        if npush >= depth:
-                            adv = max(adv, hist[npush % depth] + 1)
-                        pop = adv + 1 if npush == 0 else max(last_pop + last_cost, adv + 1)
-                        hist[npush % depth] = pop
-                        npush += 1
-                        last_pop = pop
-                        last_cost = max(bits, 1)
-                    if g == ng - 1:
-                        seen = False
-                    elif bits > 0:
-                        seen = True
-                    issue = adv
+        ng = counts.shape[1]
+        for j in range(a, b):
+            o = j // nt
+            for g in range(ng):
+                bits = counts[o, g]
+                adv = issue + 1
+                if bits > 0:
+                    if npush >= depth:
+                        adv = max(adv, hist[npush % depth] + 1)
+                    pop = adv + 1 if npush == 0 else max(last_pop + last_cost, adv + 1)
+                    hist[npush % depth] = pop
+                    npush += 1
+                    last_pop = pop
+                    last_cost = bits
+                issue = adv
     if not any_range:
         issue = 1  # END right after IDLE
     # the end marker
@@ -157,10 +154,12 @@ def predict_gemm(mask, N: int, p: ArrayParams, *, transpose: bool, balanced: boo
     if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or N < 1:
         raise ValueError(f"N must be a positive integer, got {N!r}")
     counts = group_counts(mask, p, transpose)
-    if sched is None:
-        sched = schedule(counts.sum(axis=1), p.rows, balanced)
     nt = -(-int(N) // p.cols)
-    return _GEMM_FIXED + p.rows + int(row_cycles(counts, sched, nt, p).max())
+    if sched is None:
+        sched = schedule(counts.sum(axis=1), p.rows, balanced, nt)
+    if sched.nt != nt:
+        raise ValueError(f"sched.nt must be the number of tiles {nt}, got {sched.nt}")
+    return _GEMM_FIXED + int(row_cycles(counts, sched, nt, p).max())
 
 
 def predict_forward(mask, N: int, p: ArrayParams, balanced: bool = True) -> int:

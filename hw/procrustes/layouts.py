@@ -12,7 +12,7 @@ import enum
 
 from amaranth.lib import data
 
-__all__ = ["Buf", "Err", "Op", "Reg", "cmd_layout", "resp_layout"]
+__all__ = ["Buf", "Err", "Op", "Reg", "cmd_layout", "resp_layout", "sched_words"]
 
 
 class Op(enum.IntEnum):
@@ -32,7 +32,7 @@ class Buf(enum.IntEnum):
     VALUES = 1  # weight values
     X = 2  # operand buffer (cols lanes)
     G = 3  # gradient buffer (rows lanes)
-    SCHED = 4  # schedule table: word r = (s0, e0, s1, e1), 16 bits each
+    SCHED = 4  # schedule table: word 2r + h = range h of PE row r: (row, tile, jobs)
     Y = 5  # result bank of one PE row (arg)
 
 
@@ -76,3 +76,17 @@ def resp_layout() -> data.StructLayout:
         "value": 32,
         "cycles": 32,
     })
+
+
+def sched_words(table) -> list[int]:
+    """The ``SCHED`` buffer image of a schedule table ``[rows][2][(row, tile, jobs)]``
+    (``golden.balance.Schedule.table()``): one word per PE row and range, 16 bits each
+    field, row in the low bits."""
+    words = []
+    for ranges in table:
+        for o, t, n in ranges:
+            for name, v in (("row", o), ("tile", t), ("jobs", n)):
+                if not 0 <= int(v) < 1 << 16:
+                    raise ValueError(f"schedule {name} must be in 0..65535, not {v}")
+            words.append(int(o) | int(t) << 16 | int(n) << 32)
+    return words

@@ -75,6 +75,7 @@ def entry_layout(c: Config) -> data.StructLayout:
         "first": 1,
         "null": 1,
         "end": 1,
+        "pos": 16,
     })
 
 
@@ -100,7 +101,9 @@ class PERow(wiring.Component):
             "xstride": In(16),
             "blk_base": In(16),
             "val_base": In(c.ptr_bits),
-            "s0": In(16), "e0": In(16), "s1": In(16), "e1": In(16),
+            # schedule: two job ranges, each (first row, first tile, jobs)
+            "o0": In(16), "t0": In(16), "n0": In(16),
+            "o1": In(16), "t1": In(16), "n1": In(16),
             "done": Out(1),
             # dense weight-gradient elements from the top-level sequencer
             "sq_valid": In(1), "sq_first": In(1), "sq_end": In(1),
@@ -151,7 +154,7 @@ class PERow(wiring.Component):
             xwr.en.eq(self.xw_en), xwr.addr.eq(self.xw_addr), xwr.data.eq(self.xw_data),
             self.bdata.eq(Cat(*[p.data for p in brd])),
             self.vdata.eq(vrd.data), self.xdata.eq(xrd.data),
-            yrd.addr.eq(self.y_raddr), self.ydata.eq(yrd.data),
+            yrd.addr.eq(self.y_raddr),
         ]
 
         # ---- S0: walk (output row, tile, group), address the banks ---------------
@@ -163,6 +166,7 @@ class PERow(wiring.Component):
         rowbase = Signal(16)
         gbase = Signal(16)
         seen = Signal()
+        nrem = Signal(16)  # jobs left in the current range
 
         s1 = Signal(data.StructLayout({
             "valid": 1, "end": 1, "rot": max(1, c.log_lanes), "sub": 3, "gl": 16,
@@ -188,7 +192,6 @@ class PERow(wiring.Component):
         last_g = g == self.ng - 1
         last_t = t == self.nt - 1
         o_next = o + 1
-        e_cur = Mux(h, self.e1, self.e0)
         log_sx_fwd, log_sx_bwd = c.log_bk, c.log_bm
         fire = Signal()
         for b in range(L):
@@ -199,17 +202,20 @@ class PERow(wiring.Component):
         with m.FSM(name="walk"):
             with m.State("IDLE"):
                 with m.If(self.start & ~wgrad):
-                    m.d.sync += [g.eq(0), t.eq(0), gbase.eq(0), xbase.eq(0), seen.eq(0)]
-                    with m.If(self.s0 != self.e0):
-                        m.d.sync += [h.eq(0), o.eq(self.s0)]
+                    m.d.sync += [g.eq(0), gbase.eq(0), seen.eq(0)]
+                    with m.If(self.n0 != 0):
+                        m.d.sync += [h.eq(0), o.eq(self.o0), t.eq(self.t0), nrem.eq(self.n0)]
                         m.next = "SETUP"
-                    with m.Elif(self.s1 != self.e1):
-                        m.d.sync += [h.eq(1), o.eq(self.s1)]
+                    with m.Elif(self.n1 != 0):
+                        m.d.sync += [h.eq(1), o.eq(self.o1), t.eq(self.t1), nrem.eq(self.n1)]
                         m.next = "SETUP"
                     with m.Else():
                         m.next = "END"
             with m.State("SETUP"):
-                m.d.sync += rowbase.eq(self.blk_base + (o >> c.log_bm) * self.gkl)
+                # a range may start inside an output row (job-granular schedule): its
+                # first tile's operand base; both products registered, once per range
+                m.d.sync += [rowbase.eq(self.blk_base + (o >> c.log_bm) * self.gkl),
+                             xbase.eq(t * self.xstride)]
                 m.next = "ISSUE"
             with m.State("ISSUE"):
                 m.d.comb += fire.eq(issue)
@@ -227,19 +233,20 @@ class PERow(wiring.Component):
                     with m.If(~last_g):
                         m.d.sync += [g.eq(g + 1), gbase.eq(gbase + (self.gkl << c.log_lanes))]
                     with m.Else():
-                        m.d.sync += [g.eq(0), gbase.eq(0)]
+                        m.d.sync += [g.eq(0), gbase.eq(0), nrem.eq(nrem - 1)]
                         with m.If(~last_t):
                             m.d.sync += [t.eq(t + 1), xbase.eq(xbase + self.xstride)]
                         with m.Else():
                             m.d.sync += [t.eq(0), xbase.eq(0), o.eq(o_next)]
                             with m.If(~mode_bwd & ((o_next & (c.bm - 1)) == 0)):
                                 m.d.sync += rowbase.eq(rowbase + self.gkl)
-                            with m.If(o_next == e_cur):
-                                with m.If(~h & (self.s1 != self.e1)):
-                                    m.d.sync += [h.eq(1), o.eq(self.s1)]
-                                    m.next = "SETUP"
-                                with m.Else():
-                                    m.next = "END"
+                        with m.If(nrem == 1):
+                            with m.If(~h & (self.n1 != 0)):
+                                m.d.sync += [h.eq(1), o.eq(self.o1), t.eq(self.t1),
+                                             nrem.eq(self.n1)]
+                                m.next = "SETUP"
+                            with m.Else():
+                                m.next = "END"
             with m.State("END"):
                 with m.If(issue):
                     m.d.sync += [s1.valid.eq(1), s1.end.eq(1)]
@@ -276,22 +283,28 @@ class PERow(wiring.Component):
         m.d.comb += bitvec.eq(Cat(*bits))
         nonempty = bitvec.any()
         need_push = Signal()
+        # a job without any non-zero is not pushed: its result position is marked null
+        # (read back as zero) and it costs the emitter nothing
+        null_job = Signal()
+        posc = Signal(16)  # result position (job number in this PE row) of S1's job
         m.d.comb += [
-            need_push.eq(s1.valid & (s1.end | nonempty | (s1.last_g & ~seen))),
+            need_push.eq(s1.valid & (s1.end | nonempty)),
+            null_job.eq(s1.valid & ~s1.end & s1.last_g & ~seen & ~nonempty),
             s1_adv.eq(s1.valid & (~need_push | q.w_rdy)),
             ent.bits.eq(Mux(s1.end, 0, bitvec)),
             ent.masks.eq(Cat(*[w[:NB] for w in lane_words])),
             ent.ptrs.eq(Cat(*[w[NB:] for w in lane_words])),
             ent.sub.eq(s1.sub), ent.opbase.eq(s1.opbase), ent.xbase.eq(s1.xbase),
             ent.first.eq(s1.end | ~seen),
-            ent.null.eq(s1.end | ~nonempty),
+            ent.null.eq(s1.end),
             ent.end.eq(s1.end),
+            ent.pos.eq(posc),
             q.w_data.eq(ent.as_value()),
             q.w_en.eq(need_push & s1_adv),
         ]
         with m.If(s1_adv & ~s1.end):
             with m.If(s1.last_g):
-                m.d.sync += seen.eq(0)
+                m.d.sync += [seen.eq(0), posc.eq(posc + 1)]
             with m.Elif(nonempty):
                 m.d.sync += seen.eq(1)
 
@@ -319,13 +332,13 @@ class PERow(wiring.Component):
 
         E = Signal(data.StructLayout({
             "valid": 1, "null": 1, "first": 1, "end": 1, "ptr": PB, "mask": NB,
-            "t": max(1, (NB - 1).bit_length()), "opidx": 16, "xbase": 16}))
+            "t": max(1, (NB - 1).bit_length()), "opidx": 16, "xbase": 16, "pos": 16}))
         load_next = ~gv | G.null | (remaining == 0)
         m.d.sync += [
             E.valid.eq(gv), E.null.eq(G.null), E.first.eq(G.first), E.end.eq(G.end),
             E.ptr.eq(ptr_sel), E.mask.eq(mask_sel),
             E.t.eq(Mux(mode_bwd, t_bwd, t_fwd)),
-            E.opidx.eq(Mux(mode_bwd, op_bwd, op_fwd)), E.xbase.eq(G.xbase),
+            E.opidx.eq(Mux(mode_bwd, op_bwd, op_fwd)), E.xbase.eq(G.xbase), E.pos.eq(G.pos),
         ]
         with m.If(load_next):
             m.d.comb += q.r_en.eq(q.r_rdy)
@@ -342,14 +355,14 @@ class PERow(wiring.Component):
             vrd.addr.eq(Mux(self.ext, self.ext_vaddr, vaddr)),
             xrd.addr.eq(Mux(self.ext, self.ext_xaddr, xaddr)),
         ]
-        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1})
+        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1, "pos": 16})
         D1 = Signal(ctl)
         with m.If(wgrad):
             m.d.sync += [D1.valid.eq(self.sq_valid), D1.null.eq(0),
                          D1.first.eq(self.sq_first), D1.end.eq(self.sq_end)]
         with m.Else():
             m.d.sync += [D1.valid.eq(E.valid), D1.null.eq(E.null),
-                         D1.first.eq(E.first), D1.end.eq(E.end)]
+                         D1.first.eq(E.first), D1.end.eq(E.end), D1.pos.eq(E.pos)]
 
         # ---- D1: multiply -----------------------------------------------------------
         w = Signal(signed(D))
@@ -363,7 +376,8 @@ class PERow(wiring.Component):
         # ---- D2: accumulate, write results -----------------------------------------
         accs = [Signal(signed(A), name=f"acc{i}") for i in range(C)]
         have = Signal()
-        wptr = Signal(16)
+        wptr = Signal(16)  # weight gradient: results in sequence
+        cur = Signal(16)  # forward/backward: result position of the job in D2
         outs = []
         for i in range(C):
             fw = narrow(m, accs[i], c.w_frac, D, f"yfb{i}")
@@ -373,7 +387,7 @@ class PERow(wiring.Component):
         with m.If(D2.valid):
             with m.If(D2.first | D2.end):
                 m.d.comb += pe_write.eq(have)
-                m.d.sync += have.eq(~D2.end)
+                m.d.sync += [have.eq(~D2.end), cur.eq(D2.pos)]
                 with m.If(have):
                     m.d.sync += wptr.eq(wptr + 1)
             for i in range(C):
@@ -382,11 +396,27 @@ class PERow(wiring.Component):
             with m.If(D2.end):
                 m.d.sync += self.done.eq(1)
         with m.If(pe_write):
-            m.d.comb += [ywr.en.eq((1 << C) - 1), ywr.addr.eq(wptr),
+            m.d.comb += [ywr.en.eq((1 << C) - 1), ywr.addr.eq(Mux(wgrad, wptr, cur)),
                          ywr.data.eq(Cat(*[v.as_unsigned()[:D] for v in outs]))]
         with m.Else():
             m.d.comb += [ywr.en.eq(self.y_wen), ywr.addr.eq(self.y_waddr),
                          ywr.data.eq(self.y_wdata)]
         with m.If(self.start):
-            m.d.sync += [self.done.eq(0), have.eq(0), wptr.eq(0)]
+            m.d.sync += [self.done.eq(0), have.eq(0), wptr.eq(0), posc.eq(0)]
+
+        # ---- null results: one flag per result word -----------------------------------
+        # set for a job without non-zeros, cleared by any write of the word and by a run's
+        # start; a flagged word reads as zero (the flag is looked up with the read, so it
+        # is registered like the memory's output)
+        lg = max(1, (c.y_depth - 1).bit_length())
+        ynull = Signal(1 << lg)
+        ynull_q = Signal()
+        set_mask = Mux(null_job & s1_adv, Const(1, 1 << lg) << posc[:lg], 0)
+        clr_mask = Mux(ywr.en.any(), Const(1, 1 << lg) << ywr.addr[:lg], 0)
+        with m.If(self.start):
+            m.d.sync += ynull.eq(0)
+        with m.Else():
+            m.d.sync += ynull.eq((ynull & ~clr_mask) | set_mask)
+        m.d.sync += ynull_q.eq(ynull.bit_select(self.y_raddr[:lg], 1))
+        m.d.comb += self.ydata.eq(Mux(ynull_q, 0, yrd.data))
         return m
