@@ -9,7 +9,9 @@ count depends on the data, and adds the fixed latencies of the command decoder:
   ranges of jobs. Per PE row, the walker issues one *group* (``lanes`` blocks along the
   walk) per cycle; a group with ``b`` set bits in the walked slice is pushed into a FIFO
   of ``fifo_depth`` entries and costs the emitter ``b`` cycles; empty groups are dropped,
-  and a job without any non-zero pushes nothing (its result is flagged null). The scanner
+  and a job without any non-zero pushes nothing (its result is flagged null, four per
+  cycle). When the walk is one group long, a row's group is scanned once for all of its
+  tiles in the range and replayed by the emitter (``bits·reps`` cycles). The scanner
   stalls while the FIFO is full; switching to a PE row's second range costs one setup
   cycle. The phase ends when the slowest PE row has flushed its last result, so
   balancing shortens it.
@@ -48,6 +50,7 @@ _GEMM_FIXED = 8 + 1  # accept..CHECK (8, schedule checked there too); RUNSTART..
 _WALK_TAIL = 5  # end marker popped -> done flag visible
 _WGRAD_FIXED = 14
 _UPDATE_FIXED = 20
+_NULL_MARK = 4  # null results flagged per cycle
 _UPDATE_II = 3  # cycles per element in the update pipeline (the quantile step's loop)
 
 
@@ -117,8 +120,11 @@ def _walk(counts, ranges, nt, depth):
             issue += 1  # SETUP between the two ranges
         any_range = True
         ng = counts.shape[1]
-        for j in range(a, b):
+        j = a
+        while j < b:
             o = j // nt
+            # one group per job: one scan for the row's tiles in the range, replayed
+            reps = min(nt - j % nt, b - j) if ng == 1 else 1
             for g in range(ng):
                 bits = counts[o, g]
                 adv = issue + 1
@@ -129,8 +135,11 @@ def _walk(counts, ranges, nt, depth):
                     hist[npush % depth] = pop
                     npush += 1
                     last_pop = pop
-                    last_cost = bits
+                    last_cost = bits * reps
+                else:
+                    adv = issue + -(-reps // _NULL_MARK)  # S1 flags the null results
                 issue = adv
+            j += reps
     if not any_range:
         issue = 1  # END right after IDLE
     # the end marker

@@ -155,6 +155,8 @@ def run(args) -> int:
                         "sparse_cycles": m[f"{phase}_{bal}"],
                         "speedup": dense[f"{phase}_{bal}"] / m[f"{phase}_{bal}"],
                         "ideal": 1.0 / dens if dens else None,
+                        "speedup_over_ideal": (dense[f"{phase}_{bal}"] / m[f"{phase}_{bal}"]
+                                               * dens) if dens else None,
                         "model_cycles": pred if bal == "bal" else None,
                     })
     util = []
@@ -164,9 +166,16 @@ def run(args) -> int:
             cyc = meas[f"{k}@dense"][f"{phase}_bal"]
             util.append({"layer": k, "phase": phase, "gemm": [M, K, args.n],
                          "cycles": cyc, "utilization": M * K * args.n / (ap.rows * ap.cols * cyc)})
+    targets = {  # issue #6: >= 0.8 of ideal at 0.1/0.25/0.5 balanced; >= 85% dense
+        "sparse_worst_over_ideal": min(r["speedup_over_ideal"] for r in rows_out
+                                       if r["balanced"] and r["mask"] in ("0.1", "0.25", "0.5")),
+        "sparse_target": 0.8,
+        "dense_worst_utilization": min(u["utilization"] for u in util),
+        "dense_target": 0.85,
+    }
     result = {"array": f"{ap.rows}x{ap.cols}", "n": args.n, "simulator": args.simulator,
               "mask_source": str(MASKS.name) + " (other densities derived, see HELP)",
-              "rows": rows_out, "dense_utilization": util,
+              "rows": rows_out, "dense_utilization": util, "targets": targets,
               "projection_resnet18_16x16": projection(args.batch),
               "seconds": round(time.monotonic() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -195,6 +204,12 @@ def markdown(res: dict) -> str:
     for u in res["dense_utilization"]:
         lines.append(f"| {u['layer']} {'x'.join(map(str, u['gemm']))} | {u['phase']} | "
                      f"{u['cycles']} | {100 * u['utilization']:.1f}% |")
+    t = res.get("targets")
+    if t:
+        lines += ["", f"Worst balanced speedup/ideal at densities 0.1, 0.25, 0.5: "
+                  f"{t['sparse_worst_over_ideal']:.2f} (target {t['sparse_target']}); worst "
+                  f"dense PE utilization: {100 * t['dense_worst_utilization']:.1f}% (target "
+                  f"{100 * t['dense_target']:.0f}%)"]
     p = res["projection_resnet18_16x16"]
     lines += ["", f"ResNet-18 projection ({p['array']}, batch {p['batch']}, density "
               f"{p['density']}, cycle model): whole step {p['step_speedup']:.2f}x, "

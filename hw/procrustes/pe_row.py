@@ -39,6 +39,7 @@ from .config import Config
 __all__ = ["MODE_BWD", "MODE_FWD", "MODE_WGRAD", "PERow", "narrow", "sat"]
 
 MODE_FWD, MODE_BWD, MODE_WGRAD = 0, 1, 2
+NULL_MARK = 4  # null results S1 flags per cycle
 
 
 def sat(m: Module, v, bits: int, name: str):
@@ -76,6 +77,7 @@ def entry_layout(c: Config) -> data.StructLayout:
         "null": 1,
         "end": 1,
         "pos": 16,
+        "reps": 16,
     })
 
 
@@ -170,7 +172,7 @@ class PERow(wiring.Component):
 
         s1 = Signal(data.StructLayout({
             "valid": 1, "end": 1, "rot": max(1, c.log_lanes), "sub": 3, "gl": 16,
-            "last_g": 1, "opbase": 16, "xbase": 16}))
+            "last_g": 1, "opbase": 16, "xbase": 16, "reps": 16}))
         issue = Signal()
         s1_adv = Signal()
         m.d.comb += issue.eq(~s1.valid | s1_adv)
@@ -192,6 +194,18 @@ class PERow(wiring.Component):
         last_g = g == self.ng - 1
         last_t = t == self.nt - 1
         o_next = o + 1
+        # a walk of one group per job (the reduction fits one group: fc3's backward): the
+        # row's slice is scanned once for all its tiles in the range, and the emitter
+        # replays it per tile (reps jobs)
+        one_group = self.ng == 1
+        ntl = self.nt - t
+        reps = Signal(16)
+        with m.If(~one_group):
+            m.d.comb += reps.eq(1)
+        with m.Elif(ntl < nrem):
+            m.d.comb += reps.eq(ntl)
+        with m.Else():
+            m.d.comb += reps.eq(nrem)
         log_sx_fwd, log_sx_bwd = c.log_bk, c.log_bm
         fire = Signal()
         for b in range(L):
@@ -228,19 +242,19 @@ class PERow(wiring.Component):
                         s1.last_g.eq(last_g),
                         s1.opbase.eq(Mux(mode_bwd, g << (c.log_lanes + log_sx_bwd),
                                          g << (c.log_lanes + log_sx_fwd))),
-                        s1.xbase.eq(xbase),
+                        s1.xbase.eq(xbase), s1.reps.eq(reps),
                     ]
                     with m.If(~last_g):
                         m.d.sync += [g.eq(g + 1), gbase.eq(gbase + (self.gkl << c.log_lanes))]
                     with m.Else():
-                        m.d.sync += [g.eq(0), gbase.eq(0), nrem.eq(nrem - 1)]
-                        with m.If(~last_t):
+                        m.d.sync += [g.eq(0), gbase.eq(0), nrem.eq(nrem - reps)]
+                        with m.If(~last_t & ~one_group):
                             m.d.sync += [t.eq(t + 1), xbase.eq(xbase + self.xstride)]
                         with m.Else():
                             m.d.sync += [t.eq(0), xbase.eq(0), o.eq(o_next)]
                             with m.If(~mode_bwd & ((o_next & (c.bm - 1)) == 0)):
                                 m.d.sync += rowbase.eq(rowbase + self.gkl)
-                        with m.If(nrem == 1):
+                        with m.If(nrem == reps):
                             with m.If(~h & (self.n1 != 0)):
                                 m.d.sync += [h.eq(1), o.eq(self.o1), t.eq(self.t1),
                                              nrem.eq(self.n1)]
@@ -249,7 +263,7 @@ class PERow(wiring.Component):
                                 m.next = "END"
             with m.State("END"):
                 with m.If(issue):
-                    m.d.sync += [s1.valid.eq(1), s1.end.eq(1)]
+                    m.d.sync += [s1.valid.eq(1), s1.end.eq(1), s1.reps.eq(1)]
                     m.next = "WAIT"
             with m.State("WAIT"):
                 with m.If(self.done):
@@ -285,12 +299,15 @@ class PERow(wiring.Component):
         need_push = Signal()
         # a job without any non-zero is not pushed: its result position is marked null
         # (read back as zero) and it costs the emitter nothing
+        # (up to NULL_MARK results per cycle: S1 holds a replayed null row meanwhile)
         null_job = Signal()
+        mark_more = Signal()
         posc = Signal(16)  # result position (job number in this PE row) of S1's job
         m.d.comb += [
             need_push.eq(s1.valid & (s1.end | nonempty)),
             null_job.eq(s1.valid & ~s1.end & s1.last_g & ~seen & ~nonempty),
-            s1_adv.eq(s1.valid & (~need_push | q.w_rdy)),
+            mark_more.eq(null_job & (s1.reps > NULL_MARK)),
+            s1_adv.eq(s1.valid & ~mark_more & (~need_push | q.w_rdy)),
             ent.bits.eq(Mux(s1.end, 0, bitvec)),
             ent.masks.eq(Cat(*[w[:NB] for w in lane_words])),
             ent.ptrs.eq(Cat(*[w[NB:] for w in lane_words])),
@@ -298,15 +315,17 @@ class PERow(wiring.Component):
             ent.first.eq(s1.end | ~seen),
             ent.null.eq(s1.end),
             ent.end.eq(s1.end),
-            ent.pos.eq(posc),
+            ent.pos.eq(posc), ent.reps.eq(s1.reps),
             q.w_data.eq(ent.as_value()),
             q.w_en.eq(need_push & s1_adv),
         ]
         with m.If(s1_adv & ~s1.end):
             with m.If(s1.last_g):
-                m.d.sync += [seen.eq(0), posc.eq(posc + 1)]
+                m.d.sync += [seen.eq(0), posc.eq(posc + s1.reps)]
             with m.Elif(nonempty):
                 m.d.sync += seen.eq(1)
+        with m.If(mark_more):
+            m.d.sync += [s1.reps.eq(s1.reps - NULL_MARK), posc.eq(posc + NULL_MARK)]
 
         # ---- emitter: one set bit per cycle ---------------------------------------
         G = Signal(entry_layout(c))
@@ -333,7 +352,11 @@ class PERow(wiring.Component):
         E = Signal(data.StructLayout({
             "valid": 1, "null": 1, "first": 1, "end": 1, "ptr": PB, "mask": NB,
             "t": max(1, (NB - 1).bit_length()), "opidx": 16, "xbase": 16, "pos": 16}))
-        load_next = ~gv | G.null | (remaining == 0)
+        last_rep = G.reps[1:] == 0  # reps <= 1
+        load_next = ~gv | G.null | ((remaining == 0) & last_rep)
+        bits0 = Signal(L * S)  # the group's bits, for a replay
+        qv = Signal(entry_layout(c))
+        m.d.comb += qv.eq(q.r_data)
         m.d.sync += [
             E.valid.eq(gv), E.null.eq(G.null), E.first.eq(G.first), E.end.eq(G.end),
             E.ptr.eq(ptr_sel), E.mask.eq(mask_sel),
@@ -342,7 +365,10 @@ class PERow(wiring.Component):
         ]
         with m.If(load_next):
             m.d.comb += q.r_en.eq(q.r_rdy)
-            m.d.sync += [G.eq(q.r_data), gv.eq(q.r_rdy)]
+            m.d.sync += [G.eq(q.r_data), gv.eq(q.r_rdy), bits0.eq(qv.bits)]
+        with m.Elif(remaining == 0):  # replay for the next tile
+            m.d.sync += [G.bits.eq(bits0), G.first.eq(1), G.reps.eq(G.reps - 1),
+                         G.xbase.eq(G.xbase + self.xstride), G.pos.eq(G.pos + 1)]
         with m.Else():
             m.d.sync += [G.bits.eq(remaining), G.first.eq(0)]
 
@@ -411,7 +437,12 @@ class PERow(wiring.Component):
         lg = max(1, (c.y_depth - 1).bit_length())
         ynull = Signal(1 << lg)
         ynull_q = Signal()
-        set_mask = Mux(null_job & s1_adv, Const(1, 1 << lg) << posc[:lg], 0)
+        # flags posc .. posc + min(reps, NULL_MARK) - 1: a decoder and NULL_MARK ORs per bit
+        dec = Signal(1 << lg)
+        m.d.comb += dec.eq(Mux(null_job, Const(1, 1 << lg) << posc[:lg], 0))
+        set_mask = dec
+        for k in range(1, NULL_MARK):
+            set_mask = set_mask | Mux(s1.reps > k, (dec << k)[:1 << lg], 0)
         clr_mask = Mux(ywr.en.any(), Const(1, 1 << lg) << ywr.addr[:lg], 0)
         with m.If(self.start):
             m.d.sync += ynull.eq(0)
