@@ -15,7 +15,8 @@ count depends on the data, and adds the fixed latencies of the command decoder:
   stalls while the FIFO is full; switching to a PE row's second range costs one setup
   cycle. The phase ends when the slowest PE row has flushed its last result, so
   balancing shortens it.
-* weight gradient: dense, ``ceil(M/rows)·ceil(K/cols)·N`` cycles plus latency.
+* weight gradient: dense, ``ceil(M/rows)·ceil(K/cols)·N`` cycles plus latency; or
+  (``WGRADX``) the forward walk with the activations as the sparse operand.
 * update: one element every three cycles (``3·M·K``: the quantile step's serial
   dependence is pipelined over three cycles) in the update pipeline, then one element per
   cycle of the padded block grid (``GM·GK·bm·bk``) in the encoder, plus latency.
@@ -42,6 +43,7 @@ __all__ = [
     "predict_gemm",
     "predict_update",
     "predict_weight_grad",
+    "predict_weight_grad_sparse",
     "row_cycles",
 ]
 
@@ -97,9 +99,9 @@ def group_counts(mask, p: ArrayParams, transpose: bool) -> np.ndarray:
         span = p.lanes * p.bk
     rows, red = mask.shape
     ng = max(1, -(-red // span))
-    padded = np.zeros((rows, ng * span), dtype=np.int64)
+    padded = np.zeros((rows, ng * span), dtype=bool)  # bool: large activation masks
     padded[:, :red] = mask
-    return padded.reshape(rows, ng, span).sum(axis=2)
+    return padded.reshape(rows, ng, span).sum(axis=2, dtype=np.int64)
 
 
 @numba.njit(cache=False)
@@ -181,6 +183,13 @@ def predict_backward(mask, N: int, p: ArrayParams, balanced: bool = True) -> int
 
 def predict_weight_grad(M: int, K: int, N: int, p: ArrayParams) -> int:
     return -(-M // p.rows) * -(-K // p.cols) * N + _WGRAD_FIXED
+
+
+def predict_weight_grad_sparse(x_mask, M: int, p: ArrayParams, balanced: bool = True) -> int:
+    """``WGRADX``: ``dWᵀ = X·dYᵀ`` with the activations ``X`` [K, N] (non-zeros
+    ``x_mask``) as the sparse operand and the ``M`` columns of ``dYᵀ`` as the tiled
+    operand: the forward pass's cycles with X in place of W."""
+    return predict_gemm(x_mask, M, p, transpose=False, balanced=balanced)
 
 
 def predict_update(M: int, K: int, p: ArrayParams) -> int:
