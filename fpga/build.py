@@ -26,7 +26,8 @@ from .boards import BOARDS, BoardTop, get_board, make_platform
 from .designs import DESIGNS, board_params, make_accel
 from .toolchain import find_toolchain
 
-__all__ = ["HELP", "BuildError", "add_arguments", "build", "parse_nextpnr_report", "run"]
+__all__ = ["HELP", "BuildError", "add_arguments", "build", "parse_nextpnr_report", "run",
+           "run_plan"]
 
 HELP = "build a bitstream for a board (YoWASP tools by default)"
 
@@ -69,6 +70,27 @@ def _tool_versions(family: str) -> dict:
     return out
 
 
+def run_plan(plan, bdir: Path, family: str) -> tuple[dict, float]:
+    """Extract Amaranth's build ``plan`` (``name="top"``, nextpnr given ``--report
+    top.report.json``) into ``bdir`` (emptied first) and run it with the tools of
+    ``family``; returns nextpnr's report and the seconds the tools took."""
+    env = find_toolchain(family)
+    if bdir.exists():
+        shutil.rmtree(bdir)
+    plan.extract(bdir)
+    t0 = time.monotonic()
+    log_path = bdir / "build.log"
+    with open(log_path, "w") as f:
+        res = subprocess.run(["sh", "build_top.sh"], cwd=bdir, env=env, stdout=f,
+                             stderr=subprocess.STDOUT)
+    seconds = time.monotonic() - t0
+    if res.returncode != 0:
+        tail = log_path.read_text().strip().splitlines()[-3:]
+        raise BuildError(f"build failed (exit {res.returncode}); see {log_path}: "
+                         + " | ".join(tail))
+    return json.loads((bdir / "top.report.json").read_text()), seconds
+
+
 def build(board: str, design: str, params: dict | None = None, *, out: Path | str = "build/fpga",
           seed: int = 1, baud: int | None = None, target_mhz: float | None = None,
           cache: bool = True) -> dict:
@@ -107,21 +129,7 @@ def build(board: str, design: str, params: dict | None = None, *, out: Path | st
         report["path"] = str(bitstream)
         return report
 
-    env = find_toolchain(spec.family)
-    if bdir.exists():
-        shutil.rmtree(bdir)
-    plan.extract(bdir)
-    t0 = time.monotonic()
-    log_path = bdir / "build.log"
-    with open(log_path, "w") as f:
-        res = subprocess.run(["sh", "build_top.sh"], cwd=bdir, env=env, stdout=f,
-                             stderr=subprocess.STDOUT)
-    seconds = time.monotonic() - t0
-    if res.returncode != 0:
-        tail = log_path.read_text().strip().splitlines()[-3:]
-        raise BuildError(f"build failed (exit {res.returncode}); see {log_path}: "
-                         + " | ".join(tail))
-    np_report = json.loads((bdir / "top.report.json").read_text())
+    np_report, seconds = run_plan(plan, bdir, spec.family)
     parsed = parse_nextpnr_report(np_report, spec.family)
     report = {
         "board": board, "device": spec.device, "design": design, "params": full,

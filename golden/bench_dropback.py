@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -67,24 +68,37 @@ def _clone(params):
     out = []
     for p in params:
         c = p.detach().clone().requires_grad_(True)
-        c.grad = p.grad.clone()
+        c.grad = torch.zeros_like(p)
         out.append(c)
     return out
 
 
-def run_bench(repeats: int = 7, lr: float = 0.01, ratio: int = 10, threads: int = 1) -> dict:
+def run_bench(repeats: int = 9, lr: float = 0.01, ratio: int = 10, threads: int = 1,
+              warmup: int = 3) -> dict:
     """Medians and ratios vs SGD. ``threads``: torch threads during the run (the
     numba kernels are single-threaded, so 1 compares like with like; on shared
-    cores a multi-threaded SGD step is also very noisy)."""
+    cores a multi-threaded SGD step is also very noisy). ``warmup``: untimed
+    steps first (numba compilation, first-step buffers, the first steps'
+    threshold travel)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, not {repeats}")
     if threads < 1:
         raise ValueError(f"threads must be >= 1, not {threads}")
+    if warmup < 1:
+        raise ValueError(f"warmup must be >= 1, not {warmup}")
     with torch_threads(threads):
-        return _run(repeats, lr, ratio)
+        return _run(repeats, lr, ratio, warmup)
 
 
-def _run(repeats: int, lr: float, ratio: int) -> dict:
+def _stats(opt) -> tuple[int, int]:
+    """(fast, slow) counters of a Dropback: top-k steps that used the threshold
+    hint / the full radix select, or quantile blocks in bulk / chained."""
+    if opt.quantile is None:
+        return opt.hint_hits, opt.hint_misses
+    return opt.bulk_blocks, opt.chained_blocks
+
+
+def _run(repeats: int, lr: float, ratio: int, warmup: int) -> dict:
     base = make_params()
     n = sum(p.numel() for p in base)
     k = n // ratio
@@ -97,17 +111,28 @@ def _run(repeats: int, lr: float, ratio: int) -> dict:
         "procrustes_quantile_counter": lambda ps: Dropback(
             ps, lr, k, quantile=q, init_decay=0.9, init=CounterInit(1)),
     }
-    opts = {}
-    for name, make in makers.items():
-        opts[name] = make(_clone(base))
-        opts[name].step()  # warm-up: numba compilation, first-step buffers
+    opts = {name: make(_clone(base)) for name, make in makers.items()}
+    names = list(makers)
+    grads = [torch.empty_like(p) for p in base]
+    gen = torch.Generator().manual_seed(1)
     times: dict[str, list[float]] = {name: [] for name in makers}
     tracked: dict[str, int] = {}
-    for _ in range(repeats):
-        for name, opt in opts.items():
+    before: dict[str, tuple[int, int]] = {}
+    for step in range(warmup + repeats):
+        if step == warmup:
+            before = {name: _stats(opt) for name, opt in opts.items() if name != "sgd"}
+        for gr in grads:  # fresh gradients every step, the same for every mode
+            gr.normal_(0.0, 1e-3, generator=gen)
+        order = names[step % len(names):] + names[:step % len(names)]  # rotate: no
+        for name in order:                                              # fixed position
+            opt = opts[name]
+            for p, gr in zip(opt.param_groups[0]["params"], grads):
+                p.grad.copy_(gr)
             t0 = time.perf_counter()
             opt.step()
-            times[name].append(time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            if step >= warmup:
+                times[name].append(dt)
             if isinstance(opt, Dropback):
                 tracked[name] = opt.tracked_count
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -116,33 +141,43 @@ def _run(repeats: int, lr: float, ratio: int) -> dict:
         if name == "sgd":
             continue
         r = med[name] / med["sgd"]
+        fast, slow = (a - b for a, b in zip(_stats(opts[name]), before[name]))
+        kind = "hint_hit_rate" if opts[name].quantile is None else "bulk_block_rate"
         rows.append(dict(mode=name, ratio_vs_sgd=round(r, 2), met=bool(r <= TARGET_RATIO),
-                         tracked=tracked[name], target_tracked=k))
-    return dict(numel=n, track_size=k, repeats=repeats, threads=torch.get_num_threads(),
+                         tracked=tracked[name], target_tracked=k, fast_path=kind,
+                         fast_rate=round(fast / max(1, fast + slow), 4)))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return dict(numel=n, track_size=k, repeats=repeats, warmup=warmup,
+                threads=torch.get_num_threads(), load_1min=round(load, 2),
                 median_ms={name: round(t * 1e3, 2) for name, t in med.items()},
                 target_ratio=TARGET_RATIO, rows=rows)
 
 
 def to_markdown(res: dict) -> str:
     lines = [f"Optimizer step, ResNet-18 parameter set: N = {res['numel']:,}, "
-             f"track_size = {res['track_size']:,}, median of {res['repeats']} interleaved "
-             f"repeats, {res['threads']} torch threads",
+             f"track_size = {res['track_size']:,}; consecutive steps with fresh random "
+             f"gradients, median of {res['repeats']} interleaved steps after "
+             f"{res['warmup']} warm-up steps; {res['threads']} torch threads; SGD step "
+             f"{res['median_ms']['sgd']} ms; 1-min load {res['load_1min']}",
              "",
-             "| mode | step time / SGD step | target <= 3.0 | tracked |",
-             "|---|---|---|---|"]
+             "| mode | step time / SGD step | target <= 3.0 | tracked | fast path |",
+             "|---|---|---|---|---|"]
     for r in res["rows"]:
+        what = "hint hits" if r["fast_path"] == "hint_hit_rate" else "bulk blocks"
         lines.append(f"| {r['mode']} | {r['ratio_vs_sgd']:.2f} | "
-                     f"{'met' if r['met'] else 'NOT met'} | {r['tracked']:,} |")
+                     f"{'met' if r['met'] else 'NOT met'} | {r['tracked']:,} | "
+                     f"{100 * r['fast_rate']:.1f}% {what} |")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats (median)")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
 
 
 def run(args) -> int:
-    res = run_bench(repeats=args.repeats, threads=args.threads)
+    res = run_bench(repeats=args.repeats, threads=args.threads, warmup=args.warmup)
     print(json.dumps(res, indent=2) if args.json else to_markdown(res))
     return 0

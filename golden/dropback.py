@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from golden.prng import CounterInit, init_bounds, w0_nb
-from golden.quantile import _BLOCK, _chain, _consts, _key, check_quantile_args, factors
+from golden.quantile import _BLOCK, _blocks, _consts, _key, check_quantile_args, factors
 
 _EMPTY_F32 = np.empty(0, dtype=np.float32)
 
@@ -180,52 +180,231 @@ def _reset_thr(w, buf, w0, seed, bound, counter, mom, d32, bits, thr, mask):
 
 
 @numba.njit(inline="always")
+def _w0v(w0v, jj, base, seed, bound, counter):
+    """w0 of element ``base + jj`` of a parameter, ``w0v`` the stored view from ``base``."""
+    if counter:
+        return w0_nb(seed, np.uint64(base + jj), bound)
+    return w0v[jj]
+
+
+@numba.njit(inline="always")
 def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b, up, down,
-                   mask, key, r0):
-    """Quantile mode for one parameter in one pass, last block to first: SGD
-    update, score key and d32*w0 of a block into L1 buffers, the estimator chain
-    of :mod:`golden.quantile` over it, then the reset of the untracked (w0 is
-    regenerated once per element). Returns theta's bits."""
+                   mask, key, r0, wn, reg, stats):
+    """Quantile mode for one parameter in one pass, last chunk of 2048 elements
+    to first: SGD update, d32*w0 and score key of the chunk into L1 buffers
+    (vectorized), the estimator over the chunk's keys (:func:`golden.quantile._blocks`:
+    bulk blocks, the exact serial chain where needed), then the write-back of
+    tracked weights and the reset of the untracked (w0 is regenerated once per
+    element). Loops run over views from 0 (offset loops do not vectorize in
+    numba). Returns theta's bits."""
     u, d = _consts(up, down)
     end = w.shape[0]
     while end > 0:
         start = max(0, end - _BLOCK)
         m = end - start
+        wv = w[start:end]
+        gv = g[start:end]
+        bv = buf[start:end]
+        w0v = w0[start:end]
         for jj in range(m):
-            r0[jj] = d32 * _w0(w0, start + jj, seed, bound, counter)
+            r = d32 * _w0v(w0v, jj, start, seed, bound, counter)
+            x = _sgd(wv, gv, bv, jj, neg_lr, mom, wd)
+            r0[jj] = r
+            wn[jj] = x
+            key[jj] = _key(abs(x - r))
+        b = _blocks(key, m, b, u, d, up, down, mask, start, reg, stats)
+        mv = mask[start:end]
         for jj in range(m):
-            j = start + jj
-            wn = _sgd(w, g, buf, j, neg_lr, mom, wd)
-            w[j] = wn
-            key[jj] = _key(abs(wn - r0[jj]))
-        b = _chain(key, m, b, u, d, up, down, mask, start)
-        for jj in range(m):
-            j = start + jj
-            t = mask[j]
-            w[j] = w[j] if t else r0[jj]
+            t = mv[jj]
+            wv[jj] = wn[jj] if t else r0[jj]
             if mom != 0:
-                buf[j] = buf[j] if t else np.float32(0)
+                bv[jj] = bv[jj] if t else np.float32(0)
         end = start
     return b
 
 
 @numba.njit(cache=False)
 def _quantile_param(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b, up, down,
-                    mask, key, r0):
+                    mask, key, r0, wn, reg, stats):
     """:func:`_quantile_loop` with literal flags per variant (as :func:`_update_score`)."""
     z = np.float32(0)
     plain = mom == 0 and wd == 0
     if counter:
         if plain:
             return _quantile_loop(w, g, buf, w0, seed, bound, True, neg_lr, z, z, d32, b,
-                                  up, down, mask, key, r0)
+                                  up, down, mask, key, r0, wn, reg, stats)
         return _quantile_loop(w, g, buf, w0, seed, bound, True, neg_lr, mom, wd, d32, b,
-                              up, down, mask, key, r0)
+                              up, down, mask, key, r0, wn, reg, stats)
     if plain:
         return _quantile_loop(w, g, buf, w0, seed, bound, False, neg_lr, z, z, d32, b,
-                              up, down, mask, key, r0)
+                              up, down, mask, key, r0, wn, reg, stats)
     return _quantile_loop(w, g, buf, w0, seed, bound, False, neg_lr, mom, wd, d32, b,
-                          up, down, mask, key, r0)
+                          up, down, mask, key, r0, wn, reg, stats)
+
+
+# --- top-k with a threshold hint ---------------------------------------------
+#
+# The k-th largest score moves little from one step to the next. Pass A
+# (:func:`_update_count`) is the SGD update with the score of every element and
+# four vectorized counts, of the score bits above each of four edges
+# e0 < e1 < e2 < e3 around the predicted threshold. The k-th largest score lies
+# in (e_a, e_b] for the adjacent pair with count(> e_b) < k <= count(> e_a): a
+# few thousand candidates. Pass B (:func:`_reset_band`) recomputes the score
+# from the stored weight (the same float32 operations on the same values, so
+# the same bits), keeps every weight above e_a (marking those above e_b
+# tracked), resets those at or below e_a, and collects the candidates in
+# (e_a, e_b] in index order. The exact threshold and the tie cut (lower index
+# first) then come from the candidates alone (:func:`_band_fix` resets the
+# candidates that are not tracked). When no pair brackets the k-th score (first
+# step, a large shift) the scores are recomputed into the scratch array and the
+# radix select below runs, as before the hint existed.
+
+
+@numba.njit(inline="always")
+def _sbits(x):
+    """Score bits as int32 (scores are >= 0 or NaN with the sign cleared: the
+    int32 order is the value order, NaN above inf, as in the radix select)."""
+    return np.float32(x).view(np.int32)
+
+
+@numba.njit(inline="always")
+def _update_count_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32,
+                       e0, e1, e2, e3):
+    c0 = np.int32(0)
+    c1 = np.int32(0)
+    c2 = np.int32(0)
+    c3 = np.int32(0)
+    for j in range(w.shape[0]):
+        wn = _sgd(w, g, buf, j, neg_lr, mom, wd)
+        w[j] = wn
+        sb = _sbits(abs(wn - d32 * _w0(w0, j, seed, bound, counter)))
+        c0 += np.int32(sb > e0)
+        c1 += np.int32(sb > e1)
+        c2 += np.int32(sb > e2)
+        c3 += np.int32(sb > e3)
+    return c0, c1, c2, c3
+
+
+@numba.njit(cache=False)
+def _update_count(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, e, cnt):
+    """Pass A of the hint path: SGD update of one parameter; adds to ``cnt[i]``
+    the count of score bits above edge ``e[i]`` (int32 counts: a parameter has
+    fewer than 2**31 elements; literal flags per variant as in
+    :func:`_update_score`)."""
+    z = np.float32(0)
+    e0, e1, e2, e3 = np.int32(e[0]), np.int32(e[1]), np.int32(e[2]), np.int32(e[3])
+    plain = mom == 0 and wd == 0
+    if counter:
+        if plain:
+            c = _update_count_loop(w, g, buf, w0, seed, bound, True, neg_lr, z, z, d32,
+                                   e0, e1, e2, e3)
+        else:
+            c = _update_count_loop(w, g, buf, w0, seed, bound, True, neg_lr, mom, wd, d32,
+                                   e0, e1, e2, e3)
+    elif plain:
+        c = _update_count_loop(w, g, buf, w0, seed, bound, False, neg_lr, z, z, d32,
+                               e0, e1, e2, e3)
+    else:
+        c = _update_count_loop(w, g, buf, w0, seed, bound, False, neg_lr, mom, wd, d32,
+                               e0, e1, e2, e3)
+    cnt[0] += c[0]
+    cnt[1] += c[1]
+    cnt[2] += c[2]
+    cnt[3] += c[3]
+
+
+_CHUNK = 256  # pass B: elements per chunk (band count, then a scan if any)
+
+
+@numba.njit(inline="always")
+def _reset_band_loop(w, buf, w0, seed, bound, counter, mom, d32, lo, hi, mask, sbuf,
+                     off, cidx, cbits, nc):
+    end = w.shape[0]
+    start = 0
+    while start < end:
+        stop = min(end, start + _CHUNK)
+        wv = w[start:stop]
+        bv = buf[start:stop]
+        w0v = w0[start:stop]
+        mv = mask[start:stop]
+        npend = np.int32(0)
+        for jj in range(stop - start):
+            r = d32 * _w0v(w0v, jj, start, seed, bound, counter)
+            x = wv[jj]
+            sb = _sbits(abs(x - r))
+            sbuf[jj] = sb
+            keep = sb > lo
+            mv[jj] = sb > hi
+            npend += np.int32(keep & (sb <= hi))
+            wv[jj] = x if keep else r
+            if mom != 0:
+                bv[jj] = bv[jj] if keep else np.float32(0)
+        if npend > 0:  # rare: collect the band's candidates in index order
+            for jj in range(stop - start):
+                sb = sbuf[jj]
+                if sb > lo and sb <= hi:
+                    cidx[nc] = off + start + jj
+                    cbits[nc] = sb
+                    nc += 1
+        start = stop
+    return nc
+
+
+@numba.njit(cache=False)
+def _reset_band(w, buf, w0, seed, bound, counter, mom, d32, lo, hi, mask, sbuf, off,
+                cidx, cbits, nc):
+    """Pass B of the hint path for one parameter (global offset ``off``): score
+    bits > ``hi`` tracked, <= ``lo`` reset to d32*w0 (momentum 0), those in
+    (lo, hi] kept for now, not marked, and appended to ``cidx``/``cbits`` from
+    position ``nc``; returns the new count."""
+    z = np.float32(0)
+    lo = np.int32(lo)
+    hi = np.int32(hi)
+    if counter:
+        if mom == 0:
+            return _reset_band_loop(w, buf, w0, seed, bound, True, z, d32, lo, hi, mask,
+                                    sbuf, off, cidx, cbits, nc)
+        return _reset_band_loop(w, buf, w0, seed, bound, True, mom, d32, lo, hi, mask,
+                                sbuf, off, cidx, cbits, nc)
+    if mom == 0:
+        return _reset_band_loop(w, buf, w0, seed, bound, False, z, d32, lo, hi, mask,
+                                sbuf, off, cidx, cbits, nc)
+    return _reset_band_loop(w, buf, w0, seed, bound, False, mom, d32, lo, hi, mask,
+                            sbuf, off, cidx, cbits, nc)
+
+
+@numba.njit(cache=False)
+def _band_fix(w, buf, w0, seed, bound, counter, mom, d32, mask, idx, bits, thr, need_eq,
+              eq_seen):
+    """Decide the band candidates ``idx`` (local indices, in order) of one
+    parameter: tracked if bits > thr or among the first ``need_eq`` ties (global
+    index order, ``eq_seen`` so far); the others reset. Returns ``eq_seen``."""
+    for c in range(idx.shape[0]):
+        j = idx[c]
+        b = bits[c]
+        t = b > thr
+        if b == thr and eq_seen < need_eq:
+            t = True
+            eq_seen += 1
+        if t:
+            mask[j] = True
+        else:
+            w[j] = d32 * _w0(w0, j, seed, bound, counter)
+            if mom != 0:
+                buf[j] = np.float32(0)
+    return eq_seen
+
+
+@numba.njit(cache=False)
+def _score_only(w, w0, seed, bound, counter, d32, scores):
+    """Scores of the (already updated) weights, as :func:`_update_score` wrote
+    them: the miss path of the hint needs them for the radix select."""
+    if counter:
+        for j in range(w.shape[0]):
+            scores[j] = abs(w[j] - d32 * _w0(w0, j, seed, bound, True))
+    else:
+        for j in range(w.shape[0]):
+            scores[j] = abs(w[j] - d32 * _w0(w0, j, seed, bound, False))
 
 
 def _select_threshold(hist_hi: np.ndarray, k: int):
@@ -235,6 +414,15 @@ def _select_threshold(hist_hi: np.ndarray, k: int):
     hi = 65535 - i
     gt = int(above[i - 1]) if i > 0 else 0
     return hi, gt
+
+
+_BAND_MIN = 2e-4  # hint band half-width (relative) bounds
+_BAND_MAX = 0.2
+
+
+def _sbits_of(x: float) -> int:
+    """int32 bits of float32(x) for x >= 0 (clipped to the finite range)."""
+    return int(np.float32(min(max(x, 0.0), 3.4e38)).view(np.int32))
 
 
 class Dropback(torch.optim.Optimizer):
@@ -282,9 +470,19 @@ class Dropback(torch.optim.Optimizer):
         self.tracked_count = 0
         self.threshold = float(q_init) if quantile is not None else 0.0
         self._theta = np.float32(q_init)
+        # quantile mode: estimator blocks taken in bulk / through the serial chain
+        self.bulk_blocks = 0
+        self.chained_blocks = 0
+        # top-k mode: steps whose threshold came from the hint band / a full radix select
+        self.hint_hits = 0
+        self.hint_misses = 0
+        self.use_hint = True  # False: always the full radix select (the reference path)
+        self._thr_hist = (None, None)  # last two top-k thresholds
+        self._band = 4e-3  # hint band half-width, relative; adapted every step
         self._offsets = np.cumsum([0] + [p.numel() for p in plist]).tolist()
         self._bounds = init_bounds([p.shape for p in plist])
         self._scores = None
+        self._views = {}  # id(param) -> cached numpy views (see _work)
         for i, p in enumerate(plist):
             st = self.state[p]
             st["mask"] = torch.ones_like(p, dtype=torch.bool)
@@ -311,29 +509,49 @@ class Dropback(torch.optim.Optimizer):
         return self.init.w0(i, p.shape, self._bounds[i])
 
     def _work(self):
-        """(param, group, flat views and kernel arguments) for params with a grad."""
+        """(param, group, flat views and kernel arguments) for params with a grad.
+
+        The numpy views of the weights and of the optimizer's own state are
+        cached per parameter (building them costs more than an SGD step on
+        ResNet-18's 62 tensors) and rebuilt when a tensor is replaced."""
         out = []
         for group in self.param_groups:
+            nlr = np.float32(-group["lr"])
+            mom = np.float32(group["momentum"])
+            wd = np.float32(group["weight_decay"])
             for p in group["params"]:
-                if p.grad is None:
+                gt = p.grad
+                if gt is None:
                     continue
-                if p.grad.is_sparse:
+                if gt.is_sparse:
                     raise ValueError("Dropback does not support sparse gradients")
                 st = self.state[p]
-                i = st["index"]
-                w = p.detach().view(-1).numpy()
-                g = p.grad.detach().contiguous().view(-1).to(torch.float32).numpy()
-                mom = np.float32(group["momentum"])
-                buf = st["momentum_buffer"].view(-1).numpy() if mom != 0 else _EMPTY_F32
-                if self.init is None:
-                    w0, seed, bound, counter = st["w0"].view(-1).numpy(), 0, 0.0, False
+                c = self._views.get(id(p))
+                if (c is None or c[0] is not p or c[1] != p.data_ptr() or c[2] is not st["mask"]
+                        or c[3] is not st.get("w0") or c[4] is not st.get("momentum_buffer")):
+                    c = self._cache_views(p, st)
+                if gt.dtype == torch.float32 and gt.is_contiguous() and not gt.requires_grad:
+                    g = gt.numpy().reshape(-1)
                 else:
-                    w0, seed, bound, counter = (_EMPTY_F32, self.init.param_seed(i),
-                                                self._bounds[i], True)
-                out.append((i, w, g, buf, w0, np.uint64(seed), float(bound), counter,
-                            np.float32(-group["lr"]), mom, np.float32(group["weight_decay"]),
-                            st["mask"].view(-1).numpy()))
+                    g = gt.detach().contiguous().view(-1).to(torch.float32).numpy()
+                i, w, w0, seed, bound, counter, mask, bufv = c[5:]
+                buf = bufv if mom != 0 else _EMPTY_F32
+                out.append((i, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask))
         return out
+
+    def _cache_views(self, p, st):
+        i = st["index"]
+        if self.init is None:
+            w0, seed, bound, counter = st["w0"].view(-1).numpy(), 0, 0.0, False
+        else:
+            w0, seed, bound, counter = (_EMPTY_F32, self.init.param_seed(i),
+                                        self._bounds[i], True)
+        mb = st.get("momentum_buffer")
+        c = (p, p.data_ptr(), st["mask"], st.get("w0"), mb, i, p.detach().view(-1).numpy(),
+             w0, np.uint64(seed), float(bound), counter, st["mask"].view(-1).numpy(),
+             mb.view(-1).numpy() if mb is not None else _EMPTY_F32)
+        self._views[id(p)] = c
+        return c
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -370,23 +588,93 @@ class Dropback(torch.optim.Optimizer):
     def _step_quantile(self, work, d32):
         up, down = factors(self.quantile, self.q_step)
         b = np.int64(np.float32(self._theta).view(np.uint32))
-        key = np.empty(_BLOCK, dtype=np.int64)
+        key = np.empty(_BLOCK, dtype=np.int32)
         r0 = np.empty(_BLOCK, dtype=np.float32)
+        wn = np.empty(_BLOCK, dtype=np.float32)
+        reg = np.array([1, 0, 0, 0], dtype=np.int64)  # no region cached yet
+        stats = np.zeros(2, dtype=np.int64)
         total = 0
         for (_, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask) in reversed(work):
             b = _quantile_param(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32, b,
-                                up, down, mask, key, r0)  # last parameter to first
+                                up, down, mask, key, r0, wn, reg, stats)  # last to first
             total += int(np.count_nonzero(mask))
+        self.bulk_blocks += int(stats[0])
+        self.chained_blocks += int(stats[1])
         theta = np.uint32(b).view(np.float32)
         self._theta = np.float32(theta)
         self.threshold = float(theta)
         self.tracked_count = total
 
     def _step_topk(self, work, d32):
-        n_scored = self._update(work, d32)
+        n_scored = sum(t[1].shape[0] for t in work)
+        k = min(self.track_size, n_scored)
+        pred = self._predict()
+        if k == 0 or pred is None or not self.use_hint:
+            self._update(work, d32)
+            self._radix_topk(work, d32, k)
+        else:
+            self._hint_topk(work, d32, k, pred)
+        self._thr_hist = (self._thr_hist[1], self.threshold)
+
+    def _predict(self):
+        """Predicted threshold: the last one times the last step's ratio (bounded)."""
+        t0, t1 = self._thr_hist
+        if t1 is None or not (0 < t1 < math.inf):
+            return None
+        if t0 is None or not (0 < t0 < math.inf):
+            return t1
+        return t1 * min(2.0, max(0.5, t1 / t0))
+
+    def _hint_topk(self, work, d32, k, pred):
+        off = self._offsets
+        dl = self._band
+        e = np.array([_sbits_of(pred * (1 - 4 * dl)), _sbits_of(pred * (1 - dl)),
+                      _sbits_of(pred * (1 + dl)), _sbits_of(pred * (1 + 4 * dl))],
+                     dtype=np.int64)
+        cnt = np.zeros(4, dtype=np.int64)
+        for (_, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, _) in work:
+            _update_count(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32, e, cnt)
+        pair = next((i for i in range(3) if cnt[i + 1] < k <= cnt[i]), None)
+        if pair is None:  # the k-th score is outside (e0, e3]: full select
+            self.hint_misses += 1
+            if self._scores is None:
+                self._scores = np.empty(self.numel, dtype=np.float32)
+            for (i, w, _, _, w0, seed, bound, counter, *_r) in work:
+                _score_only(w, w0, seed, bound, counter, d32, self._scores[off[i]:off[i + 1]])
+            self._radix_topk(work, d32, k)
+            err = abs(self.threshold / pred - 1.0)
+            self._band = min(_BAND_MAX, max(4 * dl, 1.5 * err))
+            return
+        self.hint_hits += 1
+        lo, hi = int(e[pair]), int(e[pair + 1])
+        n_c = int(cnt[pair] - cnt[pair + 1])
+        cidx = np.empty(n_c, dtype=np.int64)
+        cbits = np.empty(n_c, dtype=np.int32)
+        sbuf = np.empty(_CHUNK, dtype=np.int32)
+        nc = 0
+        for (i, w, _, buf, w0, seed, bound, counter, _, mom, _, mask) in work:
+            nc = _reset_band(w, buf, w0, seed, bound, counter, mom, d32, lo, hi, mask, sbuf,
+                             off[i], cidx, cbits, nc)
+        assert nc == n_c, (nc, n_c)  # pass B recomputed the scores of pass A exactly
+        r = k - int(cnt[pair + 1])  # tracked among the candidates (1 <= r <= n_c)
+        thr = np.partition(cbits, n_c - r)[n_c - r]
+        need_eq = r - int(np.count_nonzero(cbits > thr))
+        cut = np.searchsorted(cidx, [off[t[0]] for t in work] + [off[work[-1][0] + 1]])
+        eq_seen = 0
+        for n, (i, w, _, buf, w0, seed, bound, counter, _, mom, _, mask) in enumerate(work):
+            if cut[n] < cut[n + 1]:
+                eq_seen = _band_fix(w, buf, w0, seed, bound, counter, mom, d32, mask,
+                                    cidx[cut[n]:cut[n + 1]] - off[i], cbits[cut[n]:cut[n + 1]],
+                                    thr, need_eq, eq_seen)
+        self.threshold = float(np.int32(thr).view(np.float32))
+        self.tracked_count = k
+        err = abs(self.threshold / pred - 1.0)
+        self._band = min(_BAND_MAX, max(_BAND_MIN, 0.7 * dl, 1.5 * err))
+
+    def _radix_topk(self, work, d32, k):
+        """Exact top-k from the scores in the scratch array (radix select)."""
         off = self._offsets
         bits = self._scores.view(np.uint32)  # scores >= 0: bit order == value order
-        k = min(self.track_size, n_scored)
         if k == 0:
             for (*_r, mask) in work:
                 mask[:] = False

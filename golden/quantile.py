@@ -169,9 +169,107 @@ def _chain(key, n, b, u, d, up, down, mask, off):
     return b
 
 
+# --- bulk steps over a block (the serial chain broken exactly) ---------------
+#
+# Inside one region the chain is "b += inc if b < key else -dec", with
+# constant inc, dec >= 0. Over a block of m elements (visited last to first)
+# that starts at bits b, theta before every element of the block lies in
+# [b - (m-1)*dec, b + (m-1)*inc] (induction: each step adds +inc or -dec), so
+# if that interval is inside the region every step really is such an integer
+# add. Then an element with key > b + (m-1)*inc is tracked whatever happened
+# before it in the block, one with key <= b - (m-1)*dec is not, and when every
+# key of the block is outside that band the decisions are known without the
+# chain and the end bits are b + n_up*inc - (m - n_up)*dec (a sum: the order
+# does not matter). Every other block (a key inside the band, the region
+# crossed, or no region at all) runs the exact serial chain. Both branches
+# give the bits of the float32 reference step by step, so the pass is
+# bit-identical to :func:`quantile_pass_reference` (tests/test_quantile.py
+# builds streams that hit every branch). With q_step = 1e-6 a block of 256
+# moves theta by at most a few thousand ulps, about 1e-4 relative, so once
+# theta has converged only a small fraction of blocks has a key in the band.
+
+_SUB = 256  # elements per bulk block
+
+
+@numba.njit(inline="always")
+def _bulk_ok(b, m, lo, hi, inc, dec):
+    """Can a block of ``m`` starting at bits ``b`` use the bulk step (region
+    [lo, hi] with steps inc/dec computed for it)?"""
+    return lo + m * dec <= b and b + m * inc <= hi
+
+
+@numba.njit(inline="always")
+def _bulk_count(key, blo, bhi):
+    """(keys in the band (blo, bhi], keys above bhi). Loops here run over whole
+    views from 0: numba's offset loops (``range(start, end)``) do not vectorize."""
+    nb = np.int32(0)
+    nu = np.int32(0)
+    for jj in range(key.shape[0]):
+        kk = key[jj]
+        nb += np.int32((kk > blo) & (kk <= bhi))
+        nu += np.int32(kk > bhi)
+    return nb, nu
+
+
+@numba.njit(inline="always")
+def _blocks(key, n, b, u, d, up, down, mask, off, reg, stats):
+    """The pass over ``key[n-1] .. key[0]`` (mask index ``off + i``) from theta
+    bits ``b`` in bulk blocks of :data:`_SUB`; ``reg`` caches the region
+    (lo, hi, inc, dec) between calls, ``stats`` counts [bulk, chained] blocks.
+    Returns the new bits."""
+    end = n
+    while end > 0:
+        start = max(0, end - _SUB)
+        m = end - start
+        if not (reg[0] <= b and b <= reg[1]):
+            lo, hi, inc, dec = _region(b, u, d)
+            reg[0] = lo
+            reg[1] = hi
+            reg[2] = inc
+            reg[3] = dec
+        lo, hi, inc, dec = reg[0], reg[1], reg[2], reg[3]
+        done = False
+        if _bulk_ok(b, m, lo, hi, inc, dec):
+            blo = np.int32(b - (m - 1) * dec)  # in (0, 2**31): inside the region
+            bhi = np.int32(b + (m - 1) * inc)  # (int32 compares vectorize 2x wider)
+            kv = key[start:end]
+            nb, nu = _bulk_count(kv, blo, bhi)
+            if nb == 0:
+                mv = mask[off + start:off + end]
+                for jj in range(m):
+                    mv[jj] = kv[jj] > bhi
+                b = b + nu * inc - (m - nu) * dec
+                stats[0] += 1
+                done = True
+        if not done:
+            b = _chain(key[start:end], m, b, u, d, up, down, mask, off + start)
+            stats[1] += 1
+        end = start
+    return b
+
+
 @numba.njit(cache=False)
-def _pass(s, theta, up, down, mask):
+def _pass(s, theta, up, down, mask, stats):
     """The pass over ``s`` (last to first) into ``mask``; returns theta."""
+    u, d = _consts(up, down)
+    key = np.empty(_BLOCK, dtype=np.int32)
+    reg = np.array([1, 0, 0, 0], dtype=np.int64)
+    b = np.int64(np.float32(theta).view(np.uint32))
+    end = s.shape[0]
+    while end > 0:
+        start = max(0, end - _BLOCK)
+        sv = s[start:end]
+        for j in range(end - start):
+            key[j] = _key(sv[j])
+        b = _blocks(key, end - start, b, u, d, up, down, mask, start, reg, stats)
+        end = start
+    return np.uint32(b).view(np.float32)
+
+
+@numba.njit(cache=False)
+def _pass_chain(s, theta, up, down, mask):
+    """The serial chain alone (no bulk blocks): the previous compiled pass,
+    kept as a second reference for the tests."""
     u, d = _consts(up, down)
     key = np.empty(_BLOCK, dtype=np.int64)
     b = np.int64(np.float32(theta).view(np.uint32))
@@ -185,12 +283,20 @@ def _pass(s, theta, up, down, mask):
     return np.uint32(b).view(np.float32)
 
 
-def quantile_pass(scores, theta: float, q: float, q_step: float):
-    """Compiled pass, bit-identical to :func:`quantile_pass_reference`."""
+def quantile_pass(scores, theta: float, q: float, q_step: float, *, stats=None,
+                  bulk: bool = True):
+    """Compiled pass, bit-identical to :func:`quantile_pass_reference`.
+
+    ``stats``: an optional int64 array of 2, incremented by the number of bulk
+    and of chained blocks. ``bulk=False`` runs the serial chain only."""
     up, down = factors(q, q_step)
     s = np.ascontiguousarray(scores, dtype=np.float32).reshape(-1)
     mask = np.empty(s.shape[0], dtype=bool)
-    theta = _pass(s, np.float32(theta), up, down, mask)
+    if bulk:
+        st = np.zeros(2, dtype=np.int64) if stats is None else stats
+        theta = _pass(s, np.float32(theta), up, down, mask, st)
+    else:
+        theta = _pass_chain(s, np.float32(theta), up, down, mask)
     return mask, np.float32(theta)
 
 

@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 
@@ -220,3 +221,75 @@ def test_zero_budget_and_all_tied_scores():
     q.grad = torch.zeros(8)  # every score is 0: the three lowest indices win
     opt.step()
     assert opt.mask[0].nonzero().view(-1).tolist() == [0, 1, 2]
+
+
+def _run_pair(steps, *, counter=False, momentum=0.0, weight_decay=0.0, init_decay=0.95,
+              track=600, grad_fn=None):
+    """The same steps on two optimizers: threshold hint on, and off (the full
+    radix select on every step, the reference path). Returns both and their
+    per-step (weights, mask, threshold)."""
+    runs = []
+    for hint in (True, False):
+        g = torch.Generator().manual_seed(0)
+        ps = [(torch.randn(60, 50, generator=g) * 0.05).requires_grad_(),
+              torch.randn(50, generator=g).requires_grad_(),
+              (torch.randn(7, 60, generator=g) * 0.05).requires_grad_()]
+        init = CounterInit(3) if counter else None
+        if counter:
+            CounterInit(3).apply_(ps)
+        opt = Dropback(ps, lr=0.05, track_size=track, momentum=momentum,
+                       weight_decay=weight_decay, init_decay=init_decay, init=init)
+        opt.use_hint = hint
+        gen = torch.Generator().manual_seed(5)
+        hist = []
+        for t in range(steps):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+            if grad_fn is not None:
+                grad_fn(t, ps, opt)
+            opt.step()
+            hist.append((_flat(ps).clone(), _flat(opt.mask).clone(), opt.threshold,
+                         _flat([opt.state[p].get("momentum_buffer", torch.zeros(0))
+                                for p in ps]).clone()))
+        runs.append((opt, hist))
+    return runs
+
+
+def _assert_same(runs):
+    (oa, ha), (ob, hb) = runs
+    for t, (a, b) in enumerate(zip(ha, hb)):
+        assert torch.equal(a[0].view(torch.int32), b[0].view(torch.int32)), t
+        assert torch.equal(a[1], b[1]), t
+        assert a[2] == b[2], t
+        assert torch.equal(a[3].view(torch.int32), b[3].view(torch.int32)), t
+    assert oa.tracked_count == ob.tracked_count
+
+
+@pytest.mark.parametrize("counter,momentum,weight_decay", [
+    (False, 0.0, 0.0), (True, 0.0, 0.0), (False, 0.9, 1e-3), (True, 0.9, 0.0)])
+def test_hint_path_bit_identical_to_radix_path(counter, momentum, weight_decay):
+    runs = _run_pair(14, counter=counter, momentum=momentum, weight_decay=weight_decay)
+    _assert_same(runs)
+    opt = runs[0][0]
+    assert opt.hint_hits >= 8  # the hint path really ran (the first step has no hint)
+    assert runs[1][0].hint_hits == 0
+
+
+def test_hint_path_ties_at_threshold_and_jumps():
+    # Ties: 40 equal scores straddling the threshold (lower index wins); jumps:
+    # gradients scaled by 100 or 1/100 so the threshold leaves the band (misses in
+    # both directions), then comes back.
+    def grads(t, ps, opt):
+        if t in (4, 9):
+            ps[0].grad.mul_(100.0)
+        if t == 6:
+            ps[0].grad.mul_(0.01)
+        if t >= 2 and t % 2 == 0 and math.isfinite(opt.threshold) and opt.threshold > 0:
+            w0 = opt.w0(ps[0]).view(-1) * np.float32(opt.decay * opt.init_decay)
+            flat = ps[0].detach().view(-1)
+            # after the step, |w - d*w0| == the last threshold for 40 elements
+            ps[0].grad.view(-1)[100:140] = (flat[100:140] - w0[100:140]
+                                            - np.float32(opt.threshold)) / 0.05
+    runs = _run_pair(14, grad_fn=grads)
+    _assert_same(runs)
+    assert runs[0][0].hint_misses >= 2 and runs[0][0].hint_hits >= 4

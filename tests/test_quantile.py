@@ -96,3 +96,57 @@ def test_compiled_matches_reference_on_special_scores(theta, q, q_step):
     assert np.array_equal(m1, m2)
     assert t1.tobytes() == t2.tobytes()
     assert 0 < m1.sum() < n  # both decisions occur
+
+
+def _bits(x):
+    return np.asarray(x, dtype=np.float32).view(np.int32).astype(np.int64)
+
+
+def _from_bits(b):
+    return np.asarray(b, dtype=np.int64).astype(np.int32).view(np.float32)
+
+
+@pytest.mark.parametrize("theta,q,q_step,near", [
+    (1.3e-4, 0.9, 1e-6, 3000),     # the benchmark's factors; band of a 256-block ~2300 ulps
+    (0.0234373, 0.9, 1e-6, 600),   # theta on a region edge (the attractor of the benchmark)
+    (2.1e-7, 0.067, 4e-6, 9000),    # narrower regions: many blocks cross one
+    (0.7, 0.5, 1e-5, 60_000),       # larger steps: regions a few blocks wide
+])
+def test_bulk_blocks_match_reference_on_adversarial_streams(theta, q, q_step, near):
+    # Blocks of scores far from theta (decided in bulk) alternate with blocks whose
+    # scores sit within `near` ulps of theta's start (band edges, scores equal to
+    # theta, keys right at b +- (m-1)*step), zeros, NaN and negative scores: every
+    # branch of golden.quantile._blocks must give the float32 reference bits.
+    rng = np.random.default_rng(11)
+    n = 40 * 256 + 77  # a partial block at the front
+    b0 = int(_bits(theta))
+    far = np.where(rng.random(n) < 1 - q, theta * 50.0, theta / 50.0)
+    near_b = b0 + rng.integers(-near, near + 1, n)
+    s = np.asarray(far, dtype=np.float32)
+    blk = (np.arange(n) // 256) % 3 == 1
+    s[blk] = _from_bits(near_b[blk])
+    s[rng.random(n) < 0.002] = 0.0
+    s[rng.random(n) < 0.002] = np.nan
+    s[rng.random(n) < 0.002] = -theta
+    s[5 * 256 + 3] = np.float32(theta)  # exactly theta, inside a bulk-looking block
+    m1, t1 = quantile_pass_reference(s, theta, q, q_step)
+    stats = np.zeros(2, dtype=np.int64)
+    m2, t2 = quantile_pass(s, theta, q, q_step, stats=stats)
+    m3, t3 = quantile_pass(s, theta, q, q_step, bulk=False)
+    assert np.array_equal(m1, m2) and np.array_equal(m1, m3)
+    assert t1.tobytes() == t2.tobytes() == t3.tobytes()
+    assert stats[0] > 0 and stats[1] > 0  # both the bulk step and the chain ran
+
+
+def test_bulk_matches_chain_on_long_converging_stream():
+    # Several passes over 300k half-normal scores from q_init: theta travels down
+    # across region and binade edges, then settles (mostly bulk blocks).
+    rng = np.random.default_rng(3)
+    s = np.abs(rng.standard_normal(300_000) * 1e-4).astype(np.float32)
+    ta = tb = np.float32(1e-2)
+    stats = np.zeros(2, dtype=np.int64)
+    for _ in range(6):
+        ma, ta = quantile_pass(s, ta, 0.9, 1e-5, stats=stats)
+        mb, tb = quantile_pass(s, tb, 0.9, 1e-5, bulk=False)
+        assert np.array_equal(ma, mb) and ta.tobytes() == tb.tobytes()
+    assert stats[0] > stats[1] > 0  # mostly bulk, the chain at region edges

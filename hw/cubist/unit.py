@@ -336,19 +336,27 @@ class CubistMerge(wiring.Component):
         a_v, a_fin, a_right, a_end = Signal(), Signal(), Signal(), Signal()
         a_k, a_row, a_slot = Signal(range(max(KH, 2))), Signal(8), Signal(2)
         a_score = Signal(signed(KW))
+        # slot_h's W-2, H-1, r_w and W/2, registered: a frame's first H key comes >= 2
+        # cycles after slot_h moved to it (slot lookup -> compare was the 95.8 MHz path)
+        hw2, hh1, hrw, hwh = (Signal(8, name=f"hk_{n}") for n in ("w2", "h1", "rw", "wh"))
+        m.d.sync += [hw2.eq(hc["w"] - 2), hh1.eq(hc["h"] - 1), hrw.eq(hc["r_w"]),
+                     hwh.eq(hc["w"] >> 1)]
+        a_rw, a_wh = Signal(8), Signal(8)
+        h_last_n = n_h == hw2
         with m.If(hdiv.key_valid):
             key = hdiv.key
             odd = n_h[0]
-            is_final = odd | (n_h + 2 >= hc["w"])
+            is_final = odd | h_last_n  # n <= W-2, so "n + 2 >= W" is "n = W-2"
             right = odd & (key > h_pend)
             with m.If(~is_final):
                 m.d.sync += h_pend.eq(key)
             m.d.sync += [a_fin.eq(is_final), a_right.eq(right), a_k.eq(n_h >> 1),
                          a_score.eq(Mux(right, key, Mux(odd, h_pend, key))),
-                         a_end.eq(n_h == hc["w"] - 2), a_row.eq(row_h), a_slot.eq(slot_h)]
-            with m.If(n_h == hc["w"] - 2):
+                         a_end.eq(h_last_n), a_row.eq(row_h), a_slot.eq(slot_h),
+                         a_rw.eq(hrw), a_wh.eq(hwh)]
+            with m.If(h_last_n):
                 m.d.sync += [n_h.eq(0), row_h.eq(row_h + 1)]
-                with m.If(row_h == hc["h"] - 1):
+                with m.If(row_h == hh1):
                     m.d.sync += [row_h.eq(0), slot_h.eq(slot_h + 1)]
             with m.Else():
                 m.d.sync += n_h.eq(n_h + 1)
@@ -357,6 +365,8 @@ class CubistMerge(wiring.Component):
         b_v, b_end = Signal(), Signal()
         b_k, b_row, b_slot = Signal.like(a_k), Signal(8), Signal(2)
         b_gt = Signal(max(KH, 1))
+        b_rw, b_wh, c_rw, c_wh = Signal(8), Signal(8), Signal(8), Signal(8)
+        m.d.sync += [b_rw.eq(a_rw), b_wh.eq(a_wh), c_rw.eq(b_rw), c_wh.eq(b_wh)]
         m.d.sync += [b_v.eq(a_v & a_fin), b_end.eq(a_v & a_end), b_k.eq(a_k),
                      b_row.eq(a_row), b_slot.eq(a_slot),
                      b_gt.eq(Cat(*[a_score > h_scores[j] for j in range(KH)]))]
@@ -374,9 +384,8 @@ class CubistMerge(wiring.Component):
             m.d.sync += [h_ranks[j].eq(r)
                          for j, r in enumerate(rank_update(b_k, b_gt, h_ranks, RBH))]
         # S3: removed = rank < r_w, written with the directions
-        cc = cfg_of(c_slot)
         with m.If(c_end):
-            removed = Cat(*[(h_ranks[j] < cc["r_w"]) & (j < (cc["w"] >> 1))
+            removed = Cat(*[(h_ranks[j] < c_rw) & (j < c_wh)
                             for j in range(KH)])
             m.d.comb += [hd_w.addr.eq(Cat(_bits(c_row, HB), c_slot)),
                          hd_w.data.eq(Cat(removed, c_dirs[:KH])), hd_w.en.eq(1)]
@@ -472,17 +481,24 @@ class CubistMerge(wiring.Component):
         n_v, col_v, slot_v = Signal(8), Signal(8), Signal(2)
         vc = cfg_of(slot_v)
         m.d.comb += vr_r.addr.eq(Cat(_bits(col_v, WB), bank_of(slot_v)))
+        # W'-1 and H-2 of slot_v's frame, registered: a frame's first V key comes rows
+        # after slot_v moved to it (slot lookup -> subtract -> compare was a 93 MHz path)
+        vw1, vh2, vrh, vhh = Signal(8), Signal(8), Signal(8), Signal(8)
+        m.d.sync += [vw1.eq(vc["w"] - vc["r_w"] - 1), vh2.eq(vc["h"] - 2), vrh.eq(vc["r_h"]),
+                     vhh.eq(vc["h"] >> 1)]
+        v_last_n = n_v == vh2
         with m.If(vdiv.key_valid):
             m.d.sync += col_v.eq(col_v + 1)
-            with m.If(col_v == vc["w"] - vc["r_w"] - 1):
+            with m.If(col_v == vw1):
                 m.d.sync += [col_v.eq(0), n_v.eq(n_v + 1)]
-                with m.If(n_v == vc["h"] - 2):
+                with m.If(v_last_n):
                     m.d.sync += [n_v.eq(0), slot_v.eq(slot_v + 1)]
         v1, key1 = Signal(), Signal(signed(KW))
-        n1, vcol1, slot1 = Signal(8), Signal(8), Signal(2)
+        n1, vcol1, slot1, last1 = Signal(8), Signal(8), Signal(2), Signal()
+        rh1, hh1v, lc1 = Signal(8), Signal(8), Signal()
         m.d.sync += [v1.eq(vdiv.key_valid), key1.eq(vdiv.key), n1.eq(n_v), vcol1.eq(col_v),
-                     slot1.eq(slot_v)]
-        vc1 = cfg_of(slot1)
+                     slot1.eq(slot_v), last1.eq(v_last_n), rh1.eq(vrh), hh1v.eq(vhh),
+                     lc1.eq(col_v == vw1)]
         # V-RANK: read-modify-write of the column's word. Stage 1: the word (memory output)
         # and the score; A: compare with the earlier scores; B: new ranks, word written.
         # Stages A and B are registered when a column's next key (at least B cycles later,
@@ -499,10 +515,12 @@ class CubistMerge(wiring.Component):
         v_pend = word[off:off + KW].as_signed()
         vodd = n1[0]
         v_right = vodd & (key1 > v_pend)
-        sa = _pipe(m, deep, "va", v=v1, kv=(n1 >> 1)[:8], fin=vodd | (n1 + 2 >= vc1["h"]),
+        # n <= H-2, so "n + 2 >= H" is "n = H-2" (last1)
+        sa = _pipe(m, deep, "va", v=v1, kv=(n1 >> 1)[:8], fin=vodd | last1,
                    right=v_right, score=Mux(v_right, key1, Mux(vodd, v_pend, key1)),
                    key=key1, pend=v_pend, col=vcol1, slot=slot1,
-                   done=n1 == vc1["h"] - 2, scores=Cat(*v_scores), ranks=Cat(*v_ranks),
+                   done=last1, rh=rh1, hh=hh1v, lc=lc1, scores=Cat(*v_scores),
+                   ranks=Cat(*v_ranks),
                    dirs=Cat(*v_dirs))
         a_scores = [sa["scores"][j * KW:(j + 1) * KW].as_signed() for j in range(KV)]
         sb = _pipe(m, deep, "vb", **{n: sa[n] for n in sa if n != "scores"},
@@ -521,14 +539,15 @@ class CubistMerge(wiring.Component):
         # stage D (after the loop): the column's decision into vdec
         d_v, d_col, d_slot = Signal(), Signal(8), Signal(2)
         d_ranks, d_dirs = Signal(KV * RBV), Signal(KV)
+        d_rh, d_hh, d_lc = Signal(8), Signal(8), Signal()
         m.d.sync += [d_v.eq(sb["v"] & sb["done"]), d_col.eq(sb["col"]), d_slot.eq(sb["slot"]),
-                     d_ranks.eq(Cat(*new_ranks)), d_dirs.eq(Cat(*new_dirs))]
-        vcd = cfg_of(d_slot)
-        v_removed = Cat(*[(d_ranks[j * RBV:(j + 1) * RBV] < vcd["r_h"]) & (j < (vcd["h"] >> 1))
+                     d_ranks.eq(Cat(*new_ranks)), d_dirs.eq(Cat(*new_dirs)), d_rh.eq(sb["rh"]),
+                     d_hh.eq(sb["hh"]), d_lc.eq(sb["lc"])]
+        v_removed = Cat(*[(d_ranks[j * RBV:(j + 1) * RBV] < d_rh) & (j < d_hh)
                           for j in range(KV)])
         m.d.comb += [vd_w.addr.eq(Cat(_bits(d_col, WB), bank_of(d_slot))),
                      vd_w.data.eq(Cat(v_removed, d_dirs)), vd_w.en.eq(d_v)]
-        with m.If(d_v & (d_col == vcd["w"] - vcd["r_w"] - 1)):
+        with m.If(d_v & d_lc):
             m.d.sync += vdone[bidx(d_slot)].eq(1)
 
         # ======================= OUT ================================================
@@ -538,6 +557,10 @@ class CubistMerge(wiring.Component):
         # the output grid's H', W', registered (slot_o changes a cycle before OUT can start)
         h2, w2 = Signal(8), Signal(8)
         m.d.sync += [h2.eq(oc["h"] - oc["r_h"]), w2.eq(oc["w"] - oc["r_w"])]
+        # likewise H-1, W-1, prefix-1 and prefix = 0 (no slot lookup before a compare)
+        h1o, w1o, p1o, p0o = Signal(8), Signal(8), Signal(8), Signal()
+        m.d.sync += [h1o.eq(oc["h"] - 1), w1o.eq(oc["w"] - 1), p1o.eq(oc["prefix"] - 1),
+                     p0o.eq(oc["prefix"] == 0)]
         tok_start, map_start = Signal(), Signal()
         tok_done, map_done = Signal(), Signal()
         with m.FSM(name="out_fsm"):
@@ -577,7 +600,8 @@ class CubistMerge(wiring.Component):
         """Prefix tokens, then the merged grid, into the ``o`` FIFO."""
         P, WD, B, LW, CB = env["P"], env["WD"], env["B"], env["LW"], env["CB"]
         KV, WB, HH, PB, NB = env["KV"], env["WB"], env["HH"], env["PB"], env["NB"]
-        oc, h2, w2, slot_o, bank_o = env["oc"], env["h2"], env["w2"], env["slot_o"], env["bank_o"]
+        h2, w2, slot_o, bank_o = env["h2"], env["w2"], env["slot_o"], env["bank_o"]
+        h1o, p1o, p0o = env["h1o"], env["p1o"], env["p0o"]
         fb_r, vd_r = env["fb_r"], env["vd_r_tok"]
         m.submodules.o_fifo = ofifo = StreamFIFO(token_layout(WD, P), FIFO_DEPTH)
         m.d.comb += [self.o.payload.eq(ofifo.o.payload), self.o.valid.eq(ofifo.o.valid),
@@ -607,8 +631,18 @@ class CubistMerge(wiring.Component):
         e_even = ~e[0]
         kl = (ke - 1).as_unsigned()
         has_l = e_even & (e >= 2) & (rmv >> kl)[0] & (dv >> kl)[0]
-        below_rm = e_even & (e + 1 < oc["h"]) & (rmv >> ke)[0]
+        below_rm = e_even & (e < h1o) & (rmv >> ke)[0]
         has_r = below_rm & ~(dv >> ke)[0]
+        e_next = Mux(below_rm, e + 2, e + 1)  # the column's next survivor row
+        # with B >= 4, the sources are registered too (GDEC): a descriptor every 4 cycles
+        # (the path ptr/vdec register -> sources -> ptr write ran at 92 MHz)
+        ddec = B >= 4
+        if ddec:
+            dq = {n: Signal(w, name=f"dq_{n}") for n, w in (("e", 8), ("hl", 1), ("hr", 1),
+                                                              ("en", 8))}
+            m.d.sync += [dq["e"].eq(e), dq["hl"].eq(has_l), dq["hr"].eq(has_r),
+                         dq["en"].eq(e_next)]
+            e, has_l, has_r, e_next = dq["e"], dq["hl"], dq["hr"], dq["en"]
         pop = Signal()  # the beat engine takes `nxt`
         with m.If(pop):
             m.d.sync += nxt_v.eq(0)
@@ -618,17 +652,20 @@ class CubistMerge(wiring.Component):
                     m.d.sync += [pp.eq(0), io.eq(0), jo.eq(0)]
                     m.next = "PREF" if self.max_prefix else "GREAD"
             with m.State("PREF"):
-                with m.If(oc["prefix"] == 0):
+                with m.If(p0o):
                     m.next = "GREAD"
                 with m.Elif(~nxt_v | pop):
                     m.d.sync += [nxt_v.eq(1), nxt["pre"].eq(1), nxt["p"].eq(pp),
                                  nxt["last"].eq(0), pp.eq(pp + 1)]
-                    with m.If(pp == oc["prefix"] - 1):
+                    with m.If(pp == p1o):
                         m.next = "GREAD"
             with m.State("GREAD"):
                 m.next = "GREG" if dreg else "GCALC"
             if dreg:
                 with m.State("GREG"):
+                    m.next = "GDEC" if ddec else "GCALC"
+            if ddec:
+                with m.State("GDEC"):
                     m.next = "GCALC"
             with m.State("GCALC"):
                 with m.If(~nxt_v | pop):
@@ -637,7 +674,7 @@ class CubistMerge(wiring.Component):
                                  nxt["col"].eq(jo), nxt["hl"].eq(has_l), nxt["hr"].eq(has_r),
                                  nxt["last"].eq(last_tok)]
                     m.d.comb += [ptr_w.addr.eq(_bits(jo, WB)),
-                                 ptr_w.data.eq(e + 1 + below_rm), ptr_w.en.eq(1)]
+                                 ptr_w.data.eq(e_next), ptr_w.en.eq(1)]
                     m.d.sync += jo.eq(jo + 1)
                     with m.If(jo == w2 - 1):
                         m.d.sync += [jo.eq(0), io.eq(io + 1)]
@@ -649,9 +686,11 @@ class CubistMerge(wiring.Component):
         cur = {n: Signal(8, name=f"cur_{n}") for n in D}
         cur_v, pass_b = Signal(), Signal()
         cb = Signal(range(max(B, 2)))
-        inflight = Signal(range(FIFO_DEPTH + 1))
+        # used = FIFO level + beats in flight towards it, kept as one counter so that the
+        # credit is a register bit, not an adder and a compare before `go` (95 MHz path)
+        used = Signal(range(FIFO_DEPTH + 1))
         emit_now = cur["pre"][0] | pass_b | ~cur["hr"][0]
-        credit = (ofifo.level + inflight) < FIFO_DEPTH
+        credit = used < FIFO_DEPTH
         go = cur_v & (credit | ~emit_now)
         e_c = cur["e"]
         odd_row = Mux(pass_b | e_c[0], e_c >> 1, (e_c >> 1) - 1)
@@ -701,7 +740,7 @@ class CubistMerge(wiring.Component):
                      b2l.eq(bq["last"])]
         m.d.comb += [ofifo.i.valid.eq(b2v), ofifo.i.payload.data.eq(b2d),
                      ofifo.i.payload.last_token.eq(b2lt), ofifo.i.payload.last.eq(b2l)]
-        m.d.sync += inflight.eq(inflight + (go & emit_now) - b2v)
+        m.d.sync += used.eq(used + (go & emit_now) - (ofifo.o.valid & ofifo.o.ready))
         m.d.comb += env["tok_done"].eq(tfsm.ongoing("IDLE") & ~cur_v & ~nxt_v & ~b1["v"] & ~bq["v"]
                                        & ~b2v)
 
@@ -709,7 +748,8 @@ class CubistMerge(wiring.Component):
     def _out_map(self, m, env):
         """The merge map, H*W entries, concurrently with the tokens."""
         KH, KV, HB, WB = env["KH"], env["KV"], env["HB"], env["WB"]
-        oc, w2, slot_o, bank_o = env["oc"], env["w2"], env["slot_o"], env["bank_o"]
+        w2, slot_o, bank_o = env["w2"], env["slot_o"], env["bank_o"]
+        h1o, w1o = env["h1o"], env["w1o"]
         hd_r, vd_r = env["hd_r_map"], env["vd_r_map"]
         m.submodules.map_fifo = mfifo = StreamFIFO(map_layout(self.h_max, self.w_max),
                                                    FIFO_DEPTH)
@@ -717,8 +757,8 @@ class CubistMerge(wiring.Component):
                      mfifo.o.ready.eq(self.map.ready)]
         ip, jp, oidx = Signal(8), Signal(8), Signal(8)
         rm, dr = Signal(KH + 1), Signal(KH + 1)
-        inflight = Signal(range(FIFO_DEPTH + 1))
-        credit = (mfifo.level + inflight) < FIFO_DEPTH
+        used = Signal(range(FIFO_DEPTH + 1))  # FIFO level + entries in flight, as for `o`
+        credit = used < FIFO_DEPTH
         m.d.comb += hd_r.addr.eq(Cat(_bits(ip, HB), slot_o))
         issue = Signal()
         jodd = jp[0]
@@ -729,7 +769,7 @@ class CubistMerge(wiring.Component):
         m.d.comb += vd_r.addr.eq(Cat(_bits(jprime, WB), bank_o))
         s1v, s1i, s1j, s1l = Signal(), Signal(8), Signal(8), Signal()
         m.d.sync += [s1v.eq(issue), s1i.eq(ip), s1j.eq(jprime),
-                     s1l.eq((ip == oc["h"] - 1) & (jp == oc["w"] - 1))]
+                     s1l.eq((ip == h1o) & (jp == w1o))]
         with m.FSM(name="map_fsm") as mfsm:
             with m.State("IDLE"):
                 with m.If(env["map_start"]):
@@ -745,10 +785,10 @@ class CubistMerge(wiring.Component):
                 with m.If(credit):
                     m.d.comb += issue.eq(1)
                     m.d.sync += [jp.eq(jp + 1), oidx.eq(oidx + ~rem_h)]
-                    with m.If(jp == oc["w"] - 1):
+                    with m.If(jp == w1o):
                         m.d.sync += ip.eq(ip + 1)
                         m.next = "ROWREAD"
-                        with m.If(ip == oc["h"] - 1):
+                        with m.If(ip == h1o):
                             m.next = "IDLE"
         # stage 1: vertical position from the column's decision
         vd = vd_r.data
@@ -776,5 +816,5 @@ class CubistMerge(wiring.Component):
         m.d.sync += [s4v.eq(s3v), s4x.eq(s3p + s3j), s4l.eq(s3l)]
         m.d.comb += [mfifo.i.valid.eq(s4v), mfifo.i.payload.index.eq(s4x),
                      mfifo.i.payload.last.eq(s4l)]
-        m.d.sync += inflight.eq(inflight + issue - s4v)
+        m.d.sync += used.eq(used + issue - (mfifo.o.valid & mfifo.o.ready))
         m.d.comb += env["map_done"].eq(mfsm.ongoing("IDLE") & ~s1v & ~s2v & ~s3v & ~s4v)
