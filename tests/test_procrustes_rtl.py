@@ -24,7 +24,7 @@ def test_every_phase_bit_exact_on_random_sparse_layers(simulator):
     r = _run(simulator, "test_phases", cases=cases, max_dim=21, stall=0.25, seed=5)
     recs = r.metrics["records"]
     assert len(recs) == cases
-    assert {"fwd", "bwd", "wgrad", "update"} <= set(recs[0])
+    assert {"fwd", "bwd", "wgrad", "wgradx", "update"} <= set(recs[0])
 
 
 def test_one_training_step_of_an_mlp_matches_the_golden_step(simulator):

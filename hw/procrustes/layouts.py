@@ -25,6 +25,10 @@ class Op(enum.IntEnum):
     BWD = 6  # dX = Wᵀ·dY; W [m, k]; dY [m, n] in the operand buffer
     WGRAD = 7  # dW = dY·Xᵀ; dYᵀ in the gradient buffer, Xᵀ in the operand buffer
     UPDATE = 8  # W' from W (blocks addr / values arg) and dW (result banks); re-encode
+    # dWᵀ = X·dYᵀ: FWD with the activations X [m, k] in the block store (blocks addr /
+    # values arg), dYᵀ [k, n] in the operand buffer, WGRAD's rounding: zero activations
+    # cost no cycle; the result is in the FWD job layout (the host re-lays it for UPDATE)
+    WGRADX = 9
 
 
 class Buf(enum.IntEnum):

@@ -96,6 +96,7 @@ class PERow(wiring.Component):
             # run control and phase configuration (held stable during a run)
             "start": In(1),
             "mode": In(2),
+            "gshift": In(1),  # FWD walk with the weight gradient's rounding (WGRADX)
             "ng": In(16),
             "lim": In(16),
             "gkl": In(16),
@@ -408,7 +409,7 @@ class PERow(wiring.Component):
         for i in range(C):
             fw = narrow(m, accs[i], c.w_frac, D, f"yfb{i}")
             wg = narrow(m, accs[i], c.wgrad_shift, D, f"ywg{i}")
-            outs.append(Mux(wgrad, wg, fw))
+            outs.append(Mux(wgrad | self.gshift, wg, fw))
         pe_write = Signal()
         with m.If(D2.valid):
             with m.If(D2.first | D2.end):

@@ -120,7 +120,7 @@ class Procrustes(wiring.Component):
         mode = Signal(2)
         for r, pr in enumerate(rows):
             m.d.comb += [
-                pr.start.eq(start), pr.mode.eq(mode),
+                pr.start.eq(start), pr.mode.eq(mode), pr.gshift.eq(op == Op.WGRADX),
                 pr.ng.eq(Mux(is_bwd, (GM + L - 1) >> c.log_lanes, GKL)),
                 pr.lim.eq(Mux(is_bwd, GM, GK)),
                 pr.gkl.eq(GKL), pr.nt.eq(NT),
@@ -321,7 +321,7 @@ class Procrustes(wiring.Component):
                         m.d.comb += [known.eq(1), dims.eq(1), sel_ok.eq(cmd.sel <= Reg.THETA)]
                     with m.Case(Op.GET):
                         m.d.comb += [known.eq(1), dims.eq(1), sel_ok.eq(cmd.sel <= Reg.TRACKED)]
-                    with m.Case(Op.FWD, Op.BWD, Op.WGRAD):
+                    with m.Case(Op.FWD, Op.BWD, Op.WGRAD, Op.WGRADX):
                         m.d.comb += [known.eq(1), sel_ok.eq(1),
                                      dims.eq((mm != 0) & (kk != 0) & (nn != 0))]
                     with m.Case(Op.UPDATE):
@@ -345,6 +345,8 @@ class Procrustes(wiring.Component):
                 blk = (GM, GKL, cmd.addr, c.blk_depth)
                 tables = {
                     Op.FWD: [blk, (cmd.k, NT, 0, c.x_depth), (one, one, cmd.arg, c.val_depth)],
+                    Op.WGRADX: [blk, (cmd.k, NT, 0, c.x_depth),
+                                (one, one, cmd.arg, c.val_depth)],
                     Op.BWD: [blk, (cmd.m, NT, 0, c.x_depth), (one, one, cmd.arg, c.val_depth)],
                     Op.WGRAD: [(MT, cmd.n, 0, c.g_depth), (KT, cmd.n, 0, c.x_depth),
                                (MT, KT, 0, c.y_depth)],
@@ -392,7 +394,8 @@ class Procrustes(wiring.Component):
                     sbad_now.append((lo[32:48] + hi[32:48]) > c.y_depth)
                 m.d.sync += sched_bad.eq(Cat(*sbad_now).any())
                 m.d.sync += i0.eq(i0 + 1)
-                with m.If(ck_bad | ((i0 == 5) & ((op == Op.FWD) | (op == Op.BWD)) & sched_bad)):
+                walks = (op == Op.FWD) | (op == Op.BWD) | (op == Op.WGRADX)
+                with m.If(ck_bad | ((i0 == 5) & walks & sched_bad)):
                     m.d.sync += err.eq(Err.RANGE)
                     m.next = "RESP"
                 with m.Elif(i0 == 5):
@@ -406,7 +409,7 @@ class Procrustes(wiring.Component):
                             m.next = "SET"
                         with m.Case(Op.GET):
                             m.next = "GET"
-                        with m.Case(Op.FWD, Op.BWD):
+                        with m.Case(Op.FWD, Op.BWD, Op.WGRADX):
                             m.next = "RUNSTART"
                         with m.Case(Op.WGRAD):
                             m.next = "WGSTART"

@@ -89,7 +89,7 @@ async def test_phases(dut):
     host = await setup(dut, p)
     cfg, fc = host.cfg, fixed_cfg(host.cfg)
     rng = np.random.default_rng(int(p.get("seed", 1)))
-    phases = p.get("phases", ["fwd", "bwd", "wgrad", "update"])
+    phases = p.get("phases", ["fwd", "bwd", "wgrad", "wgradx", "update"])
     records = []
     for n in range(int(p.get("cases", 6))):
         W, X, dY, label = random_case(rng, cfg, n, int(p.get("max_dim", 20)),
@@ -110,6 +110,12 @@ async def test_phases(dut):
             dW = await host.weight_grad(dY, X)
             assert_equal(dW, ref.weight_grad(dY, X, fc), f"weight gradient, {label}")
             record["wgrad"] = host.cycles["WGRAD"]
+        if "wgradx" in phases:  # post-ReLU activations: about half are zero
+            Xr = np.maximum(X, 0)
+            dW = await host.weight_grad_sparse(dY, Xr, balanced=balanced)
+            assert_equal(dW, ref.weight_grad(dY, Xr, fc), f"sparse weight gradient, {label}")
+            record["wgradx"] = host.cycles["WGRADX"]
+            record["xmask"] = ["".join("1" if v else "0" for v in row) for row in Xr != 0]
         if "update" in phases:
             dW = random_matrix(rng, W.shape, 1.0, cfg.data_bits, n % 4 == 3)
             decay = [1.0, 0.9, 0.5, 0.0][n % 4]

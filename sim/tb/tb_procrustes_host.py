@@ -179,6 +179,21 @@ class ProcrustesHost:
         self.cycles["WGRAD"] = r["cycles"]
         return await self.unload_dw(M, K)
 
+    async def weight_grad_sparse(self, dY, X, *, balanced: bool = True, blk_base: int = 0,
+                                 val_base: int = 0) -> np.ndarray:
+        """``dW = dY·Xᵀ`` as ``dWᵀ = X·dYᵀ`` (``WGRADX``): the activations X [K, N] in the
+        block format, so zero activations cost no cycle. Overwrites the weight store at
+        ``blk_base``/``val_base``; the result banks hold dWᵀ in the job layout (reload dW
+        with :meth:`load_dw` before an UPDATE)."""
+        c = self.cfg
+        dY, X = np.asarray(dY), np.asarray(X)
+        bs = BlockSparse.encode(X, (c.bm, c.bk))
+        dYt = np.ascontiguousarray(dY.T)
+        sched = forward_schedule(bs, c.rows, balanced, self._nt(dYt))
+        dWt = await self._gemm_sparse(Op.WGRADX, bs, dYt, sched, X.shape[0], blk_base,
+                                      val_base, True)
+        return dWt.T
+
     def _dw_layout(self, M, K):
         c = self.cfg
         R, C = c.rows, c.cols
