@@ -42,7 +42,15 @@ import numpy as np
 import torch
 
 from golden.prng import CounterInit, init_bounds, w0_nb
-from golden.quantile import _BLOCK, _blocks, _consts, _key, check_quantile_args, factors
+from golden.quantile import (
+    _BLOCK,
+    _blocks,
+    _consts,
+    _key,
+    _region_cache,
+    check_quantile_args,
+    factors,
+)
 
 _EMPTY_F32 = np.empty(0, dtype=np.float32)
 
@@ -189,7 +197,7 @@ def _w0v(w0v, jj, base, seed, bound, counter):
 
 @numba.njit(inline="always")
 def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b, up, down,
-                   mask, key, r0, wn, reg, stats):
+                   mask, key, r0, wn, rc, stats):
     """Quantile mode for one parameter in one pass, last chunk of 2048 elements
     to first: SGD update, d32*w0 and score key of the chunk into L1 buffers
     (vectorized), the estimator over the chunk's keys (:func:`golden.quantile._blocks`:
@@ -212,7 +220,7 @@ def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b,
             r0[jj] = r
             wn[jj] = x
             key[jj] = _key(abs(x - r))
-        b = _blocks(key, m, b, u, d, up, down, mask, start, reg, stats)
+        b = _blocks(key, m, b, u, d, up, down, mask, start, rc, stats)
         mv = mask[start:end]
         for jj in range(m):
             t = mv[jj]
@@ -225,39 +233,54 @@ def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b,
 
 @numba.njit(cache=False)
 def _quantile_param(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b, up, down,
-                    mask, key, r0, wn, reg, stats):
+                    mask, key, r0, wn, rc, stats):
     """:func:`_quantile_loop` with literal flags per variant (as :func:`_update_score`)."""
     z = np.float32(0)
     plain = mom == 0 and wd == 0
     if counter:
         if plain:
             return _quantile_loop(w, g, buf, w0, seed, bound, True, neg_lr, z, z, d32, b,
-                                  up, down, mask, key, r0, wn, reg, stats)
+                                  up, down, mask, key, r0, wn, rc, stats)
         return _quantile_loop(w, g, buf, w0, seed, bound, True, neg_lr, mom, wd, d32, b,
-                              up, down, mask, key, r0, wn, reg, stats)
+                              up, down, mask, key, r0, wn, rc, stats)
     if plain:
         return _quantile_loop(w, g, buf, w0, seed, bound, False, neg_lr, z, z, d32, b,
-                              up, down, mask, key, r0, wn, reg, stats)
+                              up, down, mask, key, r0, wn, rc, stats)
     return _quantile_loop(w, g, buf, w0, seed, bound, False, neg_lr, mom, wd, d32, b,
-                          up, down, mask, key, r0, wn, reg, stats)
+                          up, down, mask, key, r0, wn, rc, stats)
 
 
-# --- top-k with a threshold hint ---------------------------------------------
+# --- top-k with a threshold hint: one pass ------------------------------------
 #
-# The k-th largest score moves little from one step to the next. Pass A
-# (:func:`_update_count`) is the SGD update with the score of every element and
-# four vectorized counts, of the score bits above each of four edges
-# e0 < e1 < e2 < e3 around the predicted threshold. The k-th largest score lies
-# in (e_a, e_b] for the adjacent pair with count(> e_b) < k <= count(> e_a): a
-# few thousand candidates. Pass B (:func:`_reset_band`) recomputes the score
-# from the stored weight (the same float32 operations on the same values, so
-# the same bits), keeps every weight above e_a (marking those above e_b
-# tracked), resets those at or below e_a, and collects the candidates in
-# (e_a, e_b] in index order. The exact threshold and the tie cut (lower index
-# first) then come from the candidates alone (:func:`_band_fix` resets the
-# candidates that are not tracked). When no pair brackets the k-th score (first
-# step, a large shift) the scores are recomputed into the scratch array and the
-# radix select below runs, as before the hint existed.
+# The k-th largest score moves little from one step to the next. From the
+# predicted threshold two edges lo < hi are set (a relative band that adapts to
+# the prediction errors seen). One fused, vectorized pass per parameter
+# (:func:`_spec`) takes the SGD step, scores each element and decides what it
+# can:
+#
+# * score > hi: tracked (mask 1, the new weight kept);
+# * score <= lo and the old weight recoverable: reset to d32*w0 at once (mask
+#   0). "Recoverable" means the old weight had the bits of d32_prev*w0 (the
+#   element was untracked after the previous step and nobody changed it) and,
+#   with momentum, its buffer had the bits of 0: the SGD step of this element
+#   can then be recomputed exactly from w0 and the gradient if needed;
+# * anything else: pending (mask 2, the new weight kept); pending elements are
+#   collected (global index and score bits) in index order, chunk by chunk,
+#   only where a chunk has one.
+#
+# It also counts the scores above hi and above lo. When count(> hi) < k <=
+# count(> lo) (a hit), the k-th largest score is among the pending elements
+# in (lo, hi]: the exact threshold and the tie cut (lower index first) come
+# from that list, and :func:`_band_fix` marks or resets the pending elements.
+# Elements reset in the pass are all <= lo < threshold, so untracked anyway.
+# Otherwise (a miss: first step, large shift) :func:`_restore` recomputes the
+# SGD step of every element reset in the pass, and the scores go through the
+# exact radix select below, as without the hint. Either way the weights, the
+# momentum buffers and the mask are bit-identical to the radix path (the same
+# float32 operations on the same values; tests/test_dropback.py checks it step
+# by step on adversarial streams).
+
+_CHUNK = 256  # elements per chunk of the pass (pending count, then a scan if any)
 
 
 @numba.njit(inline="always")
@@ -268,115 +291,146 @@ def _sbits(x):
 
 
 @numba.njit(inline="always")
-def _update_count_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32,
-                       e0, e1, e2, e3):
-    c0 = np.int32(0)
-    c1 = np.int32(0)
-    c2 = np.int32(0)
-    c3 = np.int32(0)
-    for j in range(w.shape[0]):
-        wn = _sgd(w, g, buf, j, neg_lr, mom, wd)
-        w[j] = wn
-        sb = _sbits(abs(wn - d32 * _w0(w0, j, seed, bound, counter)))
-        c0 += np.int32(sb > e0)
-        c1 += np.int32(sb > e1)
-        c2 += np.int32(sb > e2)
-        c3 += np.int32(sb > e3)
-    return c0, c1, c2, c3
-
-
-@numba.njit(cache=False)
-def _update_count(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, e, cnt):
-    """Pass A of the hint path: SGD update of one parameter; adds to ``cnt[i]``
-    the count of score bits above edge ``e[i]`` (int32 counts: a parameter has
-    fewer than 2**31 elements; literal flags per variant as in
-    :func:`_update_score`)."""
-    z = np.float32(0)
-    e0, e1, e2, e3 = np.int32(e[0]), np.int32(e[1]), np.int32(e[2]), np.int32(e[3])
-    plain = mom == 0 and wd == 0
-    if counter:
-        if plain:
-            c = _update_count_loop(w, g, buf, w0, seed, bound, True, neg_lr, z, z, d32,
-                                   e0, e1, e2, e3)
-        else:
-            c = _update_count_loop(w, g, buf, w0, seed, bound, True, neg_lr, mom, wd, d32,
-                                   e0, e1, e2, e3)
-    elif plain:
-        c = _update_count_loop(w, g, buf, w0, seed, bound, False, neg_lr, z, z, d32,
-                               e0, e1, e2, e3)
-    else:
-        c = _update_count_loop(w, g, buf, w0, seed, bound, False, neg_lr, mom, wd, d32,
-                               e0, e1, e2, e3)
-    cnt[0] += c[0]
-    cnt[1] += c[1]
-    cnt[2] += c[2]
-    cnt[3] += c[3]
-
-
-_CHUNK = 256  # pass B: elements per chunk (band count, then a scan if any)
-
-
-@numba.njit(inline="always")
-def _reset_band_loop(w, buf, w0, seed, bound, counter, mom, d32, lo, hi, mask, sbuf,
-                     off, cidx, cbits, nc):
+def _spec_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, lo, hi,
+               m8, sbuf, rbuf, pend, off, cidx, cbits, lidx, lw, lb, st):
+    p8 = pend.view(np.uint8)  # pending flags of the chunk, read back 8 per uint64
+    p8[:] = 0
+    nc, nl, nleft = st[0], st[1], st[2]
+    n_hi = np.int64(0)
+    n_lo = np.int64(0)
     end = w.shape[0]
     start = 0
     while start < end:
         stop = min(end, start + _CHUNK)
         wv = w[start:stop]
+        gv = g[start:stop]
         bv = buf[start:stop]
         w0v = w0[start:stop]
-        mv = mask[start:stop]
+        mv = m8[start:stop]
+        c_hi = np.int32(0)
+        c_lo = np.int32(0)
         npend = np.int32(0)
         for jj in range(stop - start):
-            r = d32 * _w0v(w0v, jj, start, seed, bound, counter)
-            x = wv[jj]
+            w0j = _w0v(w0v, jj, start, seed, bound, counter)
+            r = d32 * w0j
+            rec = np.float32(wv[jj]).view(np.int32) == np.float32(d32p * w0j).view(np.int32)
+            if mom != 0:
+                rec = rec & (np.float32(bv[jj]).view(np.int32) == 0)
+            x = _sgd(wv, gv, bv, jj, neg_lr, mom, wd)
             sb = _sbits(abs(x - r))
             sbuf[jj] = sb
-            keep = sb > lo
-            mv[jj] = sb > hi
-            npend += np.int32(keep & (sb <= hi))
-            wv[jj] = x if keep else r
+            rbuf[jj] = r
+            tr = sb > hi
+            rs = (sb <= lo) & rec
+            wv[jj] = r if rs else x
             if mom != 0:
-                bv[jj] = bv[jj] if keep else np.float32(0)
-        if npend > 0:  # rare: collect the band's candidates in index order
-            for jj in range(stop - start):
-                sb = sbuf[jj]
-                if sb > lo and sb <= hi:
-                    cidx[nc] = off + start + jj
-                    cbits[nc] = sb
-                    nc += 1
+                bv[jj] = np.float32(0) if rs else bv[jj]
+            pj = not (tr or rs)
+            mv[jj] = np.uint8(1) if tr else (np.uint8(2) if pj else np.uint8(0))
+            p8[jj] = np.uint8(pj)
+            c_hi += np.int32(tr)
+            c_lo += np.int32(sb > lo)
+            npend += np.int32(pj)
+        if npend > 0:  # the chunk's pending elements in index order, 8 flags at a time
+            for wi in range((stop - start + 7) >> 3):
+                if pend[wi] == 0:
+                    continue
+                for jj in range(wi << 3, min(stop - start, (wi << 3) + 8)):
+                    if p8[jj] == 0:
+                        continue
+                    sb = sbuf[jj]
+                    if sb > lo:  # in the band: decided after the pass
+                        if nc < cidx.shape[0]:
+                            cidx[nc] = off + start + jj
+                            cbits[nc] = sb
+                            nc += 1
+                        else:
+                            nleft += 1
+                    elif nl < lidx.shape[0]:  # below the band: saved, then reset
+                        lidx[nl] = off + start + jj
+                        lw[nl] = wv[jj]
+                        wv[jj] = rbuf[jj]
+                        if mom != 0:
+                            lb[nl] = bv[jj]
+                            bv[jj] = np.float32(0)
+                        mv[jj] = np.uint8(0)
+                        nl += 1
+                    else:
+                        nleft += 1
+        n_hi += c_hi
+        n_lo += c_lo
         start = stop
+    st[0], st[1], st[2] = nc, nl, nleft
+    st[3] += n_hi
+    st[4] += n_lo
+
+
+@numba.njit(cache=False)
+def _spec(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, lo, hi, m8, sbuf,
+          rbuf, pend, off, cidx, cbits, lidx, lw, lb, st):
+    """The hint pass over one parameter (global offset ``off``). Pending elements
+    in the band go to ``cidx``/``cbits``; those below it (not recoverable) have
+    their new weight and momentum saved to ``lidx``/``lw``/``lb`` and are reset;
+    either kind stays pending (mask 2, kept) when its list is full.
+    ``st``: [band listed, low listed, left pending, count > hi, count > lo],
+    updated. Literal flags per variant as in :func:`_update_score`."""
+    z = np.float32(0)
+    lo = np.int32(lo)
+    hi = np.int32(hi)
+    plain = mom == 0 and wd == 0
+    if counter:
+        if plain:
+            _spec_loop(w, g, buf, w0, seed, bound, True, neg_lr, z, z, d32, d32p, lo, hi,
+                       m8, sbuf, rbuf, pend, off, cidx, cbits, lidx, lw, lb, st)
+        else:
+            _spec_loop(w, g, buf, w0, seed, bound, True, neg_lr, mom, wd, d32, d32p, lo, hi,
+                       m8, sbuf, rbuf, pend, off, cidx, cbits, lidx, lw, lb, st)
+    elif plain:
+        _spec_loop(w, g, buf, w0, seed, bound, False, neg_lr, z, z, d32, d32p, lo, hi,
+                   m8, sbuf, rbuf, pend, off, cidx, cbits, lidx, lw, lb, st)
+    else:
+        _spec_loop(w, g, buf, w0, seed, bound, False, neg_lr, mom, wd, d32, d32p, lo, hi,
+                   m8, sbuf, rbuf, pend, off, cidx, cbits, lidx, lw, lb, st)
+
+
+@numba.njit(cache=False)
+def _unsave(w, buf, mom, idx, lw, lb):
+    """Miss path: put back the saved new weights (and momentum) of the elements
+    below the band that the pass reset (local indices ``idx``)."""
+    for c in range(idx.shape[0]):
+        w[idx[c]] = lw[c]
+        if mom != 0:
+            buf[idx[c]] = lb[c]
+
+
+@numba.njit(cache=False)
+def _collect(w, w0, seed, bound, counter, d32, m8, off, cidx, cbits, nc):
+    """The pending elements (mask 2) of one parameter with their score bits
+    (recomputed), from position ``nc``: when the pass's list overflowed."""
+    for j in range(w.shape[0]):
+        if m8[j] == 2:
+            cidx[nc] = off + j
+            cbits[nc] = _sbits(abs(w[j] - d32 * _w0(w0, j, seed, bound, counter)))
+            nc += 1
     return nc
 
 
 @numba.njit(cache=False)
-def _reset_band(w, buf, w0, seed, bound, counter, mom, d32, lo, hi, mask, sbuf, off,
-                cidx, cbits, nc):
-    """Pass B of the hint path for one parameter (global offset ``off``): score
-    bits > ``hi`` tracked, <= ``lo`` reset to d32*w0 (momentum 0), those in
-    (lo, hi] kept for now, not marked, and appended to ``cidx``/``cbits`` from
-    position ``nc``; returns the new count."""
-    z = np.float32(0)
-    lo = np.int32(lo)
-    hi = np.int32(hi)
-    if counter:
-        if mom == 0:
-            return _reset_band_loop(w, buf, w0, seed, bound, True, z, d32, lo, hi, mask,
-                                    sbuf, off, cidx, cbits, nc)
-        return _reset_band_loop(w, buf, w0, seed, bound, True, mom, d32, lo, hi, mask,
-                                sbuf, off, cidx, cbits, nc)
-    if mom == 0:
-        return _reset_band_loop(w, buf, w0, seed, bound, False, z, d32, lo, hi, mask,
-                                sbuf, off, cidx, cbits, nc)
-    return _reset_band_loop(w, buf, w0, seed, bound, False, mom, d32, lo, hi, mask,
-                            sbuf, off, cidx, cbits, nc)
+def _restore(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32p, m8):
+    """Miss path: the SGD step of every element the pass reset (mask 0), from its
+    old weight d32_prev*w0 and zero momentum; mask back to 0/1."""
+    for j in range(w.shape[0]):
+        m = m8[j]
+        if m == 0:
+            w[j] = d32p * _w0(w0, j, seed, bound, counter)
+            w[j] = _sgd(w, g, buf, j, neg_lr, mom, wd)
+        m8[j] = np.uint8(m == 1)
 
 
 @numba.njit(cache=False)
 def _band_fix(w, buf, w0, seed, bound, counter, mom, d32, mask, idx, bits, thr, need_eq,
               eq_seen):
-    """Decide the band candidates ``idx`` (local indices, in order) of one
+    """Decide the pending elements ``idx`` (local indices, in order) of one
     parameter: tracked if bits > thr or among the first ``need_eq`` ties (global
     index order, ``eq_seen`` so far); the others reset. Returns ``eq_seen``."""
     for c in range(idx.shape[0]):
@@ -386,9 +440,8 @@ def _band_fix(w, buf, w0, seed, bound, counter, mom, d32, mask, idx, bits, thr, 
         if b == thr and eq_seen < need_eq:
             t = True
             eq_seen += 1
-        if t:
-            mask[j] = True
-        else:
+        mask[j] = t
+        if not t:
             w[j] = d32 * _w0(w0, j, seed, bound, counter)
             if mom != 0:
                 buf[j] = np.float32(0)
@@ -479,6 +532,10 @@ class Dropback(torch.optim.Optimizer):
         self.use_hint = True  # False: always the full radix select (the reference path)
         self._thr_hist = (None, None)  # last two top-k thresholds
         self._band = 4e-3  # hint band half-width, relative; adapted every step
+        self._errs: list[float] = []  # relative errors of the last predictions
+        self._listed = (0, 0)  # list lengths of the last hint pass (size the next lists)
+        self._min_list = 4096  # smallest list capacity (tests set 1: overflow paths)
+        self._d32_prev = 1.0  # float32 decay of the previous step
         self._offsets = np.cumsum([0] + [p.numel() for p in plist]).tolist()
         self._bounds = init_bounds([p.shape for p in plist])
         self._scores = None
@@ -568,6 +625,7 @@ class Dropback(torch.optim.Optimizer):
             self._step_quantile(work, d32)
         else:
             self._step_topk(work, d32)
+        self._d32_prev = d32
         return loss
 
     def _update(self, work, d32):
@@ -591,12 +649,12 @@ class Dropback(torch.optim.Optimizer):
         key = np.empty(_BLOCK, dtype=np.int32)
         r0 = np.empty(_BLOCK, dtype=np.float32)
         wn = np.empty(_BLOCK, dtype=np.float32)
-        reg = np.array([1, 0, 0, 0], dtype=np.int64)  # no region cached yet
+        rc = _region_cache()
         stats = np.zeros(2, dtype=np.int64)
         total = 0
         for (_, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask) in reversed(work):
             b = _quantile_param(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32, b,
-                                up, down, mask, key, r0, wn, reg, stats)  # last to first
+                                up, down, mask, key, r0, wn, rc, stats)  # last to first
             total += int(np.count_nonzero(mask))
         self.bulk_blocks += int(stats[0])
         self.chained_blocks += int(stats[1])
@@ -628,48 +686,64 @@ class Dropback(torch.optim.Optimizer):
     def _hint_topk(self, work, d32, k, pred):
         off = self._offsets
         dl = self._band
-        e = np.array([_sbits_of(pred * (1 - 4 * dl)), _sbits_of(pred * (1 - dl)),
-                      _sbits_of(pred * (1 + dl)), _sbits_of(pred * (1 + 4 * dl))],
-                     dtype=np.int64)
-        cnt = np.zeros(4, dtype=np.int64)
-        for (_, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, _) in work:
-            _update_count(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32, e, cnt)
-        pair = next((i for i in range(3) if cnt[i + 1] < k <= cnt[i]), None)
-        if pair is None:  # the k-th score is outside (e0, e3]: full select
+        lo, hi = _sbits_of(pred * (1 - dl)), _sbits_of(pred * (1 + dl))
+        d32p = np.float32(self._d32_prev)
+        cap_c = max(self._min_list, 2 * self._listed[0])
+        cap_l = max(self._min_list, 2 * self._listed[1])
+        cidx, cbits = np.empty(cap_c, dtype=np.int64), np.empty(cap_c, dtype=np.int32)
+        lidx, lw = np.empty(cap_l, dtype=np.int64), np.empty(cap_l, dtype=np.float32)
+        lb = np.empty(cap_l if any(t[9] != 0 for t in work) else 0, dtype=np.float32)
+        sbuf, rbuf = np.empty(_CHUNK, dtype=np.int32), np.empty(_CHUNK, dtype=np.float32)
+        pend = np.zeros(_CHUNK // 8, dtype=np.uint64)
+        st = np.zeros(5, dtype=np.int64)
+        for (i, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask) in work:
+            _spec(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32, d32p, lo, hi,
+                  mask.view(np.uint8), sbuf, rbuf, pend, off[i], cidx, cbits, lidx, lw, lb, st)
+        nc, nl, nleft, n_hi, n_lo = (int(x) for x in st)
+        self._listed = (nc + nleft, nl + nleft)
+        cut = [off[t[0]] for t in work] + [off[work[-1][0] + 1]]
+        if not n_hi < k <= n_lo:  # the k-th score is outside (lo, hi]: full select
             self.hint_misses += 1
             if self._scores is None:
                 self._scores = np.empty(self.numel, dtype=np.float32)
-            for (i, w, _, _, w0, seed, bound, counter, *_r) in work:
+            lcut = np.searchsorted(lidx[:nl], cut)
+            for n, (i, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask) in enumerate(
+                    work):
+                _restore(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32p,
+                         mask.view(np.uint8))
+                a, b = lcut[n], lcut[n + 1]
+                _unsave(w, buf, mom, lidx[a:b] - off[i], lw[a:b], lb[a:b] if mom != 0 else lb)
                 _score_only(w, w0, seed, bound, counter, d32, self._scores[off[i]:off[i + 1]])
             self._radix_topk(work, d32, k)
-            err = abs(self.threshold / pred - 1.0)
-            self._band = min(_BAND_MAX, max(4 * dl, 1.5 * err))
+            self._errs = (self._errs + [abs(self.threshold / pred - 1.0)])[-3:]
+            self._band = min(_BAND_MAX, max(4 * dl, 3 * max(self._errs)))
             return
         self.hint_hits += 1
-        lo, hi = int(e[pair]), int(e[pair + 1])
-        n_c = int(cnt[pair] - cnt[pair + 1])
-        cidx = np.empty(n_c, dtype=np.int64)
-        cbits = np.empty(n_c, dtype=np.int32)
-        sbuf = np.empty(_CHUNK, dtype=np.int32)
-        nc = 0
-        for (i, w, _, buf, w0, seed, bound, counter, _, mom, _, mask) in work:
-            nc = _reset_band(w, buf, w0, seed, bound, counter, mom, d32, lo, hi, mask, sbuf,
-                             off[i], cidx, cbits, nc)
-        assert nc == n_c, (nc, n_c)  # pass B recomputed the scores of pass A exactly
-        r = k - int(cnt[pair + 1])  # tracked among the candidates (1 <= r <= n_c)
-        thr = np.partition(cbits, n_c - r)[n_c - r]
+        if nleft:  # a list was full: collect every element still pending again
+            nc = nleft + nc
+            cidx, cbits = np.empty(nc, dtype=np.int64), np.empty(nc, dtype=np.int32)
+            n = 0
+            for (i, w, _, _, w0, seed, bound, counter, *_r, mask) in work:
+                n = _collect(w, w0, seed, bound, counter, d32, mask.view(np.uint8), off[i],
+                             cidx, cbits, n)
+            nc = n
+        cidx, cbits = cidx[:nc], cbits[:nc]
+        r = k - n_hi  # tracked among the listed band elements (1 <= r <= nc)
+        thr = np.partition(cbits, nc - r)[nc - r]
         need_eq = r - int(np.count_nonzero(cbits > thr))
-        cut = np.searchsorted(cidx, [off[t[0]] for t in work] + [off[work[-1][0] + 1]])
+        ccut = np.searchsorted(cidx, cut)
         eq_seen = 0
         for n, (i, w, _, buf, w0, seed, bound, counter, _, mom, _, mask) in enumerate(work):
-            if cut[n] < cut[n + 1]:
+            if ccut[n] < ccut[n + 1]:
                 eq_seen = _band_fix(w, buf, w0, seed, bound, counter, mom, d32, mask,
-                                    cidx[cut[n]:cut[n + 1]] - off[i], cbits[cut[n]:cut[n + 1]],
-                                    thr, need_eq, eq_seen)
+                                    cidx[ccut[n]:ccut[n + 1]] - off[i],
+                                    cbits[ccut[n]:ccut[n + 1]], thr, need_eq, eq_seen)
         self.threshold = float(np.int32(thr).view(np.float32))
         self.tracked_count = k
-        err = abs(self.threshold / pred - 1.0)
-        self._band = min(_BAND_MAX, max(_BAND_MIN, 0.7 * dl, 1.5 * err))
+        # half-width: three times the largest relative prediction error of the last
+        # three steps (a miss costs about six passes, a wider band only a longer list)
+        self._errs = (self._errs + [abs(self.threshold / pred - 1.0)])[-3:]
+        self._band = min(_BAND_MAX, max(_BAND_MIN, 3 * max(self._errs)))
 
     def _radix_topk(self, work, d32, k):
         """Exact top-k from the scores in the scratch array (radix select)."""

@@ -128,13 +128,44 @@ def _key(s):
     return np.int64(np.float32(s).view(np.uint32)) if s > 0 else np.int64(0)
 
 
+_NREG = 4  # regions kept by :func:`_region_cached`
+
+
+def _region_cache():
+    """Empty region cache: rows (lo, hi, inc, dec), lo > hi; last row: next slot."""
+    rc = np.zeros((_NREG + 1, 4), dtype=np.int64)
+    rc[:_NREG, 0] = 1
+    return rc
+
+
 @numba.njit(inline="always")
-def _chain(key, n, b, u, d, up, down, mask, off):
+def _region_cached(b, u, d, rc):
+    """:func:`_region` through a small cache: theta often settles on the edge of
+    two regions (a float32 rounding edge of the factors pins it there, see
+    tests/test_quantile.py) and then goes back and forth between them, and
+    computing a region takes four integer divisions. Regions partition the bit
+    patterns, so a cached region holding ``b`` is the one :func:`_region` gives."""
+    for r in range(_NREG):
+        if rc[r, 0] <= b and b <= rc[r, 1]:
+            return rc[r, 0], rc[r, 1], rc[r, 2], rc[r, 3]
+    lo, hi, inc, dec = _region(b, u, d)
+    if lo <= hi:
+        r = rc[_NREG, 0]
+        rc[r, 0] = lo
+        rc[r, 1] = hi
+        rc[r, 2] = inc
+        rc[r, 3] = dec
+        rc[_NREG, 0] = (r + 1) % _NREG
+    return lo, hi, inc, dec
+
+
+@numba.njit(inline="always")
+def _chain(key, n, b, u, d, up, down, mask, off, rc):
     """Quantile steps over ``key[n-1] .. key[0]`` (mask index ``off + i``) from
-    theta bits ``b``; returns the new bits."""
+    theta bits ``b``; ``rc``: region cache; returns the new bits."""
     i = n - 1
     while i >= 0:
-        lo, hi, inc, dec = _region(b, u, d)
+        lo, hi, inc, dec = _region_cached(b, u, d, rc)
         lo2 = lo + dec  # two steps from [lo2, hi2] stay in [lo, hi]
         hi2 = hi - inc
         if i >= 1 and lo2 <= b and b <= hi2:
@@ -157,16 +188,92 @@ def _chain(key, n, b, u, d, up, down, mask, off):
                 i -= 2
                 if np.uint64(b - lo2) > span:
                     break
-        else:  # one float32 step
-            th = np.uint32(b).view(np.float32)
-            t = b < key[np.uint64(i)]
-            mask[np.uint64(off + i)] = t
-            a = th * up
-            c = th * down
-            # up >= down and theta >= 0: max/min are theta*up / theta*down
-            b = np.int64(np.float32(max(a, c) if t else min(a, c)).view(np.uint32))
-            i -= 1
+        else:
+            i, b = _edge_steps(key, i, b, u, d, up, down, mask, off, rc, lo, hi, inc, dec)
     return b
+
+
+@numba.njit(inline="always")
+def _float_step(b, up, down):
+    """(bits of theta*up, bits of theta*down) by float32 arithmetic."""
+    th = np.uint32(b).view(np.float32)
+    a = th * up
+    c = th * down
+    # up >= down and theta >= 0: max/min are theta*up / theta*down
+    return (np.int64(np.float32(max(a, c)).view(np.uint32)),
+            np.int64(np.float32(min(a, c)).view(np.uint32)))
+
+
+@numba.njit(inline="always")
+def _region_at(x, u, d, rc):
+    """The region holding bits ``x`` ((1, 0, 0, 0) if none: :func:`_region` may
+    return a neighbouring region when ``x`` is a tie pattern)."""
+    lo, hi, inc, dec = _region_cached(x, u, d, rc)
+    if lo <= x and x <= hi:
+        return lo, hi, inc, dec
+    return np.int64(1), np.int64(0), np.int64(0), np.int64(0)
+
+
+@numba.njit(inline="always")
+def _edge_steps(key, i, b, u, d, up, down, mask, off, rc, lo, hi, inc, dec):
+    """Steps from ``key[i]`` down while theta is near the edge between two
+    regions (or on the single tie pattern between them, which belongs to no
+    region): the chain's two-element loop needs a margin of one step inside a
+    region, and theta often settles right at an edge (the float32 rounding of
+    the factors pins it there: a fraction tracked between those that the step
+    sizes on either side balance). Below the edge (bits <= hb) the steps are
+    those of region B, above (bits >= la) those of region A, and on a tie
+    pattern between them those computed once in float32; every step is still
+    exactly the float32 step.
+    Leaves when theta is more than ``win`` bits from the edge or outside
+    [lb, ha]; falls back to one float32 step when the edge has no such form.
+    Returns (i, b)."""
+    # [lo, hi] (steps inc, dec) is the region _region gave for b; it need not hold
+    # b when b is a tie pattern, but its steps hold on all of [lo, hi]
+    if lo <= hi and (b > hi or (b >= lo and b > hi - (hi - lo) // 2)):  # edge above hi
+        lb, hb, ib, db = lo, hi, inc, dec
+        la, ha, ia, da = _region_at(hi + 1, u, d, rc)
+        tp = np.int64(-1)
+        if la > ha:  # hi + 1 is a tie pattern: the region above starts at hi + 2
+            tp = hi + 1
+            la, ha, ia, da = _region_at(hi + 2, u, d, rc)
+    elif lo <= hi:  # edge below lo
+        la, ha, ia, da = lo, hi, inc, dec
+        lb, hb, ib, db = _region_at(lo - 1, u, d, rc)
+        tp = np.int64(-1)
+        if lb > hb:
+            tp = lo - 1
+            lb, hb, ib, db = _region_at(lo - 2, u, d, rc)
+    else:  # no region near b (no integer form, or subnormal / huge theta)
+        lb, hb, ib, db = np.int64(1), np.int64(0), np.int64(0), np.int64(0)
+        la, ha, ia, da = lb, hb, ib, db
+        tp = np.int64(-1)
+    ok = (lb <= hb and la <= ha and lb <= b and b <= ha
+          and (la == hb + 1 or (la == hb + 2 and tp == hb + 1)))
+    if not ok:  # one float32 step
+        t = b < key[np.uint64(i)]
+        mask[np.uint64(off + i)] = t
+        bu, bd = _float_step(b, up, down)
+        return i - 1, (bu if t else bd)
+    it, dt = ib, db
+    if tp >= 0:
+        bu, bd = _float_step(tp, up, down)
+        it, dt = bu - tp, tp - bd
+    win = 64 + 4 * (max(ia, ib, it) + max(da, db, dt))
+    wlo = max(lb, hb - win)
+    span = np.uint64(min(ha, la + win) - wlo)
+    while i >= 0:
+        t = b < key[np.uint64(i)]
+        mask[np.uint64(off + i)] = t
+        below = b <= hb
+        on_t = b == tp
+        inc = ib if below else (it if on_t else ia)
+        dec = db if below else (dt if on_t else da)
+        b = b + (inc if t else -dec)
+        i -= 1
+        if np.uint64(b - wlo) > span:
+            break
+    return i, b
 
 
 # --- bulk steps over a block (the serial chain broken exactly) ---------------
@@ -212,22 +319,16 @@ def _bulk_count(key, blo, bhi):
 
 
 @numba.njit(inline="always")
-def _blocks(key, n, b, u, d, up, down, mask, off, reg, stats):
+def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats):
     """The pass over ``key[n-1] .. key[0]`` (mask index ``off + i``) from theta
-    bits ``b`` in bulk blocks of :data:`_SUB`; ``reg`` caches the region
-    (lo, hi, inc, dec) between calls, ``stats`` counts [bulk, chained] blocks.
-    Returns the new bits."""
+    bits ``b`` in bulk blocks of :data:`_SUB`; ``rc`` is the region cache
+    (:func:`_region_cache`, kept between calls), ``stats`` counts [bulk,
+    chained] blocks. Returns the new bits."""
     end = n
     while end > 0:
         start = max(0, end - _SUB)
         m = end - start
-        if not (reg[0] <= b and b <= reg[1]):
-            lo, hi, inc, dec = _region(b, u, d)
-            reg[0] = lo
-            reg[1] = hi
-            reg[2] = inc
-            reg[3] = dec
-        lo, hi, inc, dec = reg[0], reg[1], reg[2], reg[3]
+        lo, hi, inc, dec = _region_cached(b, u, d, rc)
         done = False
         if _bulk_ok(b, m, lo, hi, inc, dec):
             blo = np.int32(b - (m - 1) * dec)  # in (0, 2**31): inside the region
@@ -242,18 +343,17 @@ def _blocks(key, n, b, u, d, up, down, mask, off, reg, stats):
                 stats[0] += 1
                 done = True
         if not done:
-            b = _chain(key[start:end], m, b, u, d, up, down, mask, off + start)
+            b = _chain(key[start:end], m, b, u, d, up, down, mask, off + start, rc)
             stats[1] += 1
         end = start
     return b
 
 
 @numba.njit(cache=False)
-def _pass(s, theta, up, down, mask, stats):
+def _pass(s, theta, up, down, mask, stats, rc):
     """The pass over ``s`` (last to first) into ``mask``; returns theta."""
     u, d = _consts(up, down)
     key = np.empty(_BLOCK, dtype=np.int32)
-    reg = np.array([1, 0, 0, 0], dtype=np.int64)
     b = np.int64(np.float32(theta).view(np.uint32))
     end = s.shape[0]
     while end > 0:
@@ -261,13 +361,13 @@ def _pass(s, theta, up, down, mask, stats):
         sv = s[start:end]
         for j in range(end - start):
             key[j] = _key(sv[j])
-        b = _blocks(key, end - start, b, u, d, up, down, mask, start, reg, stats)
+        b = _blocks(key, end - start, b, u, d, up, down, mask, start, rc, stats)
         end = start
     return np.uint32(b).view(np.float32)
 
 
 @numba.njit(cache=False)
-def _pass_chain(s, theta, up, down, mask):
+def _pass_chain(s, theta, up, down, mask, rc):
     """The serial chain alone (no bulk blocks): the previous compiled pass,
     kept as a second reference for the tests."""
     u, d = _consts(up, down)
@@ -278,7 +378,7 @@ def _pass_chain(s, theta, up, down, mask):
         start = max(0, end - _BLOCK)
         for j in range(end - start):
             key[j] = _key(s[start + j])
-        b = _chain(key, end - start, b, u, d, up, down, mask, start)
+        b = _chain(key, end - start, b, u, d, up, down, mask, start, rc)
         end = start
     return np.uint32(b).view(np.float32)
 
@@ -294,9 +394,9 @@ def quantile_pass(scores, theta: float, q: float, q_step: float, *, stats=None,
     mask = np.empty(s.shape[0], dtype=bool)
     if bulk:
         st = np.zeros(2, dtype=np.int64) if stats is None else stats
-        theta = _pass(s, np.float32(theta), up, down, mask, st)
+        theta = _pass(s, np.float32(theta), up, down, mask, st, _region_cache())
     else:
-        theta = _pass_chain(s, np.float32(theta), up, down, mask)
+        theta = _pass_chain(s, np.float32(theta), up, down, mask, _region_cache())
     return mask, np.float32(theta)
 
 

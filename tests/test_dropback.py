@@ -293,3 +293,17 @@ def test_hint_path_ties_at_threshold_and_jumps():
     runs = _run_pair(14, grad_fn=grads)
     _assert_same(runs)
     assert runs[0][0].hint_misses >= 2 and runs[0][0].hint_hits >= 4
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_hint_path_lists_overflow(momentum):
+    # Lists of capacity 1 (then twice the last count): elements that do not fit
+    # stay pending and are collected again after the pass, on hits and misses.
+    def grads(t, ps, opt):
+        opt._min_list = 1
+        opt._listed = (0, 0)
+        if t == 7:
+            ps[0].grad.mul_(0.01)  # the threshold drops: a miss below the band
+    runs = _run_pair(10, momentum=momentum, grad_fn=grads)
+    _assert_same(runs)
+    assert runs[0][0].hint_misses >= 1 and runs[0][0].hint_hits >= 5

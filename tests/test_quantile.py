@@ -150,3 +150,26 @@ def test_bulk_matches_chain_on_long_converging_stream():
         mb, tb = quantile_pass(s, tb, 0.9, 1e-5, bulk=False)
         assert np.array_equal(ma, mb) and ta.tobytes() == tb.tobytes()
     assert stats[0] > stats[1] > 0  # mostly bulk, the chain at region edges
+
+
+@pytest.mark.parametrize("theta,frac,q,q_step", [
+    (0.0234373, 0.093, 0.9, 1e-6),  # pinned on the down-factor tie pattern 1.5 * 2**-6
+    (0.015625, 0.093, 0.9, 1e-6),   # on a binade edge (no integer form just below it)
+    (0.0234373, 0.5, 0.5, 3e-6),    # other factors: other edges
+])
+def test_theta_pinned_on_a_region_edge_matches_reference(theta, frac, q, q_step):
+    # Bimodal scores (the benchmark's quantile mode after a few steps): every score
+    # is far from theta, so theta settles where the step sizes on either side of a
+    # region edge balance the tracked fraction, and stays within a few ulps of that
+    # edge (and on its tie pattern, which belongs to no region): the chain's edge
+    # steps (golden.quantile._edge_steps) run most of the time.
+    rng = np.random.default_rng(5)
+    n = 60_000
+    s = np.where(rng.random(n) < frac, theta * (2 + rng.random(n)),
+                 theta * 1e-3 * rng.random(n)).astype(np.float32)
+    t_ref = t_fast = np.float32(theta)
+    for _ in range(2):
+        m1, t_ref = quantile_pass_reference(s, t_ref, q, q_step)
+        m2, t_fast = quantile_pass(s, t_fast, q, q_step)
+        assert np.array_equal(m1, m2)
+        assert t_ref.tobytes() == t_fast.tobytes()

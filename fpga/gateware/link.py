@@ -175,15 +175,21 @@ class HostLink(wiring.Component):
             fifos.append(f)
 
         # --- router: committed bytes → unpackers ---
+        # The buffer's output is registered (READ) before anything branches on it: block
+        # RAM clock-to-out into the unpackers' enables was the board's 89.7 MHz path.
         cur_sid = Signal(8)
+        entry = Signal(9)
+        m.d.comb += rport.addr.eq(rp[:len(rport.addr)])
         with m.FSM(name="router"):
             with m.State("ADDR"):
-                m.d.comb += rport.addr.eq(rp[:len(rport.addr)])
                 with m.If((rp != cp) & ~clear):
-                    m.next = "DATA"
+                    m.next = "READ"
+            with m.State("READ"):
+                m.d.sync += entry.eq(rport.data)
+                m.next = "DATA"
+                with m.If(clear):  # rp is reset now: the byte read is stale
+                    m.next = "ADDR"
             with m.State("DATA"):
-                m.d.comb += rport.addr.eq(rp[:len(rport.addr)])
-                entry = rport.data
                 with m.If(clear):
                     m.next = "ADDR"
                 with m.Elif(entry[8]):
@@ -214,6 +220,7 @@ class HostLink(wiring.Component):
         args = Array(Signal(8, name=f"arg{n}") for n in range(3))
         err = Signal(8)
         crc_hi = Signal(8)
+        crc_ok = Signal()
         last_wseq = Signal(8)
         last_wseq_valid = Signal()
         idle = Signal(range(self.timeout_cycles + 1))
@@ -297,39 +304,44 @@ class HostLink(wiring.Component):
                 timeout_check()
             with m.State("CRC1"):
                 with m.If(got):
-                    m.next = "HUNT"
-                    with m.If(Cat(byte, crc_hi) != crc):
-                        nak(Nak.CRC)
-                        m.d.sync += self.crc_errors.eq(self.crc_errors + 1)
-                    with m.Elif(err != 0):
-                        nak(err)
-                    with m.Elif(cmd == Cmd.WRITE):
-                        m.d.sync += [req.eq(1), req_kind.eq(REPLY_WRITE), req_cmd.eq(cmd | 0x80),
-                                     req_seq.eq(seq)]
-                        with m.If(~last_wseq_valid | (last_wseq != seq)):
-                            m.d.sync += [cp.eq(wp), last_wseq.eq(seq), last_wseq_valid.eq(1)]
-                    with m.Elif(cmd == Cmd.READ):
-                        with m.If(length != 3):
-                            nak(Nak.LENGTH)
-                        with m.Elif(args[0] >= len(self.outputs)):
-                            nak(Nak.STREAM)
-                        with m.Else():
-                            m.d.sync += [req.eq(1), req_kind.eq(REPLY_READ),
-                                         req_cmd.eq(cmd | 0x80), req_seq.eq(seq)]
-                    with m.Elif((cmd == Cmd.INFO) | (cmd == Cmd.STATUS) | (cmd == Cmd.CLEAR)):
-                        with m.If(length != 0):
-                            nak(Nak.LENGTH)
-                        with m.Else():
-                            m.d.sync += [req.eq(1), req_cmd.eq(cmd | 0x80), req_seq.eq(seq),
-                                         req_kind.eq(Mux(cmd == Cmd.INFO, REPLY_INFO,
-                                                         Mux(cmd == Cmd.STATUS, REPLY_STATUS,
-                                                             REPLY_EMPTY)))]
-                            with m.If(cmd == Cmd.CLEAR):
-                                m.d.sync += clear.eq(1)
-                    with m.Else():
-                        nak(Nak.COMMAND)
-
+                    m.d.sync += crc_ok.eq(Cat(byte, crc_hi) == crc)
+                    m.next = "CHECK"
                 timeout_check()
+            with m.State("CHECK"):
+                # the CRC comparison was registered in CRC1 (CRC compare -> reply decision
+                # -> request registers was the board's 94.6 MHz path); no byte can arrive
+                # a cycle after the last one
+                m.next = "HUNT"
+                with m.If(~crc_ok):
+                    nak(Nak.CRC)
+                    m.d.sync += self.crc_errors.eq(self.crc_errors + 1)
+                with m.Elif(err != 0):
+                    nak(err)
+                with m.Elif(cmd == Cmd.WRITE):
+                    m.d.sync += [req.eq(1), req_kind.eq(REPLY_WRITE), req_cmd.eq(cmd | 0x80),
+                                 req_seq.eq(seq)]
+                    with m.If(~last_wseq_valid | (last_wseq != seq)):
+                        m.d.sync += [cp.eq(wp), last_wseq.eq(seq), last_wseq_valid.eq(1)]
+                with m.Elif(cmd == Cmd.READ):
+                    with m.If(length != 3):
+                        nak(Nak.LENGTH)
+                    with m.Elif(args[0] >= len(self.outputs)):
+                        nak(Nak.STREAM)
+                    with m.Else():
+                        m.d.sync += [req.eq(1), req_kind.eq(REPLY_READ),
+                                     req_cmd.eq(cmd | 0x80), req_seq.eq(seq)]
+                with m.Elif((cmd == Cmd.INFO) | (cmd == Cmd.STATUS) | (cmd == Cmd.CLEAR)):
+                    with m.If(length != 0):
+                        nak(Nak.LENGTH)
+                    with m.Else():
+                        m.d.sync += [req.eq(1), req_cmd.eq(cmd | 0x80), req_seq.eq(seq),
+                                     req_kind.eq(Mux(cmd == Cmd.INFO, REPLY_INFO,
+                                                     Mux(cmd == Cmd.STATUS, REPLY_STATUS,
+                                                         REPLY_EMPTY)))]
+                        with m.If(cmd == Cmd.CLEAR):
+                            m.d.sync += clear.eq(1)
+                with m.Else():
+                    nak(Nak.COMMAND)
         # A partial frame whose bytes stop arriving is abandoned (NAK TIMEOUT).
         with m.If(deframer.ongoing("HUNT") | got):
             m.d.sync += idle.eq(0)
@@ -353,7 +365,9 @@ class HostLink(wiring.Component):
         levels = Array(f.level for f in fifos)
         m.submodules.info = info = Memory(shape=8, depth=len(self.info), init=list(self.info))
         info_rd = info.read_port()
+        info_q = Signal(8)  # the ROM's output registered (ROM -> muxes -> `cur` ran at 101 MHz)
         m.d.comb += info_rd.addr.eq(ridx)
+        m.d.sync += info_q.eq(info_rd.data)
 
         with m.If(req):
             with m.If(busy):
@@ -382,22 +396,28 @@ class HostLink(wiring.Component):
         hidx = Signal(3)
         nstatus = len(self.status) // 8
         status_bytes = Array(self.status[8 * n:8 * n + 8] for n in range(nstatus))
+        # The chosen FIFO's valid and every FIFO's head byte, registered: only LATCH pops a
+        # FIFO, so what was seen a cycle earlier is still the head when LATCH takes it
+        # (FIFO block-RAM output and valid -> muxes -> `cur` / read enable ran at 90 MHz).
         fifo_valid = Array(f.o.valid for f in fifos)
-        fifo_data = Array(f.o.payload for f in fifos)
+        sel_valid = Signal()
+        m.d.sync += sel_valid.eq(fifo_valid[rsid])
+        fifo_data = Array(Signal(8, name=f"head{n}") for n in range(len(fifos)))
+        m.d.sync += [fifo_data[n].eq(f.o.payload) for n, f in enumerate(fifos)]
         pay = Signal(8)
         pay_valid = Signal()
         with m.Switch(kind):
             with m.Case(REPLY_READ):
-                m.d.comb += [pay.eq(fifo_data[rsid]), pay_valid.eq(fifo_valid[rsid])]
+                m.d.comb += [pay.eq(fifo_data[rsid]), pay_valid.eq(sel_valid)]
             with m.Case(REPLY_INFO):
-                m.d.comb += [pay.eq(info_rd.data), pay_valid.eq(1)]
+                m.d.comb += [pay.eq(info_q), pay_valid.eq(1)]
             with m.Case(REPLY_STATUS):  # read live: stable while the accelerator is idle
                 m.d.comb += [pay.eq(status_bytes[ridx[:(nstatus - 1).bit_length()]]),
                              pay_valid.eq(1)]
             with m.Default():
                 m.d.comb += [pay.eq(Mux(ridx[0], word[8:], word[:8])), pay_valid.eq(1)]
 
-        # Every payload byte goes through a register (``cur``): FETCH waits one cycle for
+        # Every payload byte goes through a register (``cur``): FETCH waits two cycles for
         # the ROM, LATCH takes the byte (popping the FIFO for READ), SEND hands it to the
         # UART, so no path runs from a FIFO or ROM into the transmitter.
         cur = Signal(8)
@@ -421,7 +441,9 @@ class HostLink(wiring.Component):
                     m.next = "CRC0"
                 with m.Else():
                     m.next = "FETCH"
-            with m.State("FETCH"):  # the INFO ROM has one cycle of read latency
+            with m.State("FETCH"):  # the INFO ROM: a cycle of read latency, one of register
+                m.next = "FETCH2"
+            with m.State("FETCH2"):
                 m.next = "LATCH"
             with m.State("LATCH"):
                 with m.If(pay_valid):
