@@ -64,6 +64,23 @@ def narrow(m: Module, acc, shift: int, bits: int, name: str):
     return sat(m, rshift(acc, shift), bits, name)
 
 
+def decoder(m: Module, sel, name: str):
+    """One-hot ``1 << sel`` (``2^len(sel)`` bits) from two predecoded halves."""
+    n = len(sel)
+    lo_bits = min(4, n)
+    lo, hi = sel[:lo_bits], sel[lo_bits:]
+    dlo = Signal(1 << lo_bits, name=f"{name}_lo")
+    m.d.comb += dlo.eq(Cat(*[lo == j for j in range(1 << lo_bits)]))
+    if n == lo_bits:
+        return dlo
+    dhi = Signal(1 << (n - lo_bits), name=f"{name}_hi")
+    m.d.comb += dhi.eq(Cat(*[hi == j for j in range(1 << (n - lo_bits))]))
+    out = Signal(1 << n, name=name)
+    m.d.comb += out.eq(Cat(*[dhi[i >> lo_bits] & dlo[i & ((1 << lo_bits) - 1)]
+                             for i in range(1 << n)]))
+    return out
+
+
 def entry_layout(c: Config) -> data.StructLayout:
     """A group in the walker FIFO."""
     return data.StructLayout({
@@ -173,7 +190,7 @@ class PERow(wiring.Component):
 
         s1 = Signal(data.StructLayout({
             "valid": 1, "end": 1, "rot": max(1, c.log_lanes), "sub": 3, "gl": 16,
-            "last_g": 1, "opbase": 16, "xbase": 16, "reps": 16}))
+            "last_g": 1, "opbase": 16, "xbase": 16, "reps": 16, "big": 1}))
         issue = Signal()
         s1_adv = Signal()
         m.d.comb += issue.eq(~s1.valid | s1_adv)
@@ -243,7 +260,7 @@ class PERow(wiring.Component):
                         s1.last_g.eq(last_g),
                         s1.opbase.eq(Mux(mode_bwd, g << (c.log_lanes + log_sx_bwd),
                                          g << (c.log_lanes + log_sx_fwd))),
-                        s1.xbase.eq(xbase), s1.reps.eq(reps),
+                        s1.xbase.eq(xbase), s1.reps.eq(reps), s1.big.eq(reps > NULL_MARK),
                     ]
                     with m.If(~last_g):
                         m.d.sync += [g.eq(g + 1), gbase.eq(gbase + (self.gkl << c.log_lanes))]
@@ -264,7 +281,7 @@ class PERow(wiring.Component):
                                 m.next = "END"
             with m.State("END"):
                 with m.If(issue):
-                    m.d.sync += [s1.valid.eq(1), s1.end.eq(1), s1.reps.eq(1)]
+                    m.d.sync += [s1.valid.eq(1), s1.end.eq(1), s1.reps.eq(1), s1.big.eq(0)]
                     m.next = "WAIT"
             with m.State("WAIT"):
                 with m.If(self.done):
@@ -307,7 +324,7 @@ class PERow(wiring.Component):
         m.d.comb += [
             need_push.eq(s1.valid & (s1.end | nonempty)),
             null_job.eq(s1.valid & ~s1.end & s1.last_g & ~seen & ~nonempty),
-            mark_more.eq(null_job & (s1.reps > NULL_MARK)),
+            mark_more.eq(null_job & s1.big),
             s1_adv.eq(s1.valid & ~mark_more & (~need_push | q.w_rdy)),
             ent.bits.eq(Mux(s1.end, 0, bitvec)),
             ent.masks.eq(Cat(*[w[:NB] for w in lane_words])),
@@ -326,7 +343,8 @@ class PERow(wiring.Component):
             with m.Elif(nonempty):
                 m.d.sync += seen.eq(1)
         with m.If(mark_more):
-            m.d.sync += [s1.reps.eq(s1.reps - NULL_MARK), posc.eq(posc + NULL_MARK)]
+            m.d.sync += [s1.reps.eq(s1.reps - NULL_MARK), posc.eq(posc + NULL_MARK),
+                         s1.big.eq(s1.reps > 2 * NULL_MARK)]
 
         # ---- emitter: one set bit per cycle ---------------------------------------
         G = Signal(entry_layout(c))
@@ -439,12 +457,13 @@ class PERow(wiring.Component):
         ynull = Signal(1 << lg)
         ynull_q = Signal()
         # flags posc .. posc + min(reps, NULL_MARK) - 1: a decoder and NULL_MARK ORs per bit
+        # (decoders, not variable shifts: a shifted one-hot is wiring)
         dec = Signal(1 << lg)
-        m.d.comb += dec.eq(Mux(null_job, Const(1, 1 << lg) << posc[:lg], 0))
+        m.d.comb += dec.eq(Mux(null_job, decoder(m, posc[:lg], "nset"), 0))
         set_mask = dec
         for k in range(1, NULL_MARK):
             set_mask = set_mask | Mux(s1.reps > k, (dec << k)[:1 << lg], 0)
-        clr_mask = Mux(ywr.en.any(), Const(1, 1 << lg) << ywr.addr[:lg], 0)
+        clr_mask = Mux(ywr.en.any(), decoder(m, ywr.addr[:lg], "nclr"), 0)
         with m.If(self.start):
             m.d.sync += ynull.eq(0)
         with m.Else():
