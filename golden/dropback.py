@@ -24,13 +24,27 @@ e. every untracked weight becomes ``d32*w0`` (float32 product) and its momentum
 ``init=CounterInit(seed)`` regenerated from each element's index by
 :mod:`golden.prng` (nothing of w0's size is stored).
 
-The per-element work is done by numba kernels. Top-k mode, in a few passes: a
-fused, vectorized SGD update + score pass into a float32 scratch array; an
-exact radix select on the float32 bit patterns (high-16-bit histogram,
-low-16-bit histogram of the boundary bin, mask); a vectorized reset pass.
-Quantile mode, in one pass per parameter, last block of 2048 elements to
-first: update + score + d32*w0 into L1 buffers, the serial estimator chain of
-:mod:`golden.quantile` (integer form), then the reset. No sort, no torch.topk.
+The per-element work is done by numba kernels, all bit-identical to the plain
+sequence above (tests/test_dropback.py compares them step by step):
+
+* top-k mode, the first step and any step whose threshold hint misses: a
+  fused, vectorized SGD update + score pass into a float32 scratch array, an
+  exact radix select on the float32 bit patterns (high-16-bit histogram,
+  low-16-bit histogram of the boundary bin), a fused mask + reset pass;
+* top-k mode, every other step: ONE fused pass on a threshold predicted from
+  the last two steps (see "top-k with a threshold hint" below): tracked above
+  a narrow band, reset below it, the few elements in it listed and decided
+  after the pass from the exact count above the band;
+* quantile mode: one pass per parameter, last chunk of 2048 elements to first:
+  update + score + d32*w0 into L1 buffers, the estimator of
+  :mod:`golden.quantile` (bulk blocks of 256 decided without the serial chain
+  when theta cannot reach any of their scores, the exact integer chain
+  otherwise), then the write-back and reset.
+
+No sort, no torch.topk. ``hint_hits``/``hint_misses`` (top-k) and
+``bulk_blocks``/``chained_blocks`` (quantile) count how often the fast paths
+ran; ``use_hint = False`` forces the radix path on every step (the reference
+for the tests).
 """
 
 from __future__ import annotations
@@ -280,7 +294,7 @@ def _quantile_param(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b
 # float32 operations on the same values; tests/test_dropback.py checks it step
 # by step on adversarial streams).
 
-_CHUNK = 256  # elements per chunk of the pass (pending count, then a scan if any)
+_CHUNK = 1024  # elements per chunk of the pass (pending count, then a scan if any)
 
 
 @numba.njit(inline="always")

@@ -330,7 +330,12 @@ def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats):
         m = end - start
         lo, hi, inc, dec = _region_cached(b, u, d, rc)
         done = False
-        if _bulk_ok(b, m, lo, hi, inc, dec):
+        if not _bulk_ok(b, m, lo, hi, inc, dec):
+            # theta near a region edge (where it often settles): chain a longer
+            # run at once, the edge steps pay their set-up once for it
+            start = max(0, end - 4 * _SUB)
+            m = end - start
+        else:
             blo = np.int32(b - (m - 1) * dec)  # in (0, 2**31): inside the region
             bhi = np.int32(b + (m - 1) * inc)  # (int32 compares vectorize 2x wider)
             kv = key[start:end]
@@ -344,7 +349,7 @@ def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats):
                 done = True
         if not done:
             b = _chain(key[start:end], m, b, u, d, up, down, mask, off + start, rc)
-            stats[1] += 1
+            stats[1] += (m + _SUB - 1) // _SUB  # counted in blocks of _SUB
         end = start
     return b
 

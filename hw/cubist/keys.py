@@ -110,12 +110,18 @@ class KeyFront(Elaboratable):
         ps = [Signal(prod, name=f"ps{k}") for k in range(p)]
         m.d.sync += [pd[k].eq(new[k] * old[k]) for k in range(p)]
         m.d.sync += [ps[k].eq(new[k] * new[k]) for k in range(p)]
+        # stage 4: products registered again, so that the register after each DSP sits
+        # beside it and the adder tree starts from its own registers (DSP -> long route
+        # -> tree register was the board build's 95 MHz path)
+        pdq = [Signal(prod, name=f"pdq{k}") for k in range(p)]
+        psq = [Signal(prod, name=f"psq{k}") for k in range(p)]
+        m.d.sync += [pdq[k].eq(pd[k]) for k in range(p)] + [psq[k].eq(ps[k]) for k in range(p)]
 
         # adder trees (registered every two levels), then one more register
         sum_shape = signed(2 * w + 1 + clog2(p) + 1)
-        sd, st = _tree(m, pd, sum_shape, "td")
-        sn, _ = _tree(m, ps, sum_shape, "tn")
-        delay = 3 + st  # stages from the input register to the sum register
+        sd, st = _tree(m, pdq, sum_shape, "td")
+        sn, _ = _tree(m, psq, sum_shape, "tn")
+        delay = 4 + st  # stages from the input register to the sum register
         sdr, snr = Signal(sum_shape), Signal(sum_shape)
         m.d.sync += [sdr.eq(sd), snr.eq(sn)]
 
@@ -153,13 +159,21 @@ class KeyFront(Elaboratable):
 SPLIT = 17  # operand bits of one DSP partial product (unsigned in an 18x18 signed multiplier)
 
 
+def _twice(m: Module, value, width: int, name: str):
+    """``value`` registered twice: the first register can sit beside the DSP, the second
+    beside the logic it feeds (a DSP output routed across the die to the adders was the
+    board build's 87 MHz path)."""
+    r, r2 = Signal(width, name=name), Signal(width, name=f"{name}_q")
+    m.d.sync += [r.eq(value), r2.eq(r)]
+    return r2
+
+
 def _split_product(m: Module, a, b, name: str):
-    """``a * b`` as registered partial products of at most SPLIT x SPLIT bits; returns
-    the (unregistered) sum of the registers. A square shares its cross product."""
+    """``a * b`` as partial products of at most SPLIT x SPLIT bits, each registered twice
+    (:func:`_twice`); returns the (unregistered) sum of the registers. A square shares
+    its cross product."""
     if len(a) <= SPLIT and len(b) <= SPLIT:
-        r = Signal(len(a) + len(b), name=f"{name}_p")
-        m.d.sync += r.eq(a * b)
-        return r
+        return _twice(m, a * b, len(a) + len(b), f"{name}_p")
     a0, a1, b0, b1 = a[:SPLIT], a[SPLIT:], b[:SPLIT], b[SPLIT:]
     square = a is b
     parts = {"00": (a0, b0, 0), "01": (a0, b1, SPLIT), "11": (a1, b1, 2 * SPLIT)}
@@ -167,8 +181,7 @@ def _split_product(m: Module, a, b, name: str):
         parts["10"] = (a1, b0, SPLIT)
     total = 0
     for n, (x, y, sh) in parts.items():
-        r = Signal(len(x) + len(y), name=f"{name}_p{n}")
-        m.d.sync += r.eq(x * y)
+        r = _twice(m, x * y, len(x) + len(y), f"{name}_p{n}")
         total = total + ((r << (sh + 1)) if square and n == "01" else (r << sh))
     return total
 
@@ -252,8 +265,9 @@ class KeyDivider(Elaboratable):
         self.key = Signal(signed(frac_bits + 2))
         self.nbits = 2 * nw
         cycles = -(-(frac_bits + 1) // self.k)
-        # 3 multiplier stages, the divider's load cycle, its step cycles, the key register
-        self.latency = 3 + 1 + cycles + 1
+        # multiplier stages (3 serial, 5 with DSPs), the divider's load cycle, its step
+        # cycles, the key register
+        self.latency = (3 if serial else 5) + 1 + cycles + 1
 
     def elaborate(self, platform):
         m = Module()
@@ -270,11 +284,15 @@ class KeyDivider(Elaboratable):
             self._serial_products(m, v1, ad, a1, b1, neg1, v2, num2, den2, neg2)
             num_sum, den_sum = num2, den2
         else:
-            # M2: 17-bit partial products registered (one DSP each, its output registered);
-            # M3: their shifted sum (adders only)
-            m.d.sync += [v2.eq(v1), neg2.eq(neg1)]
-            num_sum = _split_product(m, ad, ad, "sq")
-            den_sum = _split_product(m, a1, b1, "nn")
+            # M1b: operands registered again, next to the DSPs; M2: 17-bit partial
+            # products registered (one DSP each) and registered again (M2b); M3: their
+            # shifted sum (adders only)
+            adq, aq, bq = Signal.like(ad), Signal.like(a1), Signal.like(b1)
+            vq, negq, vp, negp = Signal(), Signal(), Signal(), Signal()
+            m.d.sync += [adq.eq(ad), aq.eq(a1), bq.eq(b1), vq.eq(v1), negq.eq(neg1),
+                         vp.eq(vq), negp.eq(negq), v2.eq(vp), neg2.eq(negp)]
+            num_sum = _split_product(m, adq, adq, "sq")
+            den_sum = _split_product(m, aq, bq, "nn")
         m.d.sync += [v3.eq(v2), num3.eq(num_sum), den3.eq(den_sum), neg3.eq(neg2)]
         rr = Signal(range(max(self.units, 2)))
         keys = []

@@ -461,11 +461,15 @@ class CubistMerge(wiring.Component):
         write_t = sq["v"] & Mux(sq["odd"], sq["rem"] & sq["right"], sq["src_r"])
         m.d.comb += [t_w.addr.eq(_bits(sq["c"], CB)), t_w.data.eq(Mux(sq["odd"], x, even_v)),
                      t_w.en.eq(write_t)]
-        emit1 = sq["v"] & sq["emit"]
-        c2, col2, row2 = sq["c"], sq["col"], sq["row"]
+        # stage 3: the merged beat registered before the frame-buffer write and KeyFront(V)
+        # (merge -> KeyFront(V)'s input register was the 101.8 MHz path); only the frame
+        # buffer (read by OUT after vdone, which this beat's key precedes) sees it later
+        s3 = _pipe(m, True, "hm3", v=sq["v"] & sq["emit"], c=sq["c"], col=sq["col"],
+                   row=sq["row"], bank=sq["bank"], d=merged)
+        emit1, c2, col2, row2, merged = s3["v"], s3["c"], s3["col"], s3["row"], s3["d"]
         for par in range(2):
             m.d.comb += [fb_w[par].addr.eq(Cat(_bits(c2, CB), _bits(col2, WB), _bits(row2 >> 1, HH),
-                                               sq["bank"][:1 if NB == 2 else 0])),
+                                               s3["bank"][:1 if NB == 2 else 0])),
                          fb_w[par].data.eq(merged), fb_w[par].en.eq(emit1 & (row2[0] == par))]
         m.submodules.vfront = vfront = KeyFront(p=P, width=WD, beats=B, tokens=1 << WB,
                                                 c=self.c)
