@@ -179,8 +179,8 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"  seed {r['seed']}: fmax {r['fmax_mhz']:.2f} MHz  {cells}  ({when})")
         cp = r.get("critical_path")
         if cp:
-            lines.append(f"    critical path {cp['delay_ns']} ns, {cp['logic_levels']} logic "
-                         f"levels: {cp['from']} -> {cp['to']}")
+            lines.append(f"    critical path {cp['delay_ns']} ns, logic cells "
+                         f"{cp['logic_levels']}: {cp['from']} -> {cp['to']}")
     f = result["fmax_mhz"]
     verdict = "met" if result["runs"][0]["fmax_mhz"] >= result["target_mhz"] else "MISSED"
     lines.append(f"  fmax min/median/max {f['min']:.2f}/{f['median']:.2f}/{f['max']:.2f} MHz; "

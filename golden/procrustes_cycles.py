@@ -8,13 +8,14 @@ count depends on the data, and adds the fixed latencies of the command decoder:
   columns; the schedule (``golden.balance`` with ``nt`` = tiles) gives each PE row two
   ranges of jobs. Per PE row, the walker issues one *group* (``lanes`` blocks along the
   walk) per cycle; a group with ``b`` set bits in the walked slice is pushed into a FIFO
-  of ``fifo_depth`` entries and costs the emitter ``b`` cycles; empty groups are dropped,
-  and a job without any non-zero pushes nothing (its result is flagged null, four per
-  cycle). When the walk is one group long, a row's group is scanned once for all of its
-  tiles in the range and replayed by the emitter (``bits·reps`` cycles). The scanner
-  stalls while the FIFO is full; switching to a PE row's second range costs one setup
-  cycle. The phase ends when the slowest PE row has flushed its last result, so
-  balancing shortens it.
+  of ``fifo_depth`` entries two cycles later and costs the emitter ``b`` cycles; empty
+  groups are dropped, and a job without any non-zero pushes nothing (its results are
+  flagged null in the cycle it is dropped). When the walk is one group long, a row's
+  group is scanned once for all of its tiles in the range and replayed by the emitter
+  (``bits·reps`` cycles). Issue is credit-based: at most ``fifo_depth`` groups are out
+  (issued and not yet popped or dropped); starting a range costs two setup cycles. The
+  phase ends when the slowest PE row has flushed its last result, so balancing shortens
+  it.
 * weight gradient: dense, ``ceil(M/rows)·ceil(K/cols)·N`` cycles plus latency; or
   (``WGRADX``) the forward walk with the activations as the sparse operand.
 * update: one element every three cycles (``3·M·K``: the quantile step's serial
@@ -49,10 +50,10 @@ __all__ = [
 
 # fixed latencies of the command decoder and pipelines (see the module docstring)
 _GEMM_FIXED = 8 + 1  # accept..CHECK (8, schedule checked there too); RUNSTART..RESP (1)
-_WALK_TAIL = 5  # end marker popped -> done flag visible
-_WGRAD_FIXED = 14
-_UPDATE_FIXED = 20
-_NULL_MARK = 4  # null results flagged per cycle
+_WALK_SETUP = 2  # SETUP, SETUP2 (row bases) before a range's first group
+_WALK_TAIL = 7  # end marker popped -> done flag visible
+_WGRAD_FIXED = 16
+_UPDATE_FIXED = 28
 _UPDATE_II = 3  # cycles per element in the update pipeline (the quantile step's loop)
 
 
@@ -107,49 +108,80 @@ def group_counts(mask, p: ArrayParams, transpose: bool) -> np.ndarray:
 @numba.njit(cache=False)
 def _walk(counts, ranges, nt, depth):
     """Cycle (relative to RUNSTART) at which one PE row's done flag rises; ``ranges``
-    are (start, stop) job ranges, job ``j`` = output row ``j // nt``, tile ``j % nt``."""
-    hist = np.zeros(depth, dtype=np.int64)  # pop cycles of the last `depth` pushes
+    are (start, stop) job ranges, job ``j`` = output row ``j // nt``, tile ``j % nt``.
+
+    The walker issues a group only while it holds a credit (``depth`` of them): a pushed
+    group returns its credit in the cycle the emitter pops it, a dropped one (an empty
+    group, or a null job) in its S2 cycle (issue + 2); a credit returned in cycle c can
+    be used from c + 1.
+    """
+    pops = np.zeros(depth, dtype=np.int64)  # pop cycles of the last `depth` pushes
     npush = 0
-    last_pop = -1  # L_{j-1}
+    last_pop = -1
     last_cost = 0
-    issue = 2  # SETUP at 1, first ISSUE at 2
+    d1 = -1  # S2 cycles of the two most recent dropped groups
+    d2 = -1
+    nxt = _WALK_SETUP + 1  # IDLE at 0, SETUP, first ISSUE
     any_range = False
-    for h in range(2):
-        a, b = ranges[h, 0], ranges[h, 1]
-        if a == b:
-            continue
-        if any_range:
-            issue += 1  # SETUP between the two ranges
-        any_range = True
-        ng = counts.shape[1]
+    ng = counts.shape[1]
+    for h in range(3):
+        if h < 2:
+            a, b = ranges[h, 0], ranges[h, 1]
+            if a == b:
+                continue
+            if any_range:
+                nxt += _WALK_SETUP  # SETUP between the two ranges
+            any_range = True
+        else:
+            if not any_range:
+                nxt = 1  # END right after IDLE
+            a, b = 0, 1  # the end marker
         j = a
         while j < b:
             o = j // nt
             # one group per job: one scan for the row's tiles in the range, replayed
-            reps = min(nt - j % nt, b - j) if ng == 1 else 1
-            for g in range(ng):
-                bits = counts[o, g]
-                adv = issue + 1
-                if bits > 0:
-                    if npush >= depth:
-                        adv = max(adv, hist[npush % depth] + 1)
-                    pop = adv + 1 if npush == 0 else max(last_pop + last_cost, adv + 1)
-                    hist[npush % depth] = pop
+            reps = min(nt - j % nt, b - j) if (ng == 1 and h < 2) else 1
+            for g in range(ng if h < 2 else 1):
+                # earliest cycle >= nxt with fewer than `depth` credits out
+                i = nxt
+                while True:
+                    out = (d1 >= i) + (d2 >= i)
+                    lo = -1
+                    for q in range(min(npush, depth)):
+                        pq = pops[q]
+                        if pq >= i:
+                            out += 1
+                            if lo < 0 or pq < lo:
+                                lo = pq
+                    if out < depth:
+                        break
+                    nl = i + 1
+                    if lo >= 0:
+                        nl = lo + 1
+                    if d1 >= i and d1 + 1 < nl:
+                        nl = d1 + 1
+                    if d2 >= i and d2 + 1 < nl:
+                        nl = d2 + 1
+                    i = max(i + 1, nl)
+                if h == 2:
+                    bits = 0
+                    push = True
+                else:
+                    bits = counts[o, g]
+                    push = bits > 0  # a null job is dropped (its results flagged)
+                s2 = i + 2
+                if push:
+                    pop = s2 + 1 if npush == 0 else max(last_pop + last_cost, s2 + 1)
+                    pops[npush % depth] = pop
                     npush += 1
                     last_pop = pop
                     last_cost = bits * reps
                 else:
-                    adv = issue + -(-reps // _NULL_MARK)  # S1 flags the null results
-                issue = adv
+                    d2 = d1
+                    d1 = s2
+                nxt = i + 1
             j += reps
-    if not any_range:
-        issue = 1  # END right after IDLE
-    # the end marker
-    adv = issue + 1
-    if npush >= depth:
-        adv = max(adv, hist[npush % depth] + 1)
-    pop = adv + 1 if npush == 0 else max(last_pop + last_cost, adv + 1)
-    return pop + _WALK_TAIL
+    return last_pop + _WALK_TAIL
 
 
 def row_cycles(counts: np.ndarray, sched: Schedule, nt: int, p: ArrayParams) -> np.ndarray:

@@ -49,7 +49,7 @@ def test_model_predicts_every_phase_of_the_rtl_exactly():
 
 def test_model_is_exact_on_one_group_walks_with_many_tiles():
     # M, K <= 15: both walks are one group long (the row is scanned once and replayed
-    # per tile); N up to 40 gives up to 10 tiles, so null rows take S1 several cycles
+    # per tile); N up to 40 gives up to 10 tiles, so null rows flag many results at once
     ap = ArrayParams.of(Config())
     recs = _measured(cases=4, max_dim=15, seed=9, max_n=40, phases=["fwd", "bwd"])
     assert max(rec["N"] for rec in recs) > 4 * ap.cols  # more than 4 tiles somewhere

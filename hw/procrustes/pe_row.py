@@ -9,19 +9,26 @@ the next sequential address (jobs run output row by output row, tile by tile ins
 
 Pipeline:
 
-* ``S0`` walks (output row, tile, group) and addresses the ``lanes`` mask/pointer banks;
-  a group is ``lanes`` consecutive blocks along the walk (bank skew: block ``(bi, bj)``
-  lives in bank ``(bi + bj) mod lanes``, so the blocks of a group are in distinct banks
-  whichever way the walk goes).
-* ``S1`` cuts the row slice (forward) or column slice (backward) out of each block mask,
-  drops groups without a set bit, and pushes the rest into a small FIFO. A job without any
-  non-zero pushes one *null* group, so its (zero) output is still written.
+* ``S0`` walks the PE row's two job ranges (output row, tile, group) and addresses the
+  ``lanes`` mask/pointer banks; a group is ``lanes`` consecutive blocks along the walk
+  (bank skew: block ``(bi, bj)`` lives in bank ``(bi + bj) mod lanes``, so the blocks of
+  a group are in distinct banks whichever way the walk goes). Issue is credit-based (at
+  most ``fifo_depth`` groups out), so nothing after ``S0`` stalls. A one-group walk
+  issues one entry per output row for all its tiles in the range (``reps`` jobs).
+* ``S1`` registers the bank words in lane order.
+* ``S2`` cuts the row slice (forward) or column slice (backward) out of each block mask,
+  drops groups without a set bit, and pushes the rest into a small FIFO with their result
+  position. A job without any non-zero is dropped too and its results are flagged null
+  (read back as zero).
 * the emitter pops groups and emits one set bit per cycle (lowest first: the contract's
-  order); it moves to the next group in the cycle it emits the last bit of this one.
+  order), replaying a group ``reps`` times (one tile each); it moves to the next group in
+  the cycle it emits the last bit of this one.
 * ``E`` computes the value address ``val_base + ptr[b] + popcount(mask[b] & ((1 << t)-1))``
-  and the operand address and reads both memories; ``D1`` multiplies; ``D2`` accumulates
-  with saturation. A job's first element restarts the accumulators and writes the
-  previous job's result (rounded and saturated); an end marker flushes the last one.
+  and the operand address (registered in ``A``, which reads both memories); ``D1``
+  registers the memories' outputs, ``DM`` multiplies, ``D2`` accumulates with
+  saturation. A job's first element restarts the accumulators and writes the previous
+  job's result (rounded and saturated, through a register) at its position; an end
+  marker flushes the last one.
 
 In the weight-gradient mode the walker is idle and the top-level sequencer drives the
 element stage directly (dense: ``dY[m, n]`` from the gradient buffer, ``Xᵀ[n, tile]``).
@@ -39,7 +46,6 @@ from .config import Config
 __all__ = ["MODE_BWD", "MODE_FWD", "MODE_WGRAD", "PERow", "narrow", "sat"]
 
 MODE_FWD, MODE_BWD, MODE_WGRAD = 0, 1, 2
-NULL_MARK = 4  # null results S1 flags per cycle
 
 
 def sat(m: Module, v, bits: int, name: str):
@@ -77,6 +83,25 @@ def decoder(m: Module, sel, name: str):
     m.d.comb += dhi.eq(Cat(*[hi == j for j in range(1 << (n - lo_bits))]))
     out = Signal(1 << n, name=name)
     m.d.comb += out.eq(Cat(*[dhi[i >> lo_bits] & dlo[i & ((1 << lo_bits) - 1)]
+                             for i in range(1 << n)]))
+    return out
+
+
+def thermometer(m: Module, x, n: int, name: str):
+    """``2^n`` bits, bit ``i`` set when ``i >= x`` (``x`` has ``n + 1`` bits, so
+    ``x = 2^n`` gives none), from two predecoded halves: one LUT per bit."""
+    lo_bits = min(4, n)
+    lo, hi = x[:lo_bits], x[lo_bits:n + 1]
+    ge_lo = Signal(1 << lo_bits, name=f"{name}_lo")  # lo_i >= lo(x)
+    m.d.comb += ge_lo.eq(Cat(*[lo <= j for j in range(1 << lo_bits)]))
+    nh = 1 << (n - lo_bits)
+    gt_hi = Signal(nh, name=f"{name}_gt")  # hi_i > hi(x)
+    eq_hi = Signal(nh, name=f"{name}_eq")  # hi_i == hi(x)
+    m.d.comb += [gt_hi.eq(Cat(*[hi < k for k in range(nh)])),
+                 eq_hi.eq(Cat(*[hi == k for k in range(nh)]))]
+    out = Signal(1 << n, name=name)
+    m.d.comb += out.eq(Cat(*[gt_hi[i >> lo_bits]
+                             | (eq_hi[i >> lo_bits] & ge_lo[i & ((1 << lo_bits) - 1)])
                              for i in range(1 << n)]))
     return out
 
@@ -145,10 +170,27 @@ class PERow(wiring.Component):
     def elaborate(self, platform):
         c = self.cfg
         m = Module()
-        D, A, C, L, S, NB, PB = (c.data_bits, c.acc_bits, c.cols, c.lanes, c.slice_bits,
+        D, A_, C, L, S, NB, PB = (c.data_bits, c.acc_bits, c.cols, c.lanes, c.slice_bits,
                                  c.nb, c.ptr_bits)
-        mode_bwd = self.mode == MODE_BWD
-        wgrad = self.mode == MODE_WGRAD
+        # The phase configuration is held stable by the top level from before ``start``
+        # to the end of the run: registered copies keep its decoding (and the wires
+        # from the top level) off the walker's paths. ``mode`` is used through its copy
+        # from the cycle after ``start`` on.
+        mode_r = Signal(2)
+        ng_m1, nt_m1, lim, gkl, xstride, blk_base = (Signal(16, name=n) for n in (
+            "ng_m1", "nt_m1", "lim_r", "gkl_r", "xstride_r", "blk_base_r"))
+        val_base = Signal(c.ptr_bits)
+        o1, t1, n1 = Signal(16), Signal(16), Signal(16)
+        has1, one_group, gshift = Signal(), Signal(), Signal()
+        m.d.sync += [
+            mode_r.eq(self.mode), ng_m1.eq(self.ng - 1), nt_m1.eq(self.nt - 1),
+            lim.eq(self.lim), gkl.eq(self.gkl), xstride.eq(self.xstride),
+            blk_base.eq(self.blk_base), val_base.eq(self.val_base),
+            o1.eq(self.o1), t1.eq(self.t1), n1.eq(self.n1),
+            has1.eq(self.n1 != 0), one_group.eq(self.ng == 1), gshift.eq(self.gshift),
+        ]
+        mode_bwd = mode_r == MODE_BWD
+        wgrad = mode_r == MODE_WGRAD
 
         # ---- memories -------------------------------------------------------------
         banks = []
@@ -177,7 +219,12 @@ class PERow(wiring.Component):
             yrd.addr.eq(self.y_raddr),
         ]
 
+
         # ---- S0: walk (output row, tile, group), address the banks ---------------
+        # Issue is credit-based: a group is issued only while the FIFO has a slot for it
+        # counting the groups in flight (S1, S2), so nothing after S0 ever stalls and the
+        # issue decision depends on one register (no path from the mask banks back into
+        # S0). A credit returns when its group is popped by the emitter or dropped in S2.
         h = Signal()
         o = Signal(16)
         t = Signal(16)
@@ -187,36 +234,34 @@ class PERow(wiring.Component):
         gbase = Signal(16)
         seen = Signal()
         nrem = Signal(16)  # jobs left in the current range
+        credits = Signal(range(c.fifo_depth + 1), init=c.fifo_depth)
+        rowmul = Signal(32)  # (o >> log_bm)·gkl, registered in SETUP
+        # backward: bank b's word of the group is colb[b] + gbase, where
+        # colb[b] = blk_base + (bj >> log_lanes) + gkl·((b - bj) mod lanes); kept by
+        # rotating when bj steps by one, set up in SETUP/SETUP2 at a range start
+        lgv = [Signal(16, name=f"lgv{b}") for b in range(L)]
+        colb = [Signal(16, name=f"colb{b}") for b in range(L)]
 
         s1 = Signal(data.StructLayout({
-            "valid": 1, "end": 1, "rot": max(1, c.log_lanes), "sub": 3, "gl": 16,
-            "last_g": 1, "opbase": 16, "xbase": 16, "reps": 16, "big": 1}))
+            "valid": 1, "end": 1, "rot": max(1, c.log_lanes), "sub": 3, "lvalid": L,
+            "last_g": 1, "opbase": 16, "xbase": 16, "reps": 16}))
         issue = Signal()
-        s1_adv = Signal()
-        m.d.comb += issue.eq(~s1.valid | s1_adv)
+        pop, drop = Signal(), Signal()  # credits returned this cycle
 
         bi = o >> c.log_bm
         bj = o >> c.log_bk
         for b in range(L):
-            lane = (b - bj) & (L - 1) if L > 1 else Const(0)
-            lg = Signal(16, name=f"lgkl{b}")
-            with m.Switch(lane):
-                for l in range(L):
-                    with m.Case(l):
-                        m.d.comb += lg.eq(self.gkl * l)
-            addr = Mux(mode_bwd,
-                       self.blk_base + (bj >> c.log_lanes) + gbase + lg,
-                       rowbase + g)
-            m.d.comb += brd[b].addr.eq(Mux(self.ext, self.ext_baddr, addr))
+            addr = Mux(mode_bwd, colb[b] + gbase, rowbase + g)
+            m.d.comb += [brd[b].addr.eq(Mux(self.ext, self.ext_baddr, addr)),
+                         brd[b].en.eq(1)]
 
-        last_g = g == self.ng - 1
-        last_t = t == self.nt - 1
+        last_g = g == ng_m1
+        last_t = t == nt_m1
         o_next = o + 1
         # a walk of one group per job (the reduction fits one group: fc3's backward): the
         # row's slice is scanned once for all its tiles in the range, and the emitter
         # replays it per tile (reps jobs)
-        one_group = self.ng == 1
-        ntl = self.nt - t
+        ntl = nt_m1 + 1 - t
         reps = Signal(16)
         with m.If(~one_group):
             m.d.comb += reps.eq(1)
@@ -225,16 +270,13 @@ class PERow(wiring.Component):
         with m.Else():
             m.d.comb += reps.eq(nrem)
         log_sx_fwd, log_sx_bwd = c.log_bk, c.log_bm
-        fire = Signal()
-        for b in range(L):
-            m.d.comb += brd[b].en.eq(self.ext | fire)
-
-        with m.If(s1_adv):
-            m.d.sync += s1.valid.eq(0)
+        gl = g << c.log_lanes
+        m.d.sync += s1.valid.eq(0)
+        m.d.sync += credits.eq(credits - issue + pop + drop)
         with m.FSM(name="walk"):
             with m.State("IDLE"):
-                with m.If(self.start & ~wgrad):
-                    m.d.sync += [g.eq(0), gbase.eq(0), seen.eq(0)]
+                with m.If(self.start & (self.mode != MODE_WGRAD)):
+                    m.d.sync += [g.eq(0), gbase.eq(0), seen.eq(0), credits.eq(c.fifo_depth)]
                     with m.If(self.n0 != 0):
                         m.d.sync += [h.eq(0), o.eq(self.o0), t.eq(self.t0), nrem.eq(self.n0)]
                         m.next = "SETUP"
@@ -246,105 +288,121 @@ class PERow(wiring.Component):
             with m.State("SETUP"):
                 # a range may start inside an output row (job-granular schedule): its
                 # first tile's operand base; both products registered, once per range
-                m.d.sync += [rowbase.eq(self.blk_base + (o >> c.log_bm) * self.gkl),
-                             xbase.eq(t * self.xstride)]
+                m.d.sync += [rowmul.eq((o >> c.log_bm) * gkl), xbase.eq(t * xstride)]
+                for b in range(L):
+                    lane = ((b - bj) & (L - 1)) if L > 1 else Const(0)
+                    with m.Switch(lane):
+                        for l in range(L):
+                            with m.Case(l):
+                                m.d.sync += lgv[b].eq(gkl * l)
+                m.next = "SETUP2"
+            with m.State("SETUP2"):
+                m.d.sync += rowbase.eq(blk_base + rowmul)
+                for b in range(L):
+                    m.d.sync += colb[b].eq(blk_base + (bj >> c.log_lanes) + lgv[b])
                 m.next = "ISSUE"
             with m.State("ISSUE"):
-                m.d.comb += fire.eq(issue)
+                m.d.comb += issue.eq(credits != 0)
                 with m.If(issue):
                     m.d.sync += [
                         s1.valid.eq(1), s1.end.eq(0),
                         s1.rot.eq(Mux(mode_bwd, bj, bi)),
                         s1.sub.eq(Mux(mode_bwd, o & (c.bk - 1), o & (c.bm - 1))),
-                        s1.gl.eq(g << c.log_lanes),
+                        s1.lvalid.eq(Cat(*[(gl + l) < lim for l in range(L)])),
                         s1.last_g.eq(last_g),
                         s1.opbase.eq(Mux(mode_bwd, g << (c.log_lanes + log_sx_bwd),
                                          g << (c.log_lanes + log_sx_fwd))),
-                        s1.xbase.eq(xbase), s1.reps.eq(reps), s1.big.eq(reps > NULL_MARK),
+                        s1.xbase.eq(xbase), s1.reps.eq(reps),
                     ]
                     with m.If(~last_g):
-                        m.d.sync += [g.eq(g + 1), gbase.eq(gbase + (self.gkl << c.log_lanes))]
+                        m.d.sync += [g.eq(g + 1), gbase.eq(gbase + (gkl << c.log_lanes))]
                     with m.Else():
                         m.d.sync += [g.eq(0), gbase.eq(0), nrem.eq(nrem - reps)]
                         with m.If(~last_t & ~one_group):
-                            m.d.sync += [t.eq(t + 1), xbase.eq(xbase + self.xstride)]
+                            m.d.sync += [t.eq(t + 1), xbase.eq(xbase + xstride)]
                         with m.Else():
                             m.d.sync += [t.eq(0), xbase.eq(0), o.eq(o_next)]
                             with m.If(~mode_bwd & ((o_next & (c.bm - 1)) == 0)):
-                                m.d.sync += rowbase.eq(rowbase + self.gkl)
+                                m.d.sync += rowbase.eq(rowbase + gkl)
+                            with m.If(mode_bwd & ((o_next & (c.bk - 1)) == 0)):
+                                # bj steps by one: bank b takes bank b-1's lane offset,
+                                # and the word offset bj >> log_lanes steps at a wrap
+                                carry = (((o_next >> c.log_bk) & (L - 1)) == 0) \
+                                    if L > 1 else Const(1)
+                                for b in range(L):
+                                    m.d.sync += colb[b].eq(colb[(b - 1) % L] + carry)
                         with m.If(nrem == reps):
-                            with m.If(~h & (self.n1 != 0)):
-                                m.d.sync += [h.eq(1), o.eq(self.o1), t.eq(self.t1),
-                                             nrem.eq(self.n1)]
+                            with m.If(~h & has1):
+                                m.d.sync += [h.eq(1), o.eq(o1), t.eq(t1), nrem.eq(n1)]
                                 m.next = "SETUP"
                             with m.Else():
                                 m.next = "END"
             with m.State("END"):
+                m.d.comb += issue.eq(credits != 0)
                 with m.If(issue):
-                    m.d.sync += [s1.valid.eq(1), s1.end.eq(1), s1.reps.eq(1), s1.big.eq(0)]
+                    m.d.sync += [s1.valid.eq(1), s1.end.eq(1), s1.reps.eq(1)]
                     m.next = "WAIT"
             with m.State("WAIT"):
                 with m.If(self.done):
                     m.next = "IDLE"
 
-        # ---- S1: slice the masks, drop empty groups, push ---------------------------
-        q = fifo.SyncFIFO(width=entry_layout(c).size, depth=c.fifo_depth)
-        m.submodules.fifo = q
-        ent = Signal(entry_layout(c))
+        # ---- S1: the bank words arrive (unregistered BRAM output); rotate them into
+        # lane order and register (S2) -----------------------------------------------
+        s2 = Signal(s1.shape(), name="s2")
+        s2w = [Signal(c.mbw, name=f"s2w{l}") for l in range(L)]
+        m.d.sync += s2.eq(s1)
         bank_words = [brd[b].data for b in range(L)]
-        lane_words = []
         for l in range(L):
-            w = Signal(c.mbw, name=f"lane{l}")
             if L > 1:
                 with m.Switch((s1.rot + l) & (L - 1)):
                     for b in range(L):
                         with m.Case(b):
-                            m.d.comb += w.eq(bank_words[b])
+                            m.d.sync += s2w[l].eq(bank_words[b])
             else:
-                m.d.comb += w.eq(bank_words[0])
-            lane_words.append(w)
+                m.d.sync += s2w[l].eq(bank_words[0])
+
+        # ---- S2: slice the masks, drop empty groups, push (never stalls) -----------
+        q = fifo.SyncFIFO(width=entry_layout(c).size, depth=c.fifo_depth)
+        m.submodules.fifo = q
+        ent = Signal(entry_layout(c))
+        lane_words = s2w
         bits = []
         for l in range(L):
             mask = lane_words[l][:NB]
-            lvalid = (s1.gl + l) < self.lim
+            lvalid = s2.lvalid[l]
             for s in range(S):
-                fb = Const(0) if s >= c.bk else mask.bit_select((s1.sub << c.log_bk) + s, 1)
-                bb = Const(0) if s >= c.bm else mask.bit_select((s << c.log_bk) + s1.sub, 1)
+                fb = Const(0) if s >= c.bk else mask.bit_select((s2.sub << c.log_bk) + s, 1)
+                bb = Const(0) if s >= c.bm else mask.bit_select((s << c.log_bk) + s2.sub, 1)
                 bits.append(lvalid & Mux(mode_bwd, bb, fb))
         bitvec = Signal(L * S)
         m.d.comb += bitvec.eq(Cat(*bits))
         nonempty = bitvec.any()
         need_push = Signal()
-        # a job without any non-zero is not pushed: its result position is marked null
-        # (read back as zero) and it costs the emitter nothing
-        # (up to NULL_MARK results per cycle: S1 holds a replayed null row meanwhile)
+        # a job without any non-zero is not pushed: its result positions (reps of them
+        # for a replayed row) are flagged null in this cycle (read back as zero) and it
+        # costs the emitter nothing
         null_job = Signal()
-        mark_more = Signal()
-        posc = Signal(16)  # result position (job number in this PE row) of S1's job
+        posc = Signal(16)  # result position (job number in this PE row) of S2's job
         m.d.comb += [
-            need_push.eq(s1.valid & (s1.end | nonempty)),
-            null_job.eq(s1.valid & ~s1.end & s1.last_g & ~seen & ~nonempty),
-            mark_more.eq(null_job & s1.big),
-            s1_adv.eq(s1.valid & ~mark_more & (~need_push | q.w_rdy)),
-            ent.bits.eq(Mux(s1.end, 0, bitvec)),
+            need_push.eq(s2.valid & (s2.end | nonempty)),
+            null_job.eq(s2.valid & ~s2.end & s2.last_g & ~seen & ~nonempty),
+            drop.eq(s2.valid & ~need_push),
+            ent.bits.eq(Mux(s2.end, 0, bitvec)),
             ent.masks.eq(Cat(*[w[:NB] for w in lane_words])),
             ent.ptrs.eq(Cat(*[w[NB:] for w in lane_words])),
-            ent.sub.eq(s1.sub), ent.opbase.eq(s1.opbase), ent.xbase.eq(s1.xbase),
-            ent.first.eq(s1.end | ~seen),
-            ent.null.eq(s1.end),
-            ent.end.eq(s1.end),
-            ent.pos.eq(posc), ent.reps.eq(s1.reps),
+            ent.sub.eq(s2.sub), ent.opbase.eq(s2.opbase), ent.xbase.eq(s2.xbase),
+            ent.first.eq(s2.end | ~seen),
+            ent.null.eq(s2.end),
+            ent.end.eq(s2.end),
+            ent.pos.eq(posc), ent.reps.eq(s2.reps),
             q.w_data.eq(ent.as_value()),
-            q.w_en.eq(need_push & s1_adv),
+            q.w_en.eq(need_push),
         ]
-        with m.If(s1_adv & ~s1.end):
-            with m.If(s1.last_g):
-                m.d.sync += [seen.eq(0), posc.eq(posc + s1.reps)]
+        with m.If(s2.valid & ~s2.end):
+            with m.If(s2.last_g):
+                m.d.sync += [seen.eq(0), posc.eq(posc + s2.reps)]
             with m.Elif(nonempty):
                 m.d.sync += seen.eq(1)
-        with m.If(mark_more):
-            m.d.sync += [s1.reps.eq(s1.reps - NULL_MARK), posc.eq(posc + NULL_MARK),
-                         s1.big.eq(s1.reps > 2 * NULL_MARK)]
 
         # ---- emitter: one set bit per cycle ---------------------------------------
         G = Signal(entry_layout(c))
@@ -373,6 +431,7 @@ class PERow(wiring.Component):
             "t": max(1, (NB - 1).bit_length()), "opidx": 16, "xbase": 16, "pos": 16}))
         last_rep = G.reps[1:] == 0  # reps <= 1
         load_next = ~gv | G.null | ((remaining == 0) & last_rep)
+        m.d.comb += pop.eq(load_next & q.r_rdy)  # one assignment: no X in Icarus
         bits0 = Signal(L * S)  # the group's bits, for a replay
         qv = Signal(entry_layout(c))
         m.d.comb += qv.eq(q.r_data)
@@ -387,39 +446,53 @@ class PERow(wiring.Component):
             m.d.sync += [G.eq(q.r_data), gv.eq(q.r_rdy), bits0.eq(qv.bits)]
         with m.Elif(remaining == 0):  # replay for the next tile
             m.d.sync += [G.bits.eq(bits0), G.first.eq(1), G.reps.eq(G.reps - 1),
-                         G.xbase.eq(G.xbase + self.xstride), G.pos.eq(G.pos + 1)]
+                         G.xbase.eq(G.xbase + xstride), G.pos.eq(G.pos + 1)]
         with m.Else():
             m.d.sync += [G.bits.eq(remaining), G.first.eq(0)]
 
-        # ---- E: addresses; read value and operand ---------------------------------
+        # ---- E: addresses, registered (A) before they reach the memories -------------
+        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1, "pos": 16})
+        A = Signal(data.StructLayout({"ctl": ctl, "vaddr": PB, "xaddr": 16}))
         below = Cat(*[E.mask[i] & (i < E.t) for i in range(NB)])
         popc = sum(below[i] for i in range(NB))
-        vaddr = (self.val_base + E.ptr + popc)[:PB]
-        xaddr = Mux(wgrad, self.sq_xaddr, E.xbase + E.opidx)
+        m.d.sync += [
+            A.ctl.valid.eq(E.valid), A.ctl.null.eq(E.null), A.ctl.first.eq(E.first),
+            A.ctl.end.eq(E.end), A.ctl.pos.eq(E.pos),
+            A.vaddr.eq((val_base + E.ptr + popc)[:PB]),
+            A.xaddr.eq(E.xbase + E.opidx),
+        ]
+        # ---- A: read value and operand ----------------------------------------------
+        xaddr = Mux(wgrad, self.sq_xaddr, A.xaddr)
         m.d.comb += [
-            vrd.addr.eq(Mux(self.ext, self.ext_vaddr, vaddr)),
+            vrd.addr.eq(Mux(self.ext, self.ext_vaddr, A.vaddr)),
             xrd.addr.eq(Mux(self.ext, self.ext_xaddr, xaddr)),
         ]
-        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1, "pos": 16})
         D1 = Signal(ctl)
         with m.If(wgrad):
             m.d.sync += [D1.valid.eq(self.sq_valid), D1.null.eq(0),
                          D1.first.eq(self.sq_first), D1.end.eq(self.sq_end)]
         with m.Else():
-            m.d.sync += [D1.valid.eq(E.valid), D1.null.eq(E.null),
-                         D1.first.eq(E.first), D1.end.eq(E.end), D1.pos.eq(E.pos)]
+            m.d.sync += D1.eq(A.ctl)
 
-        # ---- D1: multiply -----------------------------------------------------------
+        # ---- D1: the memories' outputs, registered as the multiplier's operands ------
         w = Signal(signed(D))
-        m.d.comb += w.eq(Mux(wgrad, self.g_lane, Mux(D1.null, 0, vrd.data.as_signed())))
+        xw = Signal(C * D)
+        DM = Signal(ctl)
+        m.d.sync += [
+            DM.eq(D1), xw.eq(xrd.data),
+            w.eq(Mux(wgrad, self.g_lane, Mux(D1.null, 0, vrd.data.as_signed()))),
+        ]
+
+        # ---- DM: multiply -----------------------------------------------------------
         D2 = Signal(ctl)
         prods = [Signal(signed(2 * D), name=f"p{i}") for i in range(C)]
-        m.d.sync += D2.eq(D1)
+        m.d.sync += D2.eq(DM)
         for i in range(C):
-            m.d.sync += prods[i].eq(w * xrd.data[i * D:(i + 1) * D].as_signed())
+            m.d.sync += prods[i].eq(w * xw[i * D:(i + 1) * D].as_signed())
 
-        # ---- D2: accumulate, write results -----------------------------------------
-        accs = [Signal(signed(A), name=f"acc{i}") for i in range(C)]
+        # ---- D2: accumulate; results (and external writes) go to the bank through a
+        # register stage -------------------------------------------------------------
+        accs = [Signal(signed(A_), name=f"acc{i}") for i in range(C)]
         have = Signal()
         wptr = Signal(16)  # weight gradient: results in sequence
         cur = Signal(16)  # forward/backward: result position of the job in D2
@@ -427,7 +500,7 @@ class PERow(wiring.Component):
         for i in range(C):
             fw = narrow(m, accs[i], c.w_frac, D, f"yfb{i}")
             wg = narrow(m, accs[i], c.wgrad_shift, D, f"ywg{i}")
-            outs.append(Mux(wgrad | self.gshift, wg, fw))
+            outs.append(Mux(wgrad | gshift, wg, fw))
         pe_write = Signal()
         with m.If(D2.valid):
             with m.If(D2.first | D2.end):
@@ -437,37 +510,39 @@ class PERow(wiring.Component):
                     m.d.sync += wptr.eq(wptr + 1)
             for i in range(C):
                 base = Mux(D2.first, 0, accs[i])
-                m.d.sync += accs[i].eq(sat(m, base + prods[i], A, f"accn{i}"))
+                m.d.sync += accs[i].eq(sat(m, base + prods[i], A_, f"accn{i}"))
             with m.If(D2.end):
                 m.d.sync += self.done.eq(1)
+        yw_en, yw_addr, yw_data = Signal(C), Signal(16), Signal(C * D)
         with m.If(pe_write):
-            m.d.comb += [ywr.en.eq((1 << C) - 1), ywr.addr.eq(Mux(wgrad, wptr, cur)),
-                         ywr.data.eq(Cat(*[v.as_unsigned()[:D] for v in outs]))]
+            m.d.sync += [yw_en.eq((1 << C) - 1), yw_addr.eq(Mux(wgrad, wptr, cur)),
+                         yw_data.eq(Cat(*[v.as_unsigned()[:D] for v in outs]))]
         with m.Else():
-            m.d.comb += [ywr.en.eq(self.y_wen), ywr.addr.eq(self.y_waddr),
-                         ywr.data.eq(self.y_wdata)]
+            m.d.sync += [yw_en.eq(self.y_wen), yw_addr.eq(self.y_waddr),
+                         yw_data.eq(self.y_wdata)]
+        m.d.comb += [ywr.en.eq(yw_en), ywr.addr.eq(yw_addr), ywr.data.eq(yw_data)]
         with m.If(self.start):
             m.d.sync += [self.done.eq(0), have.eq(0), wptr.eq(0), posc.eq(0)]
 
         # ---- null results: one flag per result word -----------------------------------
-        # set for a job without non-zeros, cleared by any write of the word and by a run's
-        # start; a flagged word reads as zero (the flag is looked up with the read, so it
-        # is registered like the memory's output)
+        # set for the jobs of a null job (positions posc .. posc + reps - 1, one cycle:
+        # S2 never stalls), cleared by any write of the word and by a run's start; a
+        # flagged word reads as zero. The range is two thermometer codes from predecoded
+        # halves (no variable shifts or per-bit adders).
         lg = max(1, (c.y_depth - 1).bit_length())
         ynull = Signal(1 << lg)
         ynull_q = Signal()
-        # flags posc .. posc + min(reps, NULL_MARK) - 1: a decoder and NULL_MARK ORs per bit
-        # (decoders, not variable shifts: a shifted one-hot is wiring)
-        dec = Signal(1 << lg)
-        m.d.comb += dec.eq(Mux(null_job, decoder(m, posc[:lg], "nset"), 0))
-        set_mask = dec
-        for k in range(1, NULL_MARK):
-            set_mask = set_mask | Mux(s1.reps > k, (dec << k)[:1 << lg], 0)
+        ge_lo = thermometer(m, posc[:lg + 1], lg, "nlo")
+        ge_hi = thermometer(m, (posc + s2.reps)[:lg + 1], lg, "nhi")
+        set_mask = Mux(null_job, ge_lo & ~ge_hi, 0)
         clr_mask = Mux(ywr.en.any(), decoder(m, ywr.addr[:lg], "nclr"), 0)
         with m.If(self.start):
             m.d.sync += ynull.eq(0)
         with m.Else():
             m.d.sync += ynull.eq((ynull & ~clr_mask) | set_mask)
-        m.d.sync += ynull_q.eq(ynull.bit_select(self.y_raddr[:lg], 1))
-        m.d.comb += self.ydata.eq(Mux(ynull_q, 0, yrd.data))
+        # the result bank's output is registered: it goes to the top level's update,
+        # encoder and unload (a word arrives two cycles after its address); the flag is
+        # looked up with the read, so it is registered like the memory's output
+        m.d.sync += [ynull_q.eq(ynull.bit_select(self.y_raddr[:lg], 1)),
+                     self.ydata.eq(Mux(ynull_q, 0, yrd.data))]
         return m

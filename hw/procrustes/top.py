@@ -53,6 +53,7 @@ class Procrustes(wiring.Component):
 
         m.submodules.gbuf = gbuf = Memory(shape=R * D, depth=c.g_depth, init=[])
         grd, gwr = gbuf.read_port(), gbuf.write_port()
+        g_r = Signal(R * D)  # grd.data, registered (see the weight-gradient sequencer)
 
         # ---- registers ---------------------------------------------------------------
         cmd = Signal(cmd_layout())
@@ -95,20 +96,30 @@ class Procrustes(wiring.Component):
         m.d.comb += ck_bad.eq(ck_v2 & ((ck_p + ck_add2) > ck_lim2))
 
         running = Signal()  # PE rows own their memories' read ports
-        m.d.comb += [r_.ext.eq(~running) for r_ in rows]
+        ext_r = Signal(init=1)  # registered: the rows' address multiplexers select on it
+        m.d.sync += ext_r.eq(~running)
+        m.d.comb += [r_.ext.eq(ext_r) for r_ in rows]
 
-        # broadcast write buses (defaults: nothing written)
+        # broadcast write buses and external read addresses (defaults: nothing written),
+        # registered once here before they fan out to every PE row: a write lands, and a
+        # read address reaches the memories, one cycle after the state that drives it
         bw_en, bw_addr, bw_data = Signal(L), Signal(16), Signal(c.mbw)
         vw_en, vw_addr, vw_data = Signal(), Signal(PB), Signal(D)
         xw_en, xw_addr, xw_data = Signal(), Signal(16), Signal(C * D)
         ext_baddr, ext_vaddr, ext_xaddr, y_raddr = Signal(16), Signal(PB), Signal(16), Signal(16)
+        bus = [bw_en, bw_addr, bw_data, vw_en, vw_addr, vw_data, xw_en, xw_addr, xw_data,
+               ext_baddr, ext_vaddr, ext_xaddr, y_raddr]
+        bus_r = [Signal.like(v, name=f"{v.name}_r") for v in bus]
+        m.d.sync += [r_.eq(v) for r_, v in zip(bus_r, bus)]
+        (bw_en_r, bw_addr_r, bw_data_r, vw_en_r, vw_addr_r, vw_data_r, xw_en_r, xw_addr_r,
+         xw_data_r, ext_baddr_r, ext_vaddr_r, ext_xaddr_r, y_raddr_r) = bus_r
         for pr in rows:
             m.d.comb += [
-                pr.bw_en.eq(bw_en), pr.bw_addr.eq(bw_addr), pr.bw_data.eq(bw_data),
-                pr.vw_en.eq(vw_en), pr.vw_addr.eq(vw_addr), pr.vw_data.eq(vw_data),
-                pr.xw_en.eq(xw_en), pr.xw_addr.eq(xw_addr), pr.xw_data.eq(xw_data),
-                pr.ext_baddr.eq(ext_baddr), pr.ext_vaddr.eq(ext_vaddr),
-                pr.ext_xaddr.eq(ext_xaddr), pr.y_raddr.eq(y_raddr),
+                pr.bw_en.eq(bw_en_r), pr.bw_addr.eq(bw_addr_r), pr.bw_data.eq(bw_data_r),
+                pr.vw_en.eq(vw_en_r), pr.vw_addr.eq(vw_addr_r), pr.vw_data.eq(vw_data_r),
+                pr.xw_en.eq(xw_en_r), pr.xw_addr.eq(xw_addr_r), pr.xw_data.eq(xw_data_r),
+                pr.ext_baddr.eq(ext_baddr_r), pr.ext_vaddr.eq(ext_vaddr_r),
+                pr.ext_xaddr.eq(ext_xaddr_r), pr.y_raddr.eq(y_raddr_r),
             ]
         ydata = Array([pr.ydata for pr in rows])
         row_done = Cat(*[pr.done for pr in rows]).all()
@@ -130,7 +141,7 @@ class Procrustes(wiring.Component):
                 pr.n0.eq(sched[2 * r][32:48]),
                 pr.o1.eq(sched[2 * r + 1][0:16]), pr.t1.eq(sched[2 * r + 1][16:32]),
                 pr.n1.eq(sched[2 * r + 1][32:48]),
-                pr.g_lane.eq(grd.data[r * D:(r + 1) * D].as_signed()),
+                pr.g_lane.eq(g_r[r * D:(r + 1) * D].as_signed()),
             ]
 
         # counters shared by the sequencing states
@@ -143,11 +154,28 @@ class Procrustes(wiring.Component):
         sq_valid, sq_first, sq_end = Signal(), Signal(), Signal()
         sq_xaddr, sq_gaddr = Signal(16), Signal(16)
         m.d.sync += [sq_valid.eq(0), sq_end.eq(0)]
+        # the gradient word is read one cycle ahead and registered here before it fans
+        # out to the PE rows; the operand address and the element's flags follow a cycle
+        # later, so both words reach the rows' multipliers together
+        sq_d = Signal(data.StructLayout({"valid": 1, "first": 1, "end": 1, "xaddr": 16}))
+        m.d.sync += [g_r.eq(grd.data), sq_d.valid.eq(sq_valid), sq_d.first.eq(sq_first),
+                     sq_d.end.eq(sq_end), sq_d.xaddr.eq(sq_xaddr)]
         for pr in rows:
-            m.d.comb += [pr.sq_valid.eq(sq_valid), pr.sq_first.eq(sq_first),
-                         pr.sq_end.eq(sq_end), pr.sq_xaddr.eq(sq_xaddr)]
+            m.d.comb += [pr.sq_valid.eq(sq_d.valid), pr.sq_first.eq(sq_d.first),
+                         pr.sq_end.eq(sq_d.end), pr.sq_xaddr.eq(sq_d.xaddr)]
 
         # ---- update pipeline ----------------------------------------------------------
+        # One element every three cycles, through stages P1..P8 (one simple step each:
+        # the memories' outputs and every product are registered before they are used),
+        # then the quantile step (Q1, Q2). Element issued at u (UPD, uph = 0):
+        #   u+1 P1  block-store and result-bank addresses reach the memories; w0 product
+        #   u+2 P2  the bank word arrives, registered
+        #   u+3 P3  popcount below the bit, decay·w0; the dW word arrives, its lane
+        #           registered
+        #   u+4 P4  value address (to the memories at u+5); lr·dW
+        #   u+6 P6  the value arrives, registered
+        #   u+7 P7  w1 = sat(W - step)
+        #   u+8 P8  score |w1 - dw0| into the quantile step; done at u+10 (Q2)
         m.submodules.prng = prng = Prng()
         m.submodules.qstep = qstep = QuantileStep(D + 2)
         u_issue = Signal()
@@ -155,18 +183,18 @@ class Procrustes(wiring.Component):
         uidx = Signal(32)
         hx = Signal(32)  # uidx·MULT mod 2^32, stepped down by MULT per element
         uph = Signal(2)  # issue phase in UPD (0: issue)
-        U1 = Signal(data.StructLayout({
+        ulay = data.StructLayout({
             "valid": 1, "t": max(1, (NB - 1).bit_length()), "bank": max(1, c.log_lanes),
-            "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16, "u": 32}))
-        U2 = Signal(data.StructLayout({
-            "valid": 1, "set": 1, "dw": signed(D), "w0": signed(D + 1),
-            "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16}))
-        U3 = Signal(data.StructLayout({
-            "valid": 1, "w1": signed(D), "dw0": signed(D + 1),
-            "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16}))
-        m.d.sync += [U1.valid.eq(0), U2.valid.eq(0), U3.valid.eq(0)]
+            "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16, "u": 32,
+            "bmask": NB, "bptr": PB, "popc": NB.bit_length(), "set": 1, "dw": signed(D),
+            "w0": signed(D + 1), "step": signed(D + 1), "dw0": signed(D + 1),
+            "wold": signed(D), "w1": signed(D)})
+        P = [None] + [Signal(ulay, name=f"P{k}") for k in range(1, 9)]
+        m.d.sync += P[1].valid.eq(0)
+        for k in range(1, 8):
+            m.d.sync += P[k + 1].eq(P[k])
 
-        # U0 -> U1: addresses of W[m, k] (block store) and dW[m, k] (result bank m mod R)
+        # issue: addresses of W[m, k] (block store) and dW[m, k] (result bank m mod R)
         u_bi, u_bj = um >> c.log_bm, uk >> c.log_bk
         with m.If(u_issue):
             m.d.comb += [
@@ -174,50 +202,53 @@ class Procrustes(wiring.Component):
                 y_raddr.eq(yrow + (uk >> c.log_cols)),
             ]
             m.d.sync += [
-                U1.valid.eq(1),
-                U1.t.eq(((um & (c.bm - 1)) << c.log_bk) | (uk & (c.bk - 1))),
-                U1.bank.eq((u_bi + u_bj) & (L - 1)),
-                U1.ybank.eq(um & (R - 1)), U1.lane.eq(uk & (C - 1)),
-                U1.yaddr.eq(yrow + (uk >> c.log_cols)),
-                U1.u.eq(prng.u),  # the PRNG runs in the issue cycle, off the w0 product
+                P[1].valid.eq(1),
+                P[1].t.eq(((um & (c.bm - 1)) << c.log_bk) | (uk & (c.bk - 1))),
+                P[1].bank.eq((u_bi + u_bj) & (L - 1)),
+                P[1].ybank.eq(um & (R - 1)), P[1].lane.eq(uk & (C - 1)),
+                P[1].yaddr.eq(yrow + (uk >> c.log_cols)),
+                P[1].u.eq(prng.u),  # the PRNG runs in the issue cycle
                 hx.eq(hx - MULT),  # idx·MULT for the next (one lower) index: no multiplier
             ]
-        # U1: value address, dW lane, PRNG -> w0
+        m.d.comb += [prng.hx.eq(hx), prng.seed.eq(regs[Reg.SEED])]
+        # P1: w0 = rshift(s·bound, 15), s = (u >> 16) - 2^15
+        s16 = Signal(signed(17))
+        m.d.comb += s16.eq(P[1].u[16:32] - 32768)
+        m.d.sync += P[2].w0.eq((s16 * regs[Reg.BOUND] + (1 << 14)) >> 15)
+        # P2: the bank word of W[m, k] and the dW lane, registered
         bword = Signal(c.mbw)
-        with m.Switch(U1.bank):
+        with m.Switch(P[2].bank):
             for b in range(L):
                 with m.Case(b):
                     m.d.comb += bword.eq(row0.bdata[b * c.mbw:(b + 1) * c.mbw])
-        bmask, bptr = bword[:NB], bword[NB:]
-        below = Cat(*[bmask[i] & (i < U1.t) for i in range(NB)])
-        popc = sum(below[i] for i in range(NB))
-        yword = ydata[U1.ybank]
+        m.d.sync += [P[3].bmask.eq(bword[:NB]), P[3].bptr.eq(bword[NB:])]
+        # P3: popcount below the element's bit; decayed w0; the dW word (the result
+        # bank's output is registered in the PE row) and its lane, registered
+        below = Cat(*[P[3].bmask[i] & (i < P[3].t) for i in range(NB)])
+        yword = ydata[P[3].ybank]
         dw_lane = Signal(signed(D))
-        with m.Switch(U1.lane):
+        with m.Switch(P[3].lane):
             for i in range(C):
                 with m.Case(i):
                     m.d.comb += dw_lane.eq(yword[i * D:(i + 1) * D].as_signed())
-        m.d.comb += [prng.hx.eq(hx), prng.seed.eq(regs[Reg.SEED])]
-        s16 = Signal(signed(17))
-        m.d.comb += s16.eq(U1.u[16:32] - 32768)
-        w0 = (s16 * regs[Reg.BOUND] + (1 << 14)) >> 15
-        with m.If(U1.valid):
-            m.d.comb += ext_vaddr.eq(cmd.arg + bptr + popc)
         m.d.sync += [
-            U2.valid.eq(U1.valid), U2.set.eq(bmask.bit_select(U1.t, 1)), U2.dw.eq(dw_lane),
-            U2.w0.eq(w0), U2.ybank.eq(U1.ybank), U2.lane.eq(U1.lane), U2.yaddr.eq(U1.yaddr),
+            P[4].popc.eq(sum(below[i] for i in range(NB))),
+            P[4].set.eq(P[3].bmask.bit_select(P[3].t, 1)),
+            P[4].dw0.eq((regs[Reg.DECAY] * P[3].w0 + (1 << 15)) >> 16),
+            P[4].dw.eq(dw_lane),
         ]
-        # U2: SGD step and decayed w0
-        wold = Mux(U2.set, row0.vdata.as_signed(), 0)
-        step = (regs[Reg.LR] * U2.dw + (1 << 15)) >> 16
-        w1 = sat(m, wold - step, D, "w1")
-        dw0 = (regs[Reg.DECAY] * U2.w0 + (1 << 15)) >> 16
-        m.d.sync += [
-            U3.valid.eq(U2.valid), U3.w1.eq(w1), U3.dw0.eq(dw0),
-            U3.ybank.eq(U2.ybank), U3.lane.eq(U2.lane), U3.yaddr.eq(U2.yaddr),
-        ]
-        # U3: score, threshold, write W' in place of dW
-        # (the quantile step takes three cycles, Q1 and Q2 carry the element meanwhile)
+        # P4: the SGD step
+        m.d.sync += P[5].step.eq((regs[Reg.LR] * P[4].dw + (1 << 15)) >> 16)
+        # P4: the value address (registered on the bus, read at P5, data at P6)
+        with m.If(P[4].valid):
+            m.d.comb += ext_vaddr.eq(cmd.arg + P[4].bptr + P[4].popc)
+        # P6: W (zero if the bit is clear), registered
+        m.d.sync += P[7].wold.eq(Mux(P[6].set, row0.vdata.as_signed(), 0))
+        # P7: w1 = sat(W - step)
+        m.d.sync += P[8].w1.eq(sat(m, P[7].wold - P[7].step, D, "w1"))
+        # P8: score, threshold (three cycles; Q1 and Q2 carry the element meanwhile),
+        # write W' in place of dW
+        U3 = P[8]
         diff = Signal(signed(D + 3))
         m.d.comb += [
             diff.eq(U3.w1 - U3.dw0),
@@ -226,7 +257,7 @@ class Procrustes(wiring.Component):
             qstep.dn.eq(regs[Reg.DN]),
             qstep.score.eq(Mux(diff < 0, -diff, diff)),
         ]
-        Q1, Q2 = Signal(U3.shape(), name="Q1"), Signal(U3.shape(), name="Q2")
+        Q1, Q2 = Signal(ulay, name="Q1"), Signal(ulay, name="Q2")
         m.d.sync += [Q1.eq(U3), Q2.eq(Q1)]
         wnew = Mux(qstep.tracked, Q2.w1, Q2.dw0)
         for r, pr in enumerate(rows):
@@ -237,15 +268,19 @@ class Procrustes(wiring.Component):
             m.d.sync += regs[Reg.THETA].eq(qstep.theta_next)
             with m.If(qstep.tracked):
                 m.d.sync += regs[Reg.TRACKED].eq(regs[Reg.TRACKED] + 1)
-        upd_busy = U1.valid | U2.valid | U3.valid | Q1.valid | Q2.valid
+        upd_busy = Cat(*[P[k].valid for k in range(1, 9)], Q1.valid, Q2.valid).any()
 
         # ---- encoder pipeline -------------------------------------------------------
+        # issue (ENC): result-bank address; EN1: at the memories; EN3: the word arrives
+        # (registered in the PE row), its lane registered; EN4: the block's mask, pointer
+        # and value writes
         e_issue = Signal()
-        EN1 = Signal(data.StructLayout({
+        elay = data.StructLayout({
             "valid": 1, "inside": 1, "tt": max(1, (NB - 1).bit_length()), "last": 1,
             "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols),
-            "bank": max(1, c.log_lanes), "baddr": 16}))
-        m.d.sync += EN1.valid.eq(0)
+            "bank": max(1, c.log_lanes), "baddr": 16, "ev": D})
+        EN1, EN2, EN3, EN4 = (Signal(elay, name=n) for n in ("EN1", "EN2", "EN3", "EN4"))
+        m.d.sync += [EN1.valid.eq(0), EN2.eq(EN1), EN3.eq(EN2), EN4.eq(EN3)]
         e_m = (bi << c.log_bm) | (i0 >> c.log_bk)
         e_k = (bj << c.log_bk) | (i0 & (c.bk - 1))
         if c.bm > R:  # the block's row e_m may cross PE-row tiles: add (d >> log_rows)·KT
@@ -261,29 +296,30 @@ class Procrustes(wiring.Component):
                 EN1.lane.eq(e_k & (C - 1)), EN1.bank.eq((bi + bj) & (L - 1)),
                 EN1.baddr.eq(cmd.addr + brow + (bj >> c.log_lanes)),
             ]
-        eword = ydata[EN1.ybank]
-        ev = Signal(D)
-        with m.Switch(EN1.lane):
+        eword = ydata[EN3.ybank]
+        with m.Switch(EN3.lane):
             for i in range(C):
                 with m.Case(i):
-                    m.d.comb += ev.eq(eword[i * D:(i + 1) * D])
-        enz = EN1.inside & (ev != 0)
+                    m.d.sync += EN4.ev.eq(eword[i * D:(i + 1) * D])
+        ev = EN4.ev
+        enz = EN4.inside & (ev != 0)
         blkmask = Signal(NB)
         blkptr = Signal(PB + 1)
         nnz = Signal(32)
-        newmask = blkmask | (enz.as_unsigned() << EN1.tt)[:NB]
-        with m.If(EN1.valid):
+        newmask = blkmask | (enz.as_unsigned() << EN4.tt)[:NB]
+        with m.If(EN4.valid):
             with m.If(enz):
                 m.d.comb += [vw_en.eq(1), vw_addr.eq(cmd.arg + nnz), vw_data.eq(ev)]
                 m.d.sync += nnz.eq(nnz + 1)
-            with m.If(EN1.last):
-                m.d.comb += [bw_en.eq(Const(1, L) << EN1.bank), bw_addr.eq(EN1.baddr),
+            with m.If(EN4.last):
+                m.d.comb += [bw_en.eq(Const(1, L) << EN4.bank), bw_addr.eq(EN4.baddr),
                              bw_data.eq(Cat(newmask, blkptr[:PB]))]
                 m.d.sync += [blkmask.eq(0), blkptr.eq(nnz + enz)]
             with m.Else():
                 m.d.sync += blkmask.eq(newmask)
+        enc_busy = EN1.valid | EN2.valid | EN3.valid | EN4.valid
 
-        uword = Signal(c.word_bits)
+        uword, uword_r = Signal(c.word_bits), Signal(c.word_bits)
         unloading = Signal()
         gaddr_unload = Signal(16)
 
@@ -488,11 +524,24 @@ class Procrustes(wiring.Component):
                     with m.If(last):
                         m.next = "RESP"
 
+            # unload: the address is set in UADDR (on the registered bus in UWAIT; the
+            # word, registered in the PE row for Y, is there in ULATCH), the word is
+            # registered and offered in UDATA
             with m.State("UADDR"):
                 m.d.comb += unloading.eq(1)
+                m.next = "UWAIT"
+            with m.State("UWAIT"):
+                m.d.comb += unloading.eq(1)
+                m.next = "UWAIT2"
+            with m.State("UWAIT2"):  # the result banks' outputs are registered
+                m.d.comb += unloading.eq(1)
+                m.next = "ULATCH"
+            with m.State("ULATCH"):
+                m.d.comb += unloading.eq(1)
+                m.d.sync += uword_r.eq(uword)
                 m.next = "UDATA"
             with m.State("UDATA"):
-                m.d.comb += [unloading.eq(1), self.dout.valid.eq(1), self.dout.payload.eq(uword)]
+                m.d.comb += [self.dout.valid.eq(1), self.dout.payload.eq(uword_r)]
                 with m.If(self.dout.ready):
                     m.d.sync += cnt.eq(cnt + 1)
                     last = Mux(cmd.sel == Buf.BLOCKS, (bi == GM - 1) & (bj == GK - 1),
@@ -579,7 +628,7 @@ class Procrustes(wiring.Component):
                         with m.If(bi == GM - 1):
                             m.next = "ENCDRAIN"
             with m.State("ENCDRAIN"):
-                with m.If(~EN1.valid):
+                with m.If(~enc_busy):
                     m.d.sync += [value.eq(nnz), regs[Reg.NNZ].eq(nnz)]
                     m.next = "RESP"
 
@@ -592,7 +641,7 @@ class Procrustes(wiring.Component):
                 with m.If(self.resp.ready):
                     m.d.sync += regs[Reg.CYCLES].eq(regs[Reg.CYCLES] + cyc)
                     m.next = "IDLE"
-        # unload: the address is presented in UADDR and held in UDATA (same counters)
+        # unload: the address is presented in UADDR and held until ULATCH (same counters)
         with m.If(unloading):
             with m.Switch(cmd.sel):
                 with m.Case(Buf.BLOCKS):

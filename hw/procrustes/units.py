@@ -54,8 +54,9 @@ class QuantileStep(wiring.Component):
 
     Pipelined over three cycles so that no 32x32 product sits inside one cycle: ``start``
     with ``score`` at cycle t registers the eight 16x16 partial products of ``theta·up``
-    and ``theta·dn``; t+1 sums them (``>> 32``) and compares; at t+2 ``done`` is high
-    with ``tracked`` and ``theta_next``. ``theta``, ``up`` and ``dn`` must hold from t to
+    and ``theta·dn``; t+1 sums the middle ones and compares; at t+2 ``done`` is high
+    with ``tracked`` and ``theta_next`` (theta plus or minus the top partial product and
+    the middle sum). ``theta``, ``up`` and ``dn`` must hold from t to
     t+2 (the caller writes ``theta_next`` back at t+2, so steps start 3 cycles apart).
     """
 
@@ -83,19 +84,25 @@ class QuantileStep(wiring.Component):
                     p = Signal(32, name=f"pp_{name}{i}{j}")
                     m.d.sync += p.eq(th[16 * i:16 * i + 16] * c[16 * j:16 * j + 16])
                     parts[name, i, j] = p
-        # stage 2: (theta·c) >> 32 from the partial products; the compare
-        inc, dec = Signal(32), Signal(32)
+        # stage 2: the middle sum of each product, mid = p01 + p10 + (p00 >> 16) (then
+        # (theta·c) >> 32 = p11 + (mid >> 16): the low 16 bits of p00 cannot carry past
+        # bit 32); the compare
+        mids, highs = {}, {}
+        for name in ("up", "dn"):
+            mid = Signal(34, name=f"mid_{name}")
+            hi = Signal(32, name=f"hi_{name}")
+            m.d.sync += [mid.eq(parts[name, 0, 1] + parts[name, 1, 0]
+                                + (parts[name, 0, 0] >> 16)),
+                         hi.eq(parts[name, 1, 1])]
+            mids[name], highs[name] = mid, hi
         tracked = Signal()
-        for name, out in (("up", inc), ("dn", dec)):
-            full = (parts[name, 0, 0] + (parts[name, 0, 1] << 16) + (parts[name, 1, 0] << 16)
-                    + (parts[name, 1, 1] << 32))
-            m.d.sync += out.eq(full >> 32)
         m.d.sync += tracked.eq(th < (score1 << 16))
         # stage 3: the new threshold
-        up_sum = Signal(33)
-        m.d.comb += [up_sum.eq(th + inc), self.done.eq(v2), self.tracked.eq(tracked)]
+        up_sum = Signal(34)
+        m.d.comb += [up_sum.eq(th + highs["up"] + (mids["up"] >> 16)),
+                     self.done.eq(v2), self.tracked.eq(tracked)]
         with m.If(tracked):
             m.d.comb += self.theta_next.eq(Mux(up_sum > _M32, _M32, up_sum))
         with m.Else():
-            m.d.comb += self.theta_next.eq(th - dec)
+            m.d.comb += self.theta_next.eq(th - highs["dn"] - (mids["dn"] >> 16))
         return m
