@@ -24,6 +24,7 @@ PLUGINS = {
         "procrustes": ("sim.bench_procrustes", "Procrustes RTL sparse speedup vs density"),
         "cubist-golden": ("golden.bench_cubist", "CubistMerge golden merge vs ToMe, CPU time"),
         "dropback": ("golden.bench_dropback", "Dropback optimizer step vs SGD, CPU time"),
+        "fmax": ("fpga.ooc", "out-of-context fmax and resources of one design (nextpnr)"),
     },
     "experiment": {
         "cubist": ("golden.experiments.cubist", "tiny ViTs on digits: CubistMerge vs ToMe"),

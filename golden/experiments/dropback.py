@@ -320,20 +320,34 @@ def tune(*, seed: int = 0, seeds: int = 2, quick: bool = False, jobs: int = 1,
     with torch_threads(1), tqdm(total=len(tasks) * max(checkpoints), unit="epoch",
                                 disable=not show_progress, desc="tuning") as bar:
         runs = _train_all(tasks, jobs, bar)
-    trials, best = [], {}
+    trials = []
     for i, (model, method, hp) in enumerate(points):
         curves = [r["curve"] for r in runs[i * seeds:(i + 1) * seeds]]
-        mean = {e: statistics.fmean(c[e] for c in curves) for e in checkpoints}
+        mean = {str(e): statistics.fmean(c[e] for c in curves) for e in checkpoints}
         trials.append(dict(model=model, method=method, **hp, val_per_seed=curves,
-                           val_mean=mean))
-        key = f"{model}/{method}"
-        for e in checkpoints:  # strict >: first grid point, then fewer epochs, wins ties
-            if key not in best or mean[e] > best[key]["val_accuracy"]:
-                best[key] = dict(hp, epochs=e, val_accuracy=mean[e])
+                           val_mean=mean))  # str keys, as after a JSON round trip
+    return dict(seeds=list(vals), val_images=len(next(iter(vals.values())).y_test),
+                checkpoints=list(checkpoints), trials=trials, best=select(trials, checkpoints))
+
+
+TIE = 1e-4  # points: float32 accuracies of equal image counts differ by up to ~1e-5
+
+
+def select(trials: list[dict], checkpoints: Sequence[int]) -> dict:
+    """``"<model>/<method>"`` -> the trial setting and epoch count with the best mean
+    validation accuracy; a tie (within ``TIE``) goes to the first grid point, then to
+    fewer epochs."""
+    best = {}
+    for t in trials:
+        key = f"{t['model']}/{t['method']}"
+        hp = {k: t[k] for k in ("lr", "batch", "init_decay") if k in t}
+        for e in checkpoints:
+            v = t["val_mean"][str(e)]
+            if key not in best or v > best[key]["val_accuracy"] + TIE:
+                best[key] = dict(hp, epochs=e, val_accuracy=v)
     for hp in best.values():
         hp.setdefault("init_decay", 1.0)
-    return dict(seeds=list(vals), val_images=len(next(iter(vals.values())).y_test),
-                checkpoints=list(checkpoints), trials=trials, best=best)
+    return best
 
 
 def run_experiment(hparams: dict, *, seed: int = 0, seeds: int = 5, quick: bool = False,
@@ -522,7 +536,7 @@ def tuning_markdown(tuning: dict) -> str:
         hp = dict(lr=t["lr"], batch=t["batch"], epochs=0, init_decay=t.get("init_decay", 1.0))
         setting = _hp_text(hp).replace(", 0 epochs", "")
         lines.append(f"| {t['model']} | {t['method']} | {setting} | "
-                     + " | ".join(f"{t['val_mean'][e]:.2f}" for e in cps) + " |")
+                     + " | ".join(f"{t['val_mean'][str(e)]:.2f}" for e in cps) + " |")
     lines += ["", "Chosen:", ""]
     for key, hp in tuning["best"].items():
         lines.append(f"- {key}: {_hp_text(hp)} (validation {hp['val_accuracy']:.2f})")
@@ -606,14 +620,15 @@ def run(args) -> int:
         tuning = _load_tuning(args.tuning)
     else:
         tuning = tune(seed=args.seed, seeds=tune_seeds, quick=args.quick, jobs=args.jobs)
+        # written at once: an interrupted final stage can be resumed with --tuning
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tuning.json").write_text(json.dumps(tuning, indent=2))
+        (out / "tuning.md").write_text("# Dropback / Procrustes tuning on the validation "
+                                       "carve\n\n" + tuning_markdown(tuning) + "\n")
     hparams = tuning["best"]
     results = run_experiment(hparams, seed=args.seed, seeds=seeds, quick=args.quick,
                              jobs=args.jobs)
     out.mkdir(parents=True, exist_ok=True)
-    if args.tuning is None:
-        (out / "tuning.json").write_text(json.dumps(tuning, indent=2))
-        (out / "tuning.md").write_text("# Dropback / Procrustes tuning on the validation "
-                                       "carve\n\n" + tuning_markdown(tuning) + "\n")
     verdict = verdicts(results)
     md = to_markdown(results, verdict, hparams)
     print(md)

@@ -642,6 +642,12 @@ class Procrustes(wiring.Component):
                     m.d.sync += regs[Reg.CYCLES].eq(regs[Reg.CYCLES] + cyc)
                     m.next = "IDLE"
         # unload: the address is presented in UADDR and held until ULATCH (same counters)
+        # every source's output registered before the multiplier (like the result banks'
+        # in the PE rows): all of them are there in ULATCH
+        u_b, u_v, u_x, u_g = (Signal.like(v, name=n) for v, n in (
+            (row0.bdata, "u_b"), (row0.vdata, "u_v"), (row0.xdata, "u_x"), (grd.data, "u_g")))
+        m.d.sync += [u_b.eq(row0.bdata), u_v.eq(row0.vdata), u_x.eq(row0.xdata),
+                     u_g.eq(grd.data)]
         with m.If(unloading):
             with m.Switch(cmd.sel):
                 with m.Case(Buf.BLOCKS):
@@ -651,13 +657,13 @@ class Procrustes(wiring.Component):
                     with m.Switch(bsel):
                         for b in range(L):
                             with m.Case(b):
-                                m.d.comb += uword.eq(row0.bdata[b * c.mbw:(b + 1) * c.mbw])
+                                m.d.comb += uword.eq(u_b[b * c.mbw:(b + 1) * c.mbw])
                 with m.Case(Buf.VALUES):
-                    m.d.comb += [ext_vaddr.eq(cmd.addr + cnt), uword.eq(row0.vdata)]
+                    m.d.comb += [ext_vaddr.eq(cmd.addr + cnt), uword.eq(u_v)]
                 with m.Case(Buf.X):
-                    m.d.comb += [ext_xaddr.eq(cmd.addr + cnt), uword.eq(row0.xdata)]
+                    m.d.comb += [ext_xaddr.eq(cmd.addr + cnt), uword.eq(u_x)]
                 with m.Case(Buf.G):
-                    m.d.comb += [gaddr_unload.eq(cmd.addr + cnt), uword.eq(grd.data)]
+                    m.d.comb += [gaddr_unload.eq(cmd.addr + cnt), uword.eq(u_g)]
                 with m.Case(Buf.SCHED):
                     m.d.comb += uword.eq(Array(sched)[(cmd.addr + cnt)[:c.log_rows + 1]])
                 with m.Case(Buf.Y):
