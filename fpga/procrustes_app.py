@@ -149,7 +149,7 @@ class BoardProcrustes:
     # ---- phases ----------------------------------------------------------------------
     def _gemm_sparse(self, backward: bool, A, X) -> np.ndarray:
         from golden.balance import backward_schedule, forward_schedule
-        from hw.procrustes import Buf, Op
+        from hw.procrustes import Buf, Op, sched_words
 
         c = self.cfg
         bs = self._encode(A)
@@ -157,25 +157,24 @@ class BoardProcrustes:
         X = np.asarray(X, dtype=np.int64)
         J, N = X.shape
         NT = -(-N // c.cols)
-        sched = (backward_schedule if backward else forward_schedule)(bs, c.rows, True)
+        sched = (backward_schedule if backward else forward_schedule)(bs, c.rows, True, NT)
         Xp = np.zeros((J, NT * c.cols), dtype=np.int64)
         Xp[:, :N] = X
         xw = [_pack(Xp[j, t * c.cols:(t + 1) * c.cols], c.data_bits)
               for t in range(NT) for j in range(J)]
-        sw = [_pack([a0, b0, a1, b1], 16) for (a0, b0), (a1, b1) in sched.ranges.tolist()]
+        sw = sched_words(sched.table().tolist())
         prog = self._load_weights(bs) + [self._load(Buf.SCHED, sw), self._load(Buf.X, xw),
                                          (self._cmd(Op.BWD if backward else Op.FWD, m=M, k=K,
                                                     n=N, addr=0, arg=0), [], 0)]
-        rows = sched.rows
-        banks = [r for r in range(c.rows) if len(rows[r])]
-        prog += [self._unload_y(r, len(rows[r]) * NT) for r in banks]
+        jobs = sched.jobs
+        banks = [r for r in range(c.rows) if len(jobs[r])]
+        prog += [self._unload_y(r, len(jobs[r])) for r in banks]
         res = self.execute(prog)[-len(banks):] if banks else []
         Y = np.zeros((K if backward else M, NT * c.cols), dtype=np.int64)
         for r, (_, words) in zip(banks, res):
-            for pos, row in enumerate(rows[r].tolist()):
-                for t in range(NT):
-                    Y[row, t * c.cols:(t + 1) * c.cols] = _unpack(words[pos * NT + t],
-                                                                  c.data_bits, c.cols)
+            for pos, j in enumerate(jobs[r].tolist()):
+                row, t = divmod(j, NT)
+                Y[row, t * c.cols:(t + 1) * c.cols] = _unpack(words[pos], c.data_bits, c.cols)
         return Y[:, :N]
 
     def forward(self, A, X) -> np.ndarray:

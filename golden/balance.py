@@ -22,8 +22,18 @@ Balanced.
    half-tile first, then the i-th sparsest. Inside a half-tile, rows run in
    increasing order.
 
+Jobs (``nt`` > 1). The array computes one output row for one tile of
+``cols`` minibatch columns at a time (a *job*); with ``nt`` tiles there are
+``M·nt`` jobs, job ``j`` being output row ``j // nt``, tile ``j % nt``, with
+the work of its row. ``schedule(..., nt=nt)`` applies the rules above to the
+jobs instead of the rows (``T = ceil(M·nt / R)`` jobs per tile), so a GEMM
+whose ``M`` is not a multiple of ``R`` still gives every PE row an equal
+share: with ``M = 10`` rows, ``nt = 4`` tiles and ``R = 4``, each PE row gets
+10 jobs (by rows it would get 3, 3, 3 and 1 rows). ``nt = 1`` is the
+row-granular schedule.
+
 A schedule is stored as ``ranges[R, 2, 2]``: the two ``(start, stop)``
-row ranges of each PE row, in processing order. An unbalanced schedule uses
+row (job) ranges of each PE row, in processing order. An unbalanced schedule uses
 the same form with the tile's own two halves in order, which are contiguous.
 ``makespan = max(work)`` is that phase's cycle lower bound.
 ``imbalance = makespan / mean(work)``.
@@ -58,12 +68,25 @@ class Schedule:
     R: int
     balanced: bool
     ranges: np.ndarray  # int64 [R, 2, 2]: per PE row, two (start, stop) ranges in order
-    work: np.ndarray  # int64 [R]: non-zeros each PE row processes
+    work: np.ndarray  # int64 [R]: non-zeros each PE row processes (per job, summed)
+    nt: int = 1  # tiles per output row: ranges are over jobs o·nt + t
+
+    @property
+    def jobs(self) -> list[np.ndarray]:
+        """Per PE row: the jobs (``row·nt + tile``) it computes, in order."""
+        return [np.concatenate([np.arange(a, b) for a, b in pe]) for pe in self.ranges.tolist()]
 
     @property
     def rows(self) -> list[np.ndarray]:
-        """Per PE row: the output rows it computes, in the order it computes them."""
-        return [np.concatenate([np.arange(a, b) for a, b in pe]) for pe in self.ranges.tolist()]
+        """Per PE row: the output row of each job it computes, in order (with ``nt = 1``,
+        the output rows it computes)."""
+        return [j // self.nt for j in self.jobs]
+
+    def table(self) -> np.ndarray:
+        """``[R, 2, 3]``: per PE row and range, ``(row, tile, jobs)`` of the range's first
+        job and its length: the form the array's schedule table holds."""
+        a, b = self.ranges[..., 0], self.ranges[..., 1]
+        return np.stack([a // self.nt, a % self.nt, b - a], axis=-1)
 
     @property
     def makespan(self) -> int:
@@ -99,16 +122,20 @@ def half_tile_ranges(M: int, R: int) -> np.ndarray:
     return np.stack([bounds[:, :2], bounds[:, 1:]], axis=1).reshape(2 * R, 2)
 
 
-def schedule(row_nnz, R: int, balanced: bool = True) -> Schedule:
-    """Assign output rows with the given non-zero counts to ``R`` PE rows."""
+def schedule(row_nnz, R: int, balanced: bool = True, nt: int = 1) -> Schedule:
+    """Assign output rows with the given non-zero counts to ``R`` PE rows (``nt`` > 1:
+    their ``len(row_nnz)·nt`` jobs, see the module docstring)."""
     R = _check_R(R)
+    if isinstance(nt, bool) or not isinstance(nt, (int, np.integer)) or nt < 1:
+        raise ValueError(f"nt (tiles per row) must be a positive integer, got {nt!r}")
+    nt = int(nt)
     row_nnz = np.asarray(row_nnz)
     if row_nnz.ndim != 1 or (row_nnz.size and not np.issubdtype(row_nnz.dtype, np.integer)):
         raise ValueError(f"row_nnz must be a 1-D array of integers, got {row_nnz.dtype}"
                          f" of shape {row_nnz.shape}")
     if np.any(row_nnz < 0):
         raise ValueError("row_nnz must be >= 0 everywhere")
-    row_nnz = row_nnz.astype(np.int64)
+    row_nnz = np.repeat(row_nnz.astype(np.int64), nt)
     halves = half_tile_ranges(len(row_nnz), R)
     prefix = np.concatenate([[0], np.cumsum(row_nnz)])
     hwork = prefix[halves[:, 1]] - prefix[halves[:, 0]]
@@ -117,17 +144,18 @@ def schedule(row_nnz, R: int, balanced: bool = True) -> Schedule:
         order = np.stack([asc[::-1][:R], asc[:R]], axis=1)  # (i-th densest, i-th sparsest)
     else:
         order = np.arange(2 * R).reshape(R, 2)
-    return Schedule(R=R, balanced=balanced, ranges=halves[order], work=hwork[order].sum(axis=1))
+    return Schedule(R=R, balanced=balanced, ranges=halves[order],
+                    work=hwork[order].sum(axis=1), nt=nt)
 
 
-def forward_schedule(bs: BlockSparse, R: int, balanced: bool = True) -> Schedule:
+def forward_schedule(bs: BlockSparse, R: int, balanced: bool = True, nt: int = 1) -> Schedule:
     """Forward pass ``Y = W @ X``: output rows are rows of ``W``."""
-    return schedule(bs.row_counts(), R, balanced)
+    return schedule(bs.row_counts(), R, balanced, nt)
 
 
-def backward_schedule(bs: BlockSparse, R: int, balanced: bool = True) -> Schedule:
+def backward_schedule(bs: BlockSparse, R: int, balanced: bool = True, nt: int = 1) -> Schedule:
     """Backward pass ``dX = W.T @ dY``: output rows are columns of ``W``."""
-    return schedule(bs.col_counts(), R, balanced)
+    return schedule(bs.col_counts(), R, balanced, nt)
 
 
 def balance_report(bs: BlockSparse, R: int = 16) -> str:

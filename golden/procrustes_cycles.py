@@ -4,15 +4,20 @@ size, the weight mask and the schedule.
 It follows the RTL's pipeline (``hw/procrustes/README.md``) cycle by cycle where the cycle
 count depends on the data, and adds the fixed latencies of the command decoder:
 
-* forward / backward: per PE row, the walker issues one *group* (``lanes`` blocks along
-  the walk) per cycle; a group with ``b`` set bits in the walked slice is pushed into a
-  FIFO of ``fifo_depth`` entries two cycles later and costs the emitter ``b`` cycles;
-  empty groups are dropped, except that a job (one output row and one tile of ``cols``
-  minibatch columns) without any non-zero pushes one null group (1 cycle). Issue is
-  credit-based: at most ``fifo_depth`` groups are out (issued and not yet popped or
-  dropped); starting a PE row's row range costs two setup cycles. The phase ends when
-  the slowest PE row has flushed its last result, so balancing shortens it.
-* weight gradient: dense, ``ceil(M/rows)·ceil(K/cols)·N`` cycles plus latency.
+* forward / backward: a *job* is one output row and one tile of ``cols`` minibatch
+  columns; the schedule (``golden.balance`` with ``nt`` = tiles) gives each PE row two
+  ranges of jobs. Per PE row, the walker issues one *group* (``lanes`` blocks along the
+  walk) per cycle; a group with ``b`` set bits in the walked slice is pushed into a FIFO
+  of ``fifo_depth`` entries two cycles later and costs the emitter ``b`` cycles; empty
+  groups are dropped, and a job without any non-zero pushes nothing (its results are
+  flagged null in the cycle it is dropped). When the walk is one group long, a row's
+  group is scanned once for all of its tiles in the range and replayed by the emitter
+  (``bits·reps`` cycles). Issue is credit-based: at most ``fifo_depth`` groups are out
+  (issued and not yet popped or dropped); starting a range costs two setup cycles. The
+  phase ends when the slowest PE row has flushed its last result, so balancing shortens
+  it.
+* weight gradient: dense, ``ceil(M/rows)·ceil(K/cols)·N`` cycles plus latency; or
+  (``WGRADX``) the forward walk with the activations as the sparse operand.
 * update: one element every three cycles (``3·M·K``: the quantile step's serial
   dependence is pipelined over three cycles) in the update pipeline, then one element per
   cycle of the padded block grid (``GM·GK·bm·bk``) in the encoder, plus latency.
@@ -39,11 +44,12 @@ __all__ = [
     "predict_gemm",
     "predict_update",
     "predict_weight_grad",
+    "predict_weight_grad_sparse",
     "row_cycles",
 ]
 
 # fixed latencies of the command decoder and pipelines (see the module docstring)
-_GEMM_FIXED = 10 + 1  # accept..CHECK (8) + SCHK pipeline (2); RUNSTART..RESP beyond walkers (1)
+_GEMM_FIXED = 8 + 1  # accept..CHECK (8, schedule checked there too); RUNSTART..RESP (1)
 _WALK_SETUP = 2  # SETUP, SETUP2 (row bases) before a range's first group
 _WALK_TAIL = 7  # end marker popped -> done flag visible
 _WGRAD_FIXED = 16
@@ -94,18 +100,20 @@ def group_counts(mask, p: ArrayParams, transpose: bool) -> np.ndarray:
         span = p.lanes * p.bk
     rows, red = mask.shape
     ng = max(1, -(-red // span))
-    padded = np.zeros((rows, ng * span), dtype=np.int64)
+    padded = np.zeros((rows, ng * span), dtype=bool)  # bool: large activation masks
     padded[:, :red] = mask
-    return padded.reshape(rows, ng, span).sum(axis=2)
+    return padded.reshape(rows, ng, span).sum(axis=2, dtype=np.int64)
 
 
 @numba.njit(cache=False)
 def _walk(counts, ranges, nt, depth):
-    """Cycle (relative to RUNSTART) at which one PE row's done flag rises.
+    """Cycle (relative to RUNSTART) at which one PE row's done flag rises; ``ranges``
+    are (start, stop) job ranges, job ``j`` = output row ``j // nt``, tile ``j % nt``.
 
     The walker issues a group only while it holds a credit (``depth`` of them): a pushed
-    group returns its credit in the cycle the emitter pops it, a dropped one in its S2
-    cycle (issue + 2); a credit returned in cycle c can be used from c + 1.
+    group returns its credit in the cycle the emitter pops it, a dropped one (an empty
+    group, or a null job) in its S2 cycle (issue + 2); a credit returned in cycle c can
+    be used from c + 1.
     """
     pops = np.zeros(depth, dtype=np.int64)  # pop cycles of the last `depth` pushes
     npush = 0
@@ -114,7 +122,6 @@ def _walk(counts, ranges, nt, depth):
     d1 = -1  # S2 cycles of the two most recent dropped groups
     d2 = -1
     nxt = _WALK_SETUP + 1  # IDLE at 0, SETUP, first ISSUE
-    seen = False
     any_range = False
     ng = counts.shape[1]
     for h in range(3):
@@ -125,14 +132,15 @@ def _walk(counts, ranges, nt, depth):
             if any_range:
                 nxt += _WALK_SETUP  # SETUP between the two ranges
             any_range = True
-            n_jobs = (b - a) * nt
         else:
             if not any_range:
                 nxt = 1  # END right after IDLE
-            a = 0
-            n_jobs = 1  # the end marker
-        for j in range(n_jobs):
-            o = a + j // nt
+            a, b = 0, 1  # the end marker
+        j = a
+        while j < b:
+            o = j // nt
+            # one group per job: one scan for the row's tiles in the range, replayed
+            reps = min(nt - j % nt, b - j) if (ng == 1 and h < 2) else 1
             for g in range(ng if h < 2 else 1):
                 # earliest cycle >= nxt with fewer than `depth` credits out
                 i = nxt
@@ -160,22 +168,19 @@ def _walk(counts, ranges, nt, depth):
                     push = True
                 else:
                     bits = counts[o, g]
-                    if g == 0:
-                        seen = False
-                    push = bits > 0 or (g == ng - 1 and not seen)
+                    push = bits > 0  # a null job is dropped (its results flagged)
                 s2 = i + 2
                 if push:
                     pop = s2 + 1 if npush == 0 else max(last_pop + last_cost, s2 + 1)
                     pops[npush % depth] = pop
                     npush += 1
                     last_pop = pop
-                    last_cost = max(bits, 1)
+                    last_cost = bits * reps
                 else:
                     d2 = d1
                     d1 = s2
-                if h < 2 and bits > 0:
-                    seen = True
                 nxt = i + 1
+            j += reps
     return last_pop + _WALK_TAIL
 
 
@@ -192,10 +197,12 @@ def predict_gemm(mask, N: int, p: ArrayParams, *, transpose: bool, balanced: boo
     if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or N < 1:
         raise ValueError(f"N must be a positive integer, got {N!r}")
     counts = group_counts(mask, p, transpose)
-    if sched is None:
-        sched = schedule(counts.sum(axis=1), p.rows, balanced)
     nt = -(-int(N) // p.cols)
-    return _GEMM_FIXED + p.rows + int(row_cycles(counts, sched, nt, p).max())
+    if sched is None:
+        sched = schedule(counts.sum(axis=1), p.rows, balanced, nt)
+    if sched.nt != nt:
+        raise ValueError(f"sched.nt must be the number of tiles {nt}, got {sched.nt}")
+    return _GEMM_FIXED + int(row_cycles(counts, sched, nt, p).max())
 
 
 def predict_forward(mask, N: int, p: ArrayParams, balanced: bool = True) -> int:
@@ -208,6 +215,13 @@ def predict_backward(mask, N: int, p: ArrayParams, balanced: bool = True) -> int
 
 def predict_weight_grad(M: int, K: int, N: int, p: ArrayParams) -> int:
     return -(-M // p.rows) * -(-K // p.cols) * N + _WGRAD_FIXED
+
+
+def predict_weight_grad_sparse(x_mask, M: int, p: ArrayParams, balanced: bool = True) -> int:
+    """``WGRADX``: ``dWᵀ = X·dYᵀ`` with the activations ``X`` [K, N] (non-zeros
+    ``x_mask``) as the sparse operand and the ``M`` columns of ``dYᵀ`` as the tiled
+    operand: the forward pass's cycles with X in place of W."""
+    return predict_gemm(x_mask, M, p, transpose=False, balanced=balanced)
 
 
 def predict_update(M: int, K: int, p: ArrayParams) -> int:

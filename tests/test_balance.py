@@ -176,3 +176,42 @@ def test_balance_report():
 def test_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         schedule(*args)
+
+
+@settings(max_examples=150, deadline=None)
+@given(nnz=row_counts, R=pe_rows, nt=st.integers(1, 6))
+def test_jobs_cover_every_row_and_tile_once(nnz, R, nt):
+    nnz = np.array(nnz, dtype=np.int64)
+    for balanced in (False, True):
+        s = schedule(nnz, R, balanced, nt)
+        jobs = np.concatenate(s.jobs)
+        np.testing.assert_array_equal(np.sort(jobs), np.arange(len(nnz) * nt))
+        assert [int(nnz[j // nt].sum()) for j in s.jobs] == s.work.tolist()
+        # the table form: (row, tile, jobs) of each range gives back the same jobs
+        for pe, ranges in zip(s.jobs, s.table().tolist()):
+            again = [o * nt + t + i for o, t, n in ranges for i in range(n)]
+            assert again == pe.tolist()
+            assert all(n == 0 or (0 <= t < nt and 0 <= o < len(nnz)) for o, t, n in ranges)
+    assert schedule(nnz, R, True, nt).makespan <= schedule(nnz, R, False, nt).makespan
+
+
+def test_jobs_split_rows_that_do_not_divide_the_pe_rows():
+    # fc3-like: 10 dense rows on 4 PE rows. By rows: 3, 3, 3, 1 rows; with 4 tiles per
+    # row, 40 jobs: 10 each.
+    nnz = np.full(10, 100)
+    assert [len(r) for r in schedule(nnz, 4, balanced=False).rows] == [3, 3, 3, 1]
+    assert schedule(nnz, 4).makespan * 4 == 1200  # balanced by rows: still 3 rows x 4 tiles
+    by_jobs = schedule(nnz, 4, nt=4)
+    assert [len(j) for j in by_jobs.jobs] == [10] * 4
+    assert by_jobs.work.tolist() == [1000] * 4
+    # all half-tiles tie (5 jobs, 500 each): PE row i gets half-tiles (7 - i, i); PE row
+    # 0 starts inside row 8 (job 35 = row 8, tile 3)
+    assert by_jobs.ranges.tolist()[0] == [[35, 40], [0, 5]]
+    assert by_jobs.table().tolist()[0] == [[8, 3, 5], [0, 0, 5]]
+    assert by_jobs.rows[0].tolist() == [8, 9, 9, 9, 9, 0, 0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("nt", [0, -1, 1.5, True])
+def test_bad_tile_count(nt):
+    with pytest.raises(ValueError, match=r"nt \(tiles per row\) must be a positive integer"):
+        schedule([1, 2, 3], 2, nt=nt)

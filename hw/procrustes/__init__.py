@@ -6,13 +6,13 @@ The micro-architecture is described in ``hw/procrustes/README.md``.
 """
 
 from .config import Config
-from .layouts import Buf, Err, Op, Reg, cmd_layout, resp_layout
+from .layouts import Buf, Err, Op, Reg, cmd_layout, resp_layout, sched_words
 from .pe_row import PERow
 from .top import Procrustes
 from .units import Prng, QuantileStep
 
 __all__ = ["Buf", "Config", "Err", "Op", "PERow", "Procrustes", "Prng", "QuantileStep", "Reg",
-           "cmd_layout", "design_from_params", "resp_layout"]
+           "cmd_layout", "design_from_params", "resp_layout", "sched_words"]
 
 
 def design_from_params(rows: int = 4, cols: int = 4, **params) -> Procrustes:

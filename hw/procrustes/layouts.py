@@ -12,7 +12,7 @@ import enum
 
 from amaranth.lib import data
 
-__all__ = ["Buf", "Err", "Op", "Reg", "cmd_layout", "resp_layout"]
+__all__ = ["Buf", "Err", "Op", "Reg", "cmd_layout", "resp_layout", "sched_words"]
 
 
 class Op(enum.IntEnum):
@@ -25,6 +25,10 @@ class Op(enum.IntEnum):
     BWD = 6  # dX = Wᵀ·dY; W [m, k]; dY [m, n] in the operand buffer
     WGRAD = 7  # dW = dY·Xᵀ; dYᵀ in the gradient buffer, Xᵀ in the operand buffer
     UPDATE = 8  # W' from W (blocks addr / values arg) and dW (result banks); re-encode
+    # dWᵀ = X·dYᵀ: FWD with the activations X [m, k] in the block store (blocks addr /
+    # values arg), dYᵀ [k, n] in the operand buffer, WGRAD's rounding: zero activations
+    # cost no cycle; the result is in the FWD job layout (the host re-lays it for UPDATE)
+    WGRADX = 9
 
 
 class Buf(enum.IntEnum):
@@ -32,7 +36,7 @@ class Buf(enum.IntEnum):
     VALUES = 1  # weight values
     X = 2  # operand buffer (cols lanes)
     G = 3  # gradient buffer (rows lanes)
-    SCHED = 4  # schedule table: word r = (s0, e0, s1, e1), 16 bits each
+    SCHED = 4  # schedule table: word 2r + h = range h of PE row r: (row, tile, jobs)
     Y = 5  # result bank of one PE row (arg)
 
 
@@ -76,3 +80,17 @@ def resp_layout() -> data.StructLayout:
         "value": 32,
         "cycles": 32,
     })
+
+
+def sched_words(table) -> list[int]:
+    """The ``SCHED`` buffer image of a schedule table ``[rows][2][(row, tile, jobs)]``
+    (``golden.balance.Schedule.table()``): one word per PE row and range, 16 bits each
+    field, row in the low bits."""
+    words = []
+    for ranges in table:
+        for o, t, n in ranges:
+            for name, v in (("row", o), ("tile", t), ("jobs", n)):
+                if not 0 <= int(v) < 1 << 16:
+                    raise ValueError(f"schedule {name} must be in 0..65535, not {v}")
+            words.append(int(o) | int(t) << 16 | int(n) << 32)
+    return words

@@ -9,19 +9,26 @@ the next sequential address (jobs run output row by output row, tile by tile ins
 
 Pipeline:
 
-* ``S0`` walks (output row, tile, group) and addresses the ``lanes`` mask/pointer banks;
-  a group is ``lanes`` consecutive blocks along the walk (bank skew: block ``(bi, bj)``
-  lives in bank ``(bi + bj) mod lanes``, so the blocks of a group are in distinct banks
-  whichever way the walk goes).
-* ``S1`` cuts the row slice (forward) or column slice (backward) out of each block mask,
-  drops groups without a set bit, and pushes the rest into a small FIFO. A job without any
-  non-zero pushes one *null* group, so its (zero) output is still written.
+* ``S0`` walks the PE row's two job ranges (output row, tile, group) and addresses the
+  ``lanes`` mask/pointer banks; a group is ``lanes`` consecutive blocks along the walk
+  (bank skew: block ``(bi, bj)`` lives in bank ``(bi + bj) mod lanes``, so the blocks of
+  a group are in distinct banks whichever way the walk goes). Issue is credit-based (at
+  most ``fifo_depth`` groups out), so nothing after ``S0`` stalls. A one-group walk
+  issues one entry per output row for all its tiles in the range (``reps`` jobs).
+* ``S1`` registers the bank words in lane order.
+* ``S2`` cuts the row slice (forward) or column slice (backward) out of each block mask,
+  drops groups without a set bit, and pushes the rest into a small FIFO with their result
+  position. A job without any non-zero is dropped too and its results are flagged null
+  (read back as zero).
 * the emitter pops groups and emits one set bit per cycle (lowest first: the contract's
-  order); it moves to the next group in the cycle it emits the last bit of this one.
+  order), replaying a group ``reps`` times (one tile each); it moves to the next group in
+  the cycle it emits the last bit of this one.
 * ``E`` computes the value address ``val_base + ptr[b] + popcount(mask[b] & ((1 << t)-1))``
-  and the operand address and reads both memories; ``D1`` multiplies; ``D2`` accumulates
-  with saturation. A job's first element restarts the accumulators and writes the
-  previous job's result (rounded and saturated); an end marker flushes the last one.
+  and the operand address (registered in ``A``, which reads both memories); ``D1``
+  registers the memories' outputs, ``DM`` multiplies, ``D2`` accumulates with
+  saturation. A job's first element restarts the accumulators and writes the previous
+  job's result (rounded and saturated, through a register) at its position; an end
+  marker flushes the last one.
 
 In the weight-gradient mode the walker is idle and the top-level sequencer drives the
 element stage directly (dense: ``dY[m, n]`` from the gradient buffer, ``Xᵀ[n, tile]``).
@@ -63,6 +70,42 @@ def narrow(m: Module, acc, shift: int, bits: int, name: str):
     return sat(m, rshift(acc, shift), bits, name)
 
 
+def decoder(m: Module, sel, name: str):
+    """One-hot ``1 << sel`` (``2^len(sel)`` bits) from two predecoded halves."""
+    n = len(sel)
+    lo_bits = min(4, n)
+    lo, hi = sel[:lo_bits], sel[lo_bits:]
+    dlo = Signal(1 << lo_bits, name=f"{name}_lo")
+    m.d.comb += dlo.eq(Cat(*[lo == j for j in range(1 << lo_bits)]))
+    if n == lo_bits:
+        return dlo
+    dhi = Signal(1 << (n - lo_bits), name=f"{name}_hi")
+    m.d.comb += dhi.eq(Cat(*[hi == j for j in range(1 << (n - lo_bits))]))
+    out = Signal(1 << n, name=name)
+    m.d.comb += out.eq(Cat(*[dhi[i >> lo_bits] & dlo[i & ((1 << lo_bits) - 1)]
+                             for i in range(1 << n)]))
+    return out
+
+
+def thermometer(m: Module, x, n: int, name: str):
+    """``2^n`` bits, bit ``i`` set when ``i >= x`` (``x`` has ``n + 1`` bits, so
+    ``x = 2^n`` gives none), from two predecoded halves: one LUT per bit."""
+    lo_bits = min(4, n)
+    lo, hi = x[:lo_bits], x[lo_bits:n + 1]
+    ge_lo = Signal(1 << lo_bits, name=f"{name}_lo")  # lo_i >= lo(x)
+    m.d.comb += ge_lo.eq(Cat(*[lo <= j for j in range(1 << lo_bits)]))
+    nh = 1 << (n - lo_bits)
+    gt_hi = Signal(nh, name=f"{name}_gt")  # hi_i > hi(x)
+    eq_hi = Signal(nh, name=f"{name}_eq")  # hi_i == hi(x)
+    m.d.comb += [gt_hi.eq(Cat(*[hi < k for k in range(nh)])),
+                 eq_hi.eq(Cat(*[hi == k for k in range(nh)]))]
+    out = Signal(1 << n, name=name)
+    m.d.comb += out.eq(Cat(*[gt_hi[i >> lo_bits]
+                             | (eq_hi[i >> lo_bits] & ge_lo[i & ((1 << lo_bits) - 1)])
+                             for i in range(1 << n)]))
+    return out
+
+
 def entry_layout(c: Config) -> data.StructLayout:
     """A group in the walker FIFO."""
     return data.StructLayout({
@@ -75,6 +118,8 @@ def entry_layout(c: Config) -> data.StructLayout:
         "first": 1,
         "null": 1,
         "end": 1,
+        "pos": 16,
+        "reps": 16,
     })
 
 
@@ -93,6 +138,7 @@ class PERow(wiring.Component):
             # run control and phase configuration (held stable during a run)
             "start": In(1),
             "mode": In(2),
+            "gshift": In(1),  # FWD walk with the weight gradient's rounding (WGRADX)
             "ng": In(16),
             "lim": In(16),
             "gkl": In(16),
@@ -100,7 +146,9 @@ class PERow(wiring.Component):
             "xstride": In(16),
             "blk_base": In(16),
             "val_base": In(c.ptr_bits),
-            "s0": In(16), "e0": In(16), "s1": In(16), "e1": In(16),
+            # schedule: two job ranges, each (first row, first tile, jobs)
+            "o0": In(16), "t0": In(16), "n0": In(16),
+            "o1": In(16), "t1": In(16), "n1": In(16),
             "done": Out(1),
             # dense weight-gradient elements from the top-level sequencer
             "sq_valid": In(1), "sq_first": In(1), "sq_end": In(1),
@@ -132,14 +180,14 @@ class PERow(wiring.Component):
         ng_m1, nt_m1, lim, gkl, xstride, blk_base = (Signal(16, name=n) for n in (
             "ng_m1", "nt_m1", "lim_r", "gkl_r", "xstride_r", "blk_base_r"))
         val_base = Signal(c.ptr_bits)
-        e0, e1, s1_start = Signal(16), Signal(16), Signal(16)
-        has1 = Signal()
+        o1, t1, n1 = Signal(16), Signal(16), Signal(16)
+        has1, one_group, gshift = Signal(), Signal(), Signal()
         m.d.sync += [
             mode_r.eq(self.mode), ng_m1.eq(self.ng - 1), nt_m1.eq(self.nt - 1),
             lim.eq(self.lim), gkl.eq(self.gkl), xstride.eq(self.xstride),
             blk_base.eq(self.blk_base), val_base.eq(self.val_base),
-            e0.eq(self.e0), e1.eq(self.e1), s1_start.eq(self.s1),
-            has1.eq(self.s1 != self.e1),
+            o1.eq(self.o1), t1.eq(self.t1), n1.eq(self.n1),
+            has1.eq(self.n1 != 0), one_group.eq(self.ng == 1), gshift.eq(self.gshift),
         ]
         mode_bwd = mode_r == MODE_BWD
         wgrad = mode_r == MODE_WGRAD
@@ -171,9 +219,6 @@ class PERow(wiring.Component):
             yrd.addr.eq(self.y_raddr),
         ]
 
-        # the result bank's output is registered: it goes to the top level's update,
-        # encoder and unload (a word arrives two cycles after its address)
-        m.d.sync += self.ydata.eq(yrd.data)
 
         # ---- S0: walk (output row, tile, group), address the banks ---------------
         # Issue is credit-based: a group is issued only while the FIFO has a slot for it
@@ -188,6 +233,7 @@ class PERow(wiring.Component):
         rowbase = Signal(16)
         gbase = Signal(16)
         seen = Signal()
+        nrem = Signal(16)  # jobs left in the current range
         credits = Signal(range(c.fifo_depth + 1), init=c.fifo_depth)
         rowmul = Signal(32)  # (o >> log_bm)·gkl, registered in SETUP
         # backward: bank b's word of the group is colb[b] + gbase, where
@@ -198,7 +244,7 @@ class PERow(wiring.Component):
 
         s1 = Signal(data.StructLayout({
             "valid": 1, "end": 1, "rot": max(1, c.log_lanes), "sub": 3, "lvalid": L,
-            "last_g": 1, "opbase": 16, "xbase": 16}))
+            "last_g": 1, "opbase": 16, "xbase": 16, "reps": 16}))
         issue = Signal()
         pop, drop = Signal(), Signal()  # credits returned this cycle
 
@@ -212,7 +258,17 @@ class PERow(wiring.Component):
         last_g = g == ng_m1
         last_t = t == nt_m1
         o_next = o + 1
-        e_cur = Mux(h, e1, e0)
+        # a walk of one group per job (the reduction fits one group: fc3's backward): the
+        # row's slice is scanned once for all its tiles in the range, and the emitter
+        # replays it per tile (reps jobs)
+        ntl = nt_m1 + 1 - t
+        reps = Signal(16)
+        with m.If(~one_group):
+            m.d.comb += reps.eq(1)
+        with m.Elif(ntl < nrem):
+            m.d.comb += reps.eq(ntl)
+        with m.Else():
+            m.d.comb += reps.eq(nrem)
         log_sx_fwd, log_sx_bwd = c.log_bk, c.log_bm
         gl = g << c.log_lanes
         m.d.sync += s1.valid.eq(0)
@@ -220,18 +276,19 @@ class PERow(wiring.Component):
         with m.FSM(name="walk"):
             with m.State("IDLE"):
                 with m.If(self.start & (self.mode != MODE_WGRAD)):
-                    m.d.sync += [g.eq(0), t.eq(0), gbase.eq(0), xbase.eq(0), seen.eq(0),
-                                 credits.eq(c.fifo_depth)]
-                    with m.If(self.s0 != self.e0):
-                        m.d.sync += [h.eq(0), o.eq(self.s0)]
+                    m.d.sync += [g.eq(0), gbase.eq(0), seen.eq(0), credits.eq(c.fifo_depth)]
+                    with m.If(self.n0 != 0):
+                        m.d.sync += [h.eq(0), o.eq(self.o0), t.eq(self.t0), nrem.eq(self.n0)]
                         m.next = "SETUP"
-                    with m.Elif(self.s1 != self.e1):
-                        m.d.sync += [h.eq(1), o.eq(self.s1)]
+                    with m.Elif(self.n1 != 0):
+                        m.d.sync += [h.eq(1), o.eq(self.o1), t.eq(self.t1), nrem.eq(self.n1)]
                         m.next = "SETUP"
                     with m.Else():
                         m.next = "END"
             with m.State("SETUP"):
-                m.d.sync += rowmul.eq((o >> c.log_bm) * gkl)
+                # a range may start inside an output row (job-granular schedule): its
+                # first tile's operand base; both products registered, once per range
+                m.d.sync += [rowmul.eq((o >> c.log_bm) * gkl), xbase.eq(t * xstride)]
                 for b in range(L):
                     lane = ((b - bj) & (L - 1)) if L > 1 else Const(0)
                     with m.Switch(lane):
@@ -255,13 +312,13 @@ class PERow(wiring.Component):
                         s1.last_g.eq(last_g),
                         s1.opbase.eq(Mux(mode_bwd, g << (c.log_lanes + log_sx_bwd),
                                          g << (c.log_lanes + log_sx_fwd))),
-                        s1.xbase.eq(xbase),
+                        s1.xbase.eq(xbase), s1.reps.eq(reps),
                     ]
                     with m.If(~last_g):
                         m.d.sync += [g.eq(g + 1), gbase.eq(gbase + (gkl << c.log_lanes))]
                     with m.Else():
-                        m.d.sync += [g.eq(0), gbase.eq(0)]
-                        with m.If(~last_t):
+                        m.d.sync += [g.eq(0), gbase.eq(0), nrem.eq(nrem - reps)]
+                        with m.If(~last_t & ~one_group):
                             m.d.sync += [t.eq(t + 1), xbase.eq(xbase + xstride)]
                         with m.Else():
                             m.d.sync += [t.eq(0), xbase.eq(0), o.eq(o_next)]
@@ -274,16 +331,16 @@ class PERow(wiring.Component):
                                     if L > 1 else Const(1)
                                 for b in range(L):
                                     m.d.sync += colb[b].eq(colb[(b - 1) % L] + carry)
-                            with m.If(o_next == e_cur):
-                                with m.If(~h & has1):
-                                    m.d.sync += [h.eq(1), o.eq(s1_start)]
-                                    m.next = "SETUP"
-                                with m.Else():
-                                    m.next = "END"
+                        with m.If(nrem == reps):
+                            with m.If(~h & has1):
+                                m.d.sync += [h.eq(1), o.eq(o1), t.eq(t1), nrem.eq(n1)]
+                                m.next = "SETUP"
+                            with m.Else():
+                                m.next = "END"
             with m.State("END"):
                 m.d.comb += issue.eq(credits != 0)
                 with m.If(issue):
-                    m.d.sync += [s1.valid.eq(1), s1.end.eq(1)]
+                    m.d.sync += [s1.valid.eq(1), s1.end.eq(1), s1.reps.eq(1)]
                     m.next = "WAIT"
             with m.State("WAIT"):
                 with m.If(self.done):
@@ -321,22 +378,29 @@ class PERow(wiring.Component):
         m.d.comb += bitvec.eq(Cat(*bits))
         nonempty = bitvec.any()
         need_push = Signal()
+        # a job without any non-zero is not pushed: its result positions (reps of them
+        # for a replayed row) are flagged null in this cycle (read back as zero) and it
+        # costs the emitter nothing
+        null_job = Signal()
+        posc = Signal(16)  # result position (job number in this PE row) of S2's job
         m.d.comb += [
-            need_push.eq(s2.valid & (s2.end | nonempty | (s2.last_g & ~seen))),
+            need_push.eq(s2.valid & (s2.end | nonempty)),
+            null_job.eq(s2.valid & ~s2.end & s2.last_g & ~seen & ~nonempty),
             drop.eq(s2.valid & ~need_push),
             ent.bits.eq(Mux(s2.end, 0, bitvec)),
             ent.masks.eq(Cat(*[w[:NB] for w in lane_words])),
             ent.ptrs.eq(Cat(*[w[NB:] for w in lane_words])),
             ent.sub.eq(s2.sub), ent.opbase.eq(s2.opbase), ent.xbase.eq(s2.xbase),
             ent.first.eq(s2.end | ~seen),
-            ent.null.eq(s2.end | ~nonempty),
+            ent.null.eq(s2.end),
             ent.end.eq(s2.end),
+            ent.pos.eq(posc), ent.reps.eq(s2.reps),
             q.w_data.eq(ent.as_value()),
             q.w_en.eq(need_push),
         ]
         with m.If(s2.valid & ~s2.end):
             with m.If(s2.last_g):
-                m.d.sync += seen.eq(0)
+                m.d.sync += [seen.eq(0), posc.eq(posc + s2.reps)]
             with m.Elif(nonempty):
                 m.d.sync += seen.eq(1)
 
@@ -364,29 +428,36 @@ class PERow(wiring.Component):
 
         E = Signal(data.StructLayout({
             "valid": 1, "null": 1, "first": 1, "end": 1, "ptr": PB, "mask": NB,
-            "t": max(1, (NB - 1).bit_length()), "opidx": 16, "xbase": 16}))
-        load_next = ~gv | G.null | (remaining == 0)
+            "t": max(1, (NB - 1).bit_length()), "opidx": 16, "xbase": 16, "pos": 16}))
+        last_rep = G.reps[1:] == 0  # reps <= 1
+        load_next = ~gv | G.null | ((remaining == 0) & last_rep)
         m.d.comb += pop.eq(load_next & q.r_rdy)  # one assignment: no X in Icarus
+        bits0 = Signal(L * S)  # the group's bits, for a replay
+        qv = Signal(entry_layout(c))
+        m.d.comb += qv.eq(q.r_data)
         m.d.sync += [
             E.valid.eq(gv), E.null.eq(G.null), E.first.eq(G.first), E.end.eq(G.end),
             E.ptr.eq(ptr_sel), E.mask.eq(mask_sel),
             E.t.eq(Mux(mode_bwd, t_bwd, t_fwd)),
-            E.opidx.eq(Mux(mode_bwd, op_bwd, op_fwd)), E.xbase.eq(G.xbase),
+            E.opidx.eq(Mux(mode_bwd, op_bwd, op_fwd)), E.xbase.eq(G.xbase), E.pos.eq(G.pos),
         ]
         with m.If(load_next):
             m.d.comb += q.r_en.eq(q.r_rdy)
-            m.d.sync += [G.eq(q.r_data), gv.eq(q.r_rdy)]
+            m.d.sync += [G.eq(q.r_data), gv.eq(q.r_rdy), bits0.eq(qv.bits)]
+        with m.Elif(remaining == 0):  # replay for the next tile
+            m.d.sync += [G.bits.eq(bits0), G.first.eq(1), G.reps.eq(G.reps - 1),
+                         G.xbase.eq(G.xbase + xstride), G.pos.eq(G.pos + 1)]
         with m.Else():
             m.d.sync += [G.bits.eq(remaining), G.first.eq(0)]
 
         # ---- E: addresses, registered (A) before they reach the memories -------------
-        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1})
+        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1, "pos": 16})
         A = Signal(data.StructLayout({"ctl": ctl, "vaddr": PB, "xaddr": 16}))
         below = Cat(*[E.mask[i] & (i < E.t) for i in range(NB)])
         popc = sum(below[i] for i in range(NB))
         m.d.sync += [
             A.ctl.valid.eq(E.valid), A.ctl.null.eq(E.null), A.ctl.first.eq(E.first),
-            A.ctl.end.eq(E.end),
+            A.ctl.end.eq(E.end), A.ctl.pos.eq(E.pos),
             A.vaddr.eq((val_base + E.ptr + popc)[:PB]),
             A.xaddr.eq(E.xbase + E.opidx),
         ]
@@ -423,17 +494,18 @@ class PERow(wiring.Component):
         # register stage -------------------------------------------------------------
         accs = [Signal(signed(A_), name=f"acc{i}") for i in range(C)]
         have = Signal()
-        wptr = Signal(16)
+        wptr = Signal(16)  # weight gradient: results in sequence
+        cur = Signal(16)  # forward/backward: result position of the job in D2
         outs = []
         for i in range(C):
             fw = narrow(m, accs[i], c.w_frac, D, f"yfb{i}")
             wg = narrow(m, accs[i], c.wgrad_shift, D, f"ywg{i}")
-            outs.append(Mux(wgrad, wg, fw))
+            outs.append(Mux(wgrad | gshift, wg, fw))
         pe_write = Signal()
         with m.If(D2.valid):
             with m.If(D2.first | D2.end):
                 m.d.comb += pe_write.eq(have)
-                m.d.sync += have.eq(~D2.end)
+                m.d.sync += [have.eq(~D2.end), cur.eq(D2.pos)]
                 with m.If(have):
                     m.d.sync += wptr.eq(wptr + 1)
             for i in range(C):
@@ -443,12 +515,34 @@ class PERow(wiring.Component):
                 m.d.sync += self.done.eq(1)
         yw_en, yw_addr, yw_data = Signal(C), Signal(16), Signal(C * D)
         with m.If(pe_write):
-            m.d.sync += [yw_en.eq((1 << C) - 1), yw_addr.eq(wptr),
+            m.d.sync += [yw_en.eq((1 << C) - 1), yw_addr.eq(Mux(wgrad, wptr, cur)),
                          yw_data.eq(Cat(*[v.as_unsigned()[:D] for v in outs]))]
         with m.Else():
             m.d.sync += [yw_en.eq(self.y_wen), yw_addr.eq(self.y_waddr),
                          yw_data.eq(self.y_wdata)]
         m.d.comb += [ywr.en.eq(yw_en), ywr.addr.eq(yw_addr), ywr.data.eq(yw_data)]
         with m.If(self.start):
-            m.d.sync += [self.done.eq(0), have.eq(0), wptr.eq(0)]
+            m.d.sync += [self.done.eq(0), have.eq(0), wptr.eq(0), posc.eq(0)]
+
+        # ---- null results: one flag per result word -----------------------------------
+        # set for the jobs of a null job (positions posc .. posc + reps - 1, one cycle:
+        # S2 never stalls), cleared by any write of the word and by a run's start; a
+        # flagged word reads as zero. The range is two thermometer codes from predecoded
+        # halves (no variable shifts or per-bit adders).
+        lg = max(1, (c.y_depth - 1).bit_length())
+        ynull = Signal(1 << lg)
+        ynull_q = Signal()
+        ge_lo = thermometer(m, posc[:lg + 1], lg, "nlo")
+        ge_hi = thermometer(m, (posc + s2.reps)[:lg + 1], lg, "nhi")
+        set_mask = Mux(null_job, ge_lo & ~ge_hi, 0)
+        clr_mask = Mux(ywr.en.any(), decoder(m, ywr.addr[:lg], "nclr"), 0)
+        with m.If(self.start):
+            m.d.sync += ynull.eq(0)
+        with m.Else():
+            m.d.sync += ynull.eq((ynull & ~clr_mask) | set_mask)
+        # the result bank's output is registered: it goes to the top level's update,
+        # encoder and unload (a word arrives two cycles after its address); the flag is
+        # looked up with the read, so it is registered like the memory's output
+        m.d.sync += [ynull_q.eq(ynull.bit_select(self.y_raddr[:lg], 1)),
+                     self.ydata.eq(Mux(ynull_q, 0, yrd.data))]
         return m

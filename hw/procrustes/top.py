@@ -61,8 +61,10 @@ class Procrustes(wiring.Component):
                 Reg.BOUND: Signal(16), Reg.UP: Signal(32), Reg.DN: Signal(32),
                 Reg.THETA: Signal(32, init=0), Reg.CYCLES: Signal(32), Reg.NNZ: Signal(32),
                 Reg.TRACKED: Signal(32)}
-        sched = [Signal(64, name=f"sched{r}") for r in range(R)]
+        # schedule table: word 2r + h = range h of PE row r, (row, tile, jobs) 16 bits each
+        sched = [Signal(48, name=f"sched{i >> 1}_{i & 1}") for i in range(2 * R)]
         err = Signal(4)
+        sched_bad = Signal()
         cyc = Signal(32)
         value = Signal(32)
 
@@ -129,14 +131,16 @@ class Procrustes(wiring.Component):
         mode = Signal(2)
         for r, pr in enumerate(rows):
             m.d.comb += [
-                pr.start.eq(start), pr.mode.eq(mode),
+                pr.start.eq(start), pr.mode.eq(mode), pr.gshift.eq(op == Op.WGRADX),
                 pr.ng.eq(Mux(is_bwd, (GM + L - 1) >> c.log_lanes, GKL)),
                 pr.lim.eq(Mux(is_bwd, GM, GK)),
                 pr.gkl.eq(GKL), pr.nt.eq(NT),
                 pr.xstride.eq(Mux(is_bwd, cmd.m, cmd.k)),
                 pr.blk_base.eq(cmd.addr), pr.val_base.eq(cmd.arg),
-                pr.s0.eq(sched[r][0:16]), pr.e0.eq(sched[r][16:32]),
-                pr.s1.eq(sched[r][32:48]), pr.e1.eq(sched[r][48:64]),
+                pr.o0.eq(sched[2 * r][0:16]), pr.t0.eq(sched[2 * r][16:32]),
+                pr.n0.eq(sched[2 * r][32:48]),
+                pr.o1.eq(sched[2 * r + 1][0:16]), pr.t1.eq(sched[2 * r + 1][16:32]),
+                pr.n1.eq(sched[2 * r + 1][32:48]),
                 pr.g_lane.eq(g_r[r * D:(r + 1) * D].as_signed()),
             ]
 
@@ -353,7 +357,7 @@ class Procrustes(wiring.Component):
                         m.d.comb += [known.eq(1), dims.eq(1), sel_ok.eq(cmd.sel <= Reg.THETA)]
                     with m.Case(Op.GET):
                         m.d.comb += [known.eq(1), dims.eq(1), sel_ok.eq(cmd.sel <= Reg.TRACKED)]
-                    with m.Case(Op.FWD, Op.BWD, Op.WGRAD):
+                    with m.Case(Op.FWD, Op.BWD, Op.WGRAD, Op.WGRADX):
                         m.d.comb += [known.eq(1), sel_ok.eq(1),
                                      dims.eq((mm != 0) & (kk != 0) & (nn != 0))]
                     with m.Case(Op.UPDATE):
@@ -377,6 +381,8 @@ class Procrustes(wiring.Component):
                 blk = (GM, GKL, cmd.addr, c.blk_depth)
                 tables = {
                     Op.FWD: [blk, (cmd.k, NT, 0, c.x_depth), (one, one, cmd.arg, c.val_depth)],
+                    Op.WGRADX: [blk, (cmd.k, NT, 0, c.x_depth),
+                                (one, one, cmd.arg, c.val_depth)],
                     Op.BWD: [blk, (cmd.m, NT, 0, c.x_depth), (one, one, cmd.arg, c.val_depth)],
                     Op.WGRAD: [(MT, cmd.n, 0, c.g_depth), (KT, cmd.n, 0, c.x_depth),
                                (MT, KT, 0, c.y_depth)],
@@ -387,7 +393,7 @@ class Procrustes(wiring.Component):
                     Buf.BLOCKS: blk, Buf.VALUES: (one, cmd.count, cmd.addr, c.val_depth),
                     Buf.X: (one, cmd.count, cmd.addr, c.x_depth),
                     Buf.G: (one, cmd.count, cmd.addr, c.g_depth),
-                    Buf.SCHED: (one, cmd.count, cmd.addr, R),
+                    Buf.SCHED: (one, cmd.count, cmd.addr, 2 * R),
                     Buf.Y: (one, cmd.count, cmd.addr, c.y_depth),
                 }
 
@@ -411,8 +417,21 @@ class Procrustes(wiring.Component):
                                         emit(entry)
                         with m.If((i0 == 1) & (cmd.sel == Buf.Y)):
                             emit((one, one, cmd.arg, R))
+                # the schedule table (FWD/BWD), every PE row at once, no multiplier: a
+                # non-empty range starts inside the output rows and tiles, and a PE row's
+                # jobs fit its result bank
+                out_rows = Mux(is_bwd, cmd.k, cmd.m)
+                sbad_now = []
+                for r in range(R):
+                    lo, hi = sched[2 * r], sched[2 * r + 1]
+                    for w in (lo, hi):
+                        sbad_now.append((w[32:48] != 0) & ((w[0:16] >= out_rows)
+                                                           | (w[16:32] >= NT)))
+                    sbad_now.append((lo[32:48] + hi[32:48]) > c.y_depth)
+                m.d.sync += sched_bad.eq(Cat(*sbad_now).any())
                 m.d.sync += i0.eq(i0 + 1)
-                with m.If(ck_bad):
+                walks = (op == Op.FWD) | (op == Op.BWD) | (op == Op.WGRADX)
+                with m.If(ck_bad | ((i0 == 5) & walks & sched_bad)):
                     m.d.sync += err.eq(Err.RANGE)
                     m.next = "RESP"
                 with m.Elif(i0 == 5):
@@ -426,33 +445,14 @@ class Procrustes(wiring.Component):
                             m.next = "SET"
                         with m.Case(Op.GET):
                             m.next = "GET"
-                        with m.Case(Op.FWD, Op.BWD):
-                            m.next = "SCHK"
+                        with m.Case(Op.FWD, Op.BWD, Op.WGRADX):
+                            m.next = "RUNSTART"
                         with m.Case(Op.WGRAD):
                             m.next = "WGSTART"
                         with m.Case(Op.UPDATE):
                             m.next = "UPDSTART"
                         with m.Default():
                             m.next = "RESP"
-
-            with m.State("SCHK"):
-                # schedule of PE row i0 (i0 < R): ranges inside the output rows (now), its
-                # results fit the bank (pipelined check, decided at i0 + 2); leaves at R + 1
-                out_rows = Mux(is_bwd, cmd.k, cmd.m)
-                s = Array(sched)[i0[:max(1, c.log_rows)]]
-                s0_, e0_, s1_, e1_ = s[0:16], s[16:32], s[32:48], s[48:64]
-                in_rows = i0 < R
-                with m.If(in_rows):
-                    m.d.sync += [ck_a.eq((e0_ - s0_) + (e1_ - s1_)), ck_b.eq(NT),
-                                 ck_add.eq(0), ck_lim.eq(c.y_depth), ck_v.eq(1)]
-                bad = (in_rows & ((e0_ > out_rows) | (s0_ > e0_) | (e1_ > out_rows)
-                                  | (s1_ > e1_))) | ck_bad
-                m.d.sync += i0.eq(i0 + 1)
-                with m.If(bad):
-                    m.d.sync += err.eq(Err.RANGE)
-                    m.next = "RESP"
-                with m.Elif(i0 == R + 1):
-                    m.next = "RUNSTART"
 
             with m.State("RUNSTART"):
                 m.d.comb += [start.eq(1), mode.eq(Mux(is_bwd, MODE_BWD, MODE_FWD)),
@@ -512,9 +512,9 @@ class Procrustes(wiring.Component):
                             m.d.comb += [gwr.en.eq(1), gwr.addr.eq(cmd.addr + cnt),
                                          gwr.data.eq(word[:R * D])]
                         with m.Case(Buf.SCHED):
-                            for r in range(R):
-                                with m.If(cmd.addr + cnt == r):
-                                    m.d.sync += sched[r].eq(word[:64])
+                            for i in range(2 * R):
+                                with m.If(cmd.addr + cnt == i):
+                                    m.d.sync += sched[i].eq(word[:48])
                         with m.Case(Buf.Y):
                             for r, pr in enumerate(rows):
                                 with m.If(cmd.arg == r):
@@ -665,7 +665,7 @@ class Procrustes(wiring.Component):
                 with m.Case(Buf.G):
                     m.d.comb += [gaddr_unload.eq(cmd.addr + cnt), uword.eq(u_g)]
                 with m.Case(Buf.SCHED):
-                    m.d.comb += uword.eq(Array(sched)[(cmd.addr + cnt)[:max(1, c.log_rows)]])
+                    m.d.comb += uword.eq(Array(sched)[(cmd.addr + cnt)[:c.log_rows + 1]])
                 with m.Case(Buf.Y):
                     m.d.comb += [y_raddr.eq(cmd.addr + cnt),
                                  uword.eq(ydata[cmd.arg[:max(1, c.log_rows)]])]

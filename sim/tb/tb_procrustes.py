@@ -3,9 +3,9 @@
 Tests (select one with ``simulate(testcase=...)``); parameters from ``sim.tbutil.params()``:
 
 * ``test_phases``: random sparse layers (``cases``, densities 0.05..1.0, odd sizes up to
-  ``max_dim``, extreme values, all-zero layers); each phase named in ``phases`` runs on
-  the RTL and is compared with the golden function. ``stall``: probability of a pause on
-  every stream (both directions).
+  ``max_dim``, minibatch up to ``max_n``, extreme values, all-zero layers); each phase
+  named in ``phases`` runs on the RTL and is compared with the golden function.
+  ``stall``: probability of a pause on every stream (both directions).
 * ``test_train_step``: one full training step of a small ``FixedMLP`` with the RTL as its
   accelerator, compared tensor by tensor with the golden step.
 * ``test_digits``: ``steps`` training steps on sklearn's digits, RTL in the loop; the
@@ -59,13 +59,15 @@ def random_matrix(rng: np.random.Generator, shape, density: float, bits: int,
     return np.where(keep, v, 0).astype(np.int64)
 
 
-def random_case(rng: np.random.Generator, cfg: Config, n: int, max_dim: int):
-    """(W, X [K, N], dY [M, N], label) for case ``n``: odd sizes, densities, extremes."""
+def random_case(rng: np.random.Generator, cfg: Config, n: int, max_dim: int,
+                max_n: int | None = None):
+    """(W, X [K, N], dY [M, N], label) for case ``n``: odd sizes, densities, extremes;
+    N up to ``max_n`` (``2·cols + 1`` by default)."""
     densities = [0.05, 0.1, 0.25, 0.5, 1.0, 0.0]
     d = densities[n % len(densities)]
     M = int(rng.integers(1, max_dim + 1)) | 1
     K = int(rng.integers(1, max_dim + 1)) | 1
-    N = int(rng.integers(1, 2 * cfg.cols + 2))
+    N = int(rng.integers(1, (max_n or 2 * cfg.cols + 1) + 1))
     extreme = n % 4 == 3
     W = random_matrix(rng, (M, K), d, cfg.data_bits, extreme)
     X = random_matrix(rng, (K, N), 1.0, cfg.data_bits, extreme)
@@ -87,10 +89,11 @@ async def test_phases(dut):
     host = await setup(dut, p)
     cfg, fc = host.cfg, fixed_cfg(host.cfg)
     rng = np.random.default_rng(int(p.get("seed", 1)))
-    phases = p.get("phases", ["fwd", "bwd", "wgrad", "update"])
+    phases = p.get("phases", ["fwd", "bwd", "wgrad", "wgradx", "update"])
     records = []
     for n in range(int(p.get("cases", 6))):
-        W, X, dY, label = random_case(rng, cfg, n, int(p.get("max_dim", 20)))
+        W, X, dY, label = random_case(rng, cfg, n, int(p.get("max_dim", 20)),
+                                      p.get("max_n"))
         bs = BlockSparse.encode(W, (cfg.bm, cfg.bk))
         balanced = n % 2 == 0
         record = {"M": W.shape[0], "K": W.shape[1], "N": X.shape[1], "balanced": balanced,
@@ -107,6 +110,12 @@ async def test_phases(dut):
             dW = await host.weight_grad(dY, X)
             assert_equal(dW, ref.weight_grad(dY, X, fc), f"weight gradient, {label}")
             record["wgrad"] = host.cycles["WGRAD"]
+        if "wgradx" in phases:  # post-ReLU activations: about half are zero
+            Xr = np.maximum(X, 0)
+            dW = await host.weight_grad_sparse(dY, Xr, balanced=balanced)
+            assert_equal(dW, ref.weight_grad(dY, Xr, fc), f"sparse weight gradient, {label}")
+            record["wgradx"] = host.cycles["WGRADX"]
+            record["xmask"] = ["".join("1" if v else "0" for v in row) for row in Xr != 0]
         if "update" in phases:
             dW = random_matrix(rng, W.shape, 1.0, cfg.data_bits, n % 4 == 3)
             decay = [1.0, 0.9, 0.5, 0.0][n % 4]
@@ -224,7 +233,7 @@ async def test_digits(dut):
 
 @cocotb.test()
 async def test_bad_commands(dut):
-    from hw.procrustes import Buf, Err, Op
+    from hw.procrustes import Buf, Err, Op, sched_words
 
     p = params()
     host = await setup(dut, p)
@@ -251,7 +260,24 @@ async def test_bad_commands(dut):
         X = random_matrix(rng, (9, 3), 1.0, cfg.data_bits, False)
         bs = BlockSparse.encode(W, (cfg.bm, cfg.bk))
         assert_equal(await host.forward(bs, X), ref.forward(bs, X, fc), "after bad command")
-    report_metric("bad_commands", len(bad))
+    # schedule tables the array must refuse (FWD of a 7x9 weight, N = 3: 7 rows, 1 tile);
+    # per PE row and range: (row, tile, jobs)
+    empty = [(0, 0, 0), (0, 0, 0)]
+    bad_tables = [
+        [[(7, 0, 1), (0, 0, 0)]] + [empty] * (cfg.rows - 1),  # row outside the output rows
+        [[(0, 1, 1), (0, 0, 0)]] + [empty] * (cfg.rows - 1),  # tile outside the tiles
+        [[(0, 0, cfg.y_depth), (1, 0, 1)]] + [empty] * (cfg.rows - 1),  # bank overflow
+    ]
+    for table in bad_tables:
+        await host.command(Op.LOAD, sel=Buf.SCHED, addr=0, count=2 * cfg.rows,
+                           words=sched_words(table))
+        r = await host.command(Op.FWD, check=False, m=7, k=9, n=3)
+        assert r["err"] == Err.RANGE, f"schedule {table[0]}: error {r['err']}"
+        W = random_matrix(rng, (7, 9), 0.5, cfg.data_bits, False)
+        X = random_matrix(rng, (9, 3), 1.0, cfg.data_bits, False)
+        bs = BlockSparse.encode(W, (cfg.bm, cfg.bk))
+        assert_equal(await host.forward(bs, X), ref.forward(bs, X, fc), "after bad table")
+    report_metric("bad_commands", len(bad) + len(bad_tables))
 
 
 

@@ -13,7 +13,7 @@ from cocotb.triggers import with_timeout
 
 from golden.balance import backward_schedule, forward_schedule
 from golden.blockfmt import BlockSparse
-from hw.procrustes import Buf, Config, Op, Reg, cmd_layout, resp_layout
+from hw.procrustes import Buf, Config, Op, Reg, cmd_layout, resp_layout, sched_words
 from sim.streams import NoPauses, StreamSink, StreamSource, StructCodec, pack_lanes, unpack_lanes
 
 __all__ = ["CommandError", "ProcrustesHost"]
@@ -96,8 +96,8 @@ class ProcrustesHost:
         return BlockSparse.from_arrays((M, K), (c.bm, c.bk), np.array(masks, np.uint64),
                                        np.array(ptrs, np.uint32), np.array(vals, np.int64))
 
-    async def load_sched(self, ranges) -> None:
-        words = [pack_lanes([a0, b0, a1, b1], 16) for (a0, b0), (a1, b1) in ranges.tolist()]
+    async def load_sched(self, sched) -> None:
+        words = sched_words(sched.table().tolist())
         await self.command(Op.LOAD, sel=Buf.SCHED, addr=0, count=len(words), words=words)
 
     async def load_x(self, X: np.ndarray) -> None:
@@ -127,29 +127,33 @@ class ProcrustesHost:
         NT = -(-N // c.cols)
         if load:
             await self.load_weights(bs, blk_base, val_base)
-        await self.load_sched(sched.ranges)
+        await self.load_sched(sched)
         await self.load_x(X)
         r = await self.command(op, m=M, k=K, n=N, addr=blk_base, arg=val_base)
         self.cycles[Op(op).name] = r["cycles"]
         Y = np.zeros((out_rows, NT * c.cols), dtype=np.int64)
-        for pe, rows in enumerate(sched.rows):
-            words = await self.unload_bank(pe, len(rows) * NT)
-            for pos, row in enumerate(rows.tolist()):
-                for t in range(NT):
-                    Y[row, t * c.cols:(t + 1) * c.cols] = words[pos * NT + t]
+        for pe, jobs in enumerate(sched.jobs):
+            words = await self.unload_bank(pe, len(jobs))
+            for pos, j in enumerate(jobs.tolist()):
+                row, t = divmod(j, NT)
+                Y[row, t * c.cols:(t + 1) * c.cols] = words[pos]
         return Y[:, :N]
+
+    def _nt(self, X) -> int:
+        """Tiles of ``cols`` minibatch columns: the schedule's jobs per output row."""
+        return -(-np.shape(X)[1] // self.cfg.cols)
 
     async def forward(self, bs: BlockSparse, X, *, balanced: bool = True, blk_base: int = 0,
                       val_base: int = 0, load: bool = True) -> np.ndarray:
         """``Y = W·X`` on the array (W in block format, X int [K, N])."""
-        sched = forward_schedule(bs, self.cfg.rows, balanced)
+        sched = forward_schedule(bs, self.cfg.rows, balanced, self._nt(X))
         return await self._gemm_sparse(Op.FWD, bs, np.asarray(X), sched, bs.shape[0],
                                        blk_base, val_base, load)
 
     async def backward(self, bs: BlockSparse, dY, *, balanced: bool = True,
                        blk_base: int = 0, val_base: int = 0, load: bool = True) -> np.ndarray:
         """``dX = Wᵀ·dY`` from the same store (column walk)."""
-        sched = backward_schedule(bs, self.cfg.rows, balanced)
+        sched = backward_schedule(bs, self.cfg.rows, balanced, self._nt(dY))
         return await self._gemm_sparse(Op.BWD, bs, np.asarray(dY), sched, bs.shape[1],
                                        blk_base, val_base, load)
 
@@ -174,6 +178,21 @@ class ProcrustesHost:
         r = await self.command(Op.WGRAD, m=M, k=K, n=N)
         self.cycles["WGRAD"] = r["cycles"]
         return await self.unload_dw(M, K)
+
+    async def weight_grad_sparse(self, dY, X, *, balanced: bool = True, blk_base: int = 0,
+                                 val_base: int = 0) -> np.ndarray:
+        """``dW = dY·Xᵀ`` as ``dWᵀ = X·dYᵀ`` (``WGRADX``): the activations X [K, N] in the
+        block format, so zero activations cost no cycle. Overwrites the weight store at
+        ``blk_base``/``val_base``; the result banks hold dWᵀ in the job layout (reload dW
+        with :meth:`load_dw` before an UPDATE)."""
+        c = self.cfg
+        dY, X = np.asarray(dY), np.asarray(X)
+        bs = BlockSparse.encode(X, (c.bm, c.bk))
+        dYt = np.ascontiguousarray(dY.T)
+        sched = forward_schedule(bs, c.rows, balanced, self._nt(dYt))
+        dWt = await self._gemm_sparse(Op.WGRADX, bs, dYt, sched, X.shape[0], blk_base,
+                                      val_base, True)
+        return dWt.T
 
     def _dw_layout(self, M, K):
         c = self.cfg
