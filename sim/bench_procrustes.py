@@ -5,7 +5,7 @@ Cycles are measured on the RTL (cocotb, Verilator by default) and set beside the
 model (``golden.procrustes_cycles``); whole-step figures and the 16x16 ResNet-18
 projection come from the model. Writes ``out/bench/procrustes.{json,md,png}``.
 
-Masks: ``golden/assets/dropback_masks_10x.npz`` (the 10x Dropback MLP on digits). The file
+Masks: ``golden/assets/dropback_masks_10x.npz`` (the tuned 10x Procrustes MLP, seed 0). The file
 holds masks only (no weights), so a mask at another density ``d`` is derived from the
 real one: the real mask's entries come first (in a seeded random order), then the other
 entries (seeded random order), and the first ``round(d·size)`` are kept. Below the real
