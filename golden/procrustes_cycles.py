@@ -121,18 +121,16 @@ def _walk(counts, ranges, nt, depth):
     last_cost = 0
     d1 = -1  # S2 cycles of the two most recent dropped groups
     d2 = -1
-    nxt = 1  # IDLE sees start at 0, first ISSUE at 1 (range bases formed ahead)
-    any_range = False
+    # IDLE sees start at 0, the first issue (or the end marker) at 1: the ranges' bases
+    # are formed before the run, and the second range issues right after the first
+    nxt = 1
     ng = counts.shape[1]
     for h in range(3):
         if h < 2:
             a, b = ranges[h, 0], ranges[h, 1]
             if a == b:
                 continue
-            any_range = True  # the second range issues right after the first
         else:
-            if not any_range:
-                nxt = 1  # END right after IDLE
             a, b = 0, 1  # the end marker
         j = a
         while j < b:
