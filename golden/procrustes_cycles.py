@@ -51,7 +51,7 @@ __all__ = [
 
 # fixed latencies of the command decoder and pipelines (see the module docstring)
 _GEMM_FIXED = 8 + 1  # accept..CHECK (8, schedule checked there too); RUNSTART..RESP (1)
-_WALK_TAIL = 3  # end marker popped -> done flag visible (raised from stage E)
+_WALK_TAIL = 2  # end marker popped -> done flag visible (raised while G holds it)
 _WGRAD_FIXED = 16
 _UPDATE_FIXED = 28
 _UPDATE_II = 3  # cycles per element in the update pipeline (the quantile step's loop)

@@ -191,8 +191,12 @@ class PERow(wiring.Component):
             blk_base.eq(self.blk_base), val_base.eq(self.val_base),
             o0.eq(self.o0), t0.eq(self.t0), n0.eq(self.n0),
             o1.eq(self.o1), t1.eq(self.t1), n1.eq(self.n1),
-            has1.eq(self.n1 != 0), one_group.eq(self.ng == 1), gshift.eq(self.gshift),
+            has1.eq(self.n1 != 0), one_group.eq(self.ng == 1),
         ]
+        # the rounding is taken at the start and held: the last result of a walk is
+        # written after ``done`` (see D2), when the top level may hold the next command
+        with m.If(self.start):
+            m.d.sync += gshift.eq(self.gshift)
         mode_bwd = mode_r == MODE_BWD
         wgrad = mode_r == MODE_WGRAD
 
@@ -550,11 +554,12 @@ class PERow(wiring.Component):
                 m.d.sync += accs[i].eq(sat(m, base + prods[i], A_, f"accn{i}"))
             with m.If(D2.end & wgrad):
                 m.d.sync += self.done.eq(1)
-        # a walk's done rises when its end marker leaves E: the top level's response and
-        # the next command's decode and checks (at least eight cycles) cover the last
-        # result's four remaining stages, and the rows keep their read ports until the
-        # response (the last element was read in A, two cycles before done shows)
-        with m.If(E.valid & E.end & ~wgrad):
+        # a walk's done rises when the emitter holds its end marker (G): the last
+        # result's remaining stages (E .. D2, the write) land while the top level
+        # responds and the next command is decoded and checked (at least nine cycles),
+        # and the last element reads its value and operand (A) in the cycle done shows,
+        # two cycles before the rows' read ports go back to the host
+        with m.If(gv & G.end & ~wgrad):
             m.d.sync += self.done.eq(1)
         yw_en, yw_addr, yw_data = Signal(C), Signal(16), Signal(C * D)
         with m.If(pe_write):
