@@ -24,20 +24,20 @@ the Dropback runs):
 
 Loss: cross-entropy with label smoothing ``LABEL_SMOOTHING`` (0.1) for every method,
 dense included (the fixed-point run too, on the host). Why: the budget is not what
-limits the MLP (a dense 64-24-10, 1,810 weights, reaches 98.1% (97.4% without
-smoothing) on the validation
-carves), the choice of the tracked weights is. Top-k on |w - w0| is mostly decided
-early (in a 10x Dropback MLP run, 47% of the final tracked set is tracked after the
-first step, 89% after 5 epochs), and with plain cross-entropy, once the training
-images are fitted, the updates mostly grow the logit scale (mean top logit about 26
-after 100 epochs, about 4 with smoothing): the budget drifts to the last layer (37-40%
-of fc3 tracked, 29-32% with smoothing) and the set freezes (96% of the final set is
-already tracked at epoch 20, 84% with smoothing). On six validation carves (MLP,
-10x, lr 0.2, batch 32, 100 epochs) smoothing moved dense 97.84 -> 98.77, Dropback
-96.85 -> 98.02 and Procrustes 96.36 -> 97.78: the gap to dense shrank from
--0.99/-1.48 to -0.75/-0.99. A cosine learning-rate schedule (with and without
-warm-up), 200 epochs and weight decay 1e-3 were tried on the same carves and did
-not shrink the gap, so the lr stays constant (and the epoch count a tuned checkpoint).
+limits the MLP (a dense 64-24-10, 1,810 weights, reaches 98.1% on the validation
+carves, 97.4% without smoothing), the choice of the tracked weights is. Top-k on the
+score is mostly decided early (in a 10x Dropback MLP run, 47% of the final tracked
+set is tracked after the first step, 89% after 5 epochs), and with plain
+cross-entropy, once the training images are fitted, the updates mostly grow the
+logit scale (mean top logit about 26 after 100 epochs, about 4 with smoothing): the
+budget drifts to the last layer (37-40% of fc3 tracked, 29-32% with smoothing) and
+the set freezes (96% of the final set is already tracked at epoch 20, 84% with
+smoothing). On six validation carves (MLP, 10x, lr 0.2, batch 32, 100 epochs)
+smoothing moved dense 97.84 -> 98.77, Dropback 96.85 -> 98.02 and Procrustes
+96.36 -> 97.78: the gap to dense shrank from -0.99/-1.48 to -0.75/-0.99. A cosine
+learning-rate schedule (with and without warm-up), 200 epochs and weight decay 1e-3
+were tried on the same carves and did not shrink the gap, so the lr stays constant
+(and the epoch count a tuned checkpoint).
 
 Protocol (no hyper-parameter sees the test images):
 
