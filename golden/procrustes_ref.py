@@ -591,15 +591,19 @@ def relu_backward(dX_q, Z_q) -> np.ndarray:
     return np.where(np.asarray(Z_q) > 0, np.asarray(dX_q, dtype=np.int64), 0)
 
 
-def softmax_xent_grad(logits_q, labels, cfg: FixedConfig = FixedConfig()):
+def softmax_xent_grad(logits_q, labels, cfg: FixedConfig = FixedConfig(), *,
+                      label_smoothing: float = 0.0):
     """Host-side loss and its gradient. ``logits_q``: int [C, N] with ``x_frac`` bits
     (the last forward output); ``labels``: int [N].
 
     Runs on the host, in float64, not on the accelerator: ``z = logits_q·2^-x_frac``,
     ``p = softmax(z)`` per column, ``loss = mean(-log p[label])`` (float),
     ``dY = (p - onehot) / N`` (the gradient of the mean loss) quantized to ``g_frac``
-    bits (round half up, saturated). Returns ``(loss, dY_q int64 [C, N])``.
+    bits (round half up, saturated). Returns ``(loss, dY_q int64 [C, N])``. With
+    ``label_smoothing`` e in [0, 1) the target is ``(1 - e)·onehot + e/C`` (as
+    ``torch.nn.CrossEntropyLoss(label_smoothing=e)``) in the loss and the gradient.
     """
+    e_ls = _float_in("label_smoothing", label_smoothing, 0.0, 1.0, hi_open=True)
     Z = dequantize(logits_q, cfg.x_frac)
     y = _to_numpy(labels).astype(np.int64).reshape(-1)
     if Z.ndim != 2 or y.shape[0] != Z.shape[1]:
@@ -611,9 +615,10 @@ def softmax_xent_grad(logits_q, labels, cfg: FixedConfig = FixedConfig()):
     e = np.exp(Z)
     p = e / e.sum(axis=0, keepdims=True)
     cols = np.arange(y.shape[0])
-    loss = float(-np.mean(np.log(p[y, cols])))
-    p[y, cols] -= 1.0
-    return loss, quantize(p / y.shape[0], cfg.g_frac, cfg.data_bits)
+    target = np.full_like(p, e_ls / p.shape[0])
+    target[y, cols] += 1.0 - e_ls
+    loss = float(-np.mean(np.sum(target * (Z - np.log(e.sum(axis=0, keepdims=True))), axis=0)))
+    return loss, quantize((p - target) / y.shape[0], cfg.g_frac, cfg.data_bits)
 
 
 # ---------------------------------------------------------------- fixed-point MLP
@@ -670,12 +675,14 @@ class FixedMLP:
     Budget: ``k = N // track_ratio`` of all ``N`` parameters, ``q = 1 - k/N``. ``decay``
     starts at 1 and is multiplied by ``init_decay`` at every step after the first
     (float64, as in ``Dropback``); ``decay_q = round(decay·2^16)``. ``q_step`` defaults to
-    ``min(0.5, 11.69/N)`` (the published ResNet-18 ``q_step·N``).
+    ``min(0.5, 11.69/N)`` (the published ResNet-18 ``q_step·N``). ``label_smoothing``
+    goes to the host's :func:`softmax_xent_grad` (no accelerator phase changes).
     """
 
     def __init__(self, layer_sizes, cfg: FixedConfig = FixedConfig(), seed: int = 0,
                  track_ratio: float = 10, q_init: float = 1e-2, q_step: float | None = None,
-                 init_decay: float = 0.99, *, lr: float = 0.2, accel=None):
+                 init_decay: float = 0.99, *, lr: float = 0.2, label_smoothing: float = 0.0,
+                 accel=None):
         sizes = list(layer_sizes)
         if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer))
                                  or s < 1 for s in sizes):
@@ -689,6 +696,8 @@ class FixedMLP:
         self.track_ratio = _float_in("track_ratio", track_ratio, 1.0, math.inf, hi_open=True)
         self.init_decay = _float_in("init_decay", init_decay, 0.0, 1.0, lo_open=True)
         self.lr = _float_in("lr", lr, 0.0, 1.0, hi_open=True)
+        self.label_smoothing = _float_in("label_smoothing", label_smoothing, 0.0, 1.0,
+                                         hi_open=True)  # host-side loss only
         shapes = []
         for i, o in zip(self.sizes[:-1], self.sizes[1:]):
             shapes += [(o, i), (o,)]
@@ -758,7 +767,7 @@ class FixedMLP:
         cfg, acc = self.cfg, self.accel
         tr = StepTrace(x_q=np.empty(0, dtype=np.int64))
         logits = self.forward_batch(x, tr)
-        loss, dy = softmax_xent_grad(logits, y, cfg)
+        loss, dy = softmax_xent_grad(logits, y, cfg, label_smoothing=self.label_smoothing)
         tr.loss = loss
         dws = [None] * self.layers
         dys, dxs = [None] * self.layers, [None] * self.layers

@@ -39,6 +39,7 @@ def test_quick_run_writes_outputs(tmp_path, capsys):
         assert res["hparams"][key]["epochs"] == hp["epochs"]
     for r in res["runs"]:
         c = r["config"]
+        assert c["label_smoothing"] == E.LABEL_SMOOTHING  # one loss for every method
         hp = tuning["best"][f"{c['model']}/{c['method'].replace('-fixed', '')}"]
         assert (c["lr"], c["batch"], c["epochs"]) == (hp["lr"], hp["batch"], hp["epochs"])
         assert 0 <= r["accuracy"] <= 100
@@ -53,12 +54,18 @@ def test_quick_run_writes_outputs(tmp_path, capsys):
     assert masks["mlp/dropback/fc1.weight"].shape == (100, 64)
     assert masks["cnn/procrustes/conv2.weight"].shape == (32, 16 * 3 * 3)
     assert masks["cnn/dropback/conv1.weight"].dtype == bool
-    # the tuned settings can be reused without tuning again
+    # the tuned settings can be reused without tuning again, for a subset of the models
     again = tmp_path / "again"
-    assert E.run(_args("--quick", "--tuning", str(tmp_path / "tuning.json"),
+    assert E.run(_args("--quick", "--tuning", str(tmp_path / "tuning.json"), "--models", "mlp",
                        "--out", str(again))) == 0
     assert not (again / "tuning.json").exists()
-    assert json.loads((again / "results.json").read_text())["runs"] == res["runs"]
+    rerun = json.loads((again / "results.json").read_text())
+    assert rerun["runs"] == [r for r in res["runs"] if r["config"]["model"] == "mlp"]
+    assert set(rerun["verdicts"]) == {"mlp/dropback", "mlp/procrustes"}
+    assert rerun["fixed_point"] == res["fixed_point"]
+    assert sorted(np.load(again / "masks.npz").files) == sorted(
+        k for k in masks.files if k.startswith("mlp/"))
+    assert "| cnn |" not in capsys.readouterr().out
 
 
 def test_holdout_never_touches_test_images():
@@ -178,6 +185,38 @@ def test_procrustes_reports_the_reduction_it_achieved():
     assert 5 < r["achieved_reduction_last_epoch"] < 20
 
 
+@pytest.mark.parametrize("method", E.METHODS)
+def test_every_method_trains_on_the_label_smoothed_loss(method):
+    data = load_digits_split(0, size=8)
+    seen = []
+
+    def factory(cfg, params):  # the method's optimizer, keeping the parameters
+        seen.append((params, [p.detach().clone() for p in params]))
+        return E.make_optimizer(cfg, params)
+
+    cfg = E.RunConfig("mlp", method, ratio=1 if method == "dense" else 10, epochs=1, batch=32,
+                      train_limit=32, init_decay=0.9)
+    E.train_one(cfg, data, optimizer_factory=factory)
+    (trained, init), = seen
+    x, y = data.x_train[:32].reshape(32, -1), data.y_train[:32]
+
+    def one_step(smoothing):
+        model = E.make_model("mlp")
+        ps = list(model.parameters())
+        with torch.no_grad():
+            for p, p0 in zip(ps, init):
+                p.copy_(p0)
+        opt = E.make_optimizer(cfg, ps)
+        torch.nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing).backward()
+        opt.step()
+        return ps
+
+    assert E.LABEL_SMOOTHING == 0.1 and cfg.label_smoothing == E.LABEL_SMOOTHING
+    for p, q in zip(trained, one_step(E.LABEL_SMOOTHING)):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert any((p - q).abs().max() > 1e-4 for p, q in zip(trained, one_step(0.0)))
+
+
 def test_optimizer_factory_seam():
     data = load_digits_split(0, size=8)
     seen = []
@@ -226,6 +265,12 @@ def test_models_and_bad_arguments(tmp_path):
         E.run_experiment(hp, jobs=0)
     with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\)"):
         E.holdout(load_digits_split(0, size=8), 0, fraction=1.0)
+    with pytest.raises(ValueError, match="models must be a non-empty subset of mlp, cnn"):
+        E.run(_args("--models", "mlp,vit", "--out", str(tmp_path)))
+    with pytest.raises(ValueError, match="models must be a non-empty subset of mlp, cnn"):
+        E.tune(models=())
+    with pytest.raises(ValueError, match="models must include mlp with --save-data-masks"):
+        E.run(_args("--models", "cnn", "--save-data-masks", "--out", str(tmp_path)))
     bad = tmp_path / "tuning.json"
     bad.write_text("{}")
     with pytest.raises(ValueError, match="tuning must be a tuning.json written by this"):

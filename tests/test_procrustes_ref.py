@@ -385,6 +385,30 @@ class CountingAccel:
         return wrapped
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_softmax_xent_grad_matches_torch_label_smoothing(smoothing):
+    rng = np.random.default_rng(3)
+    z_q = P.quantize(rng.normal(size=(10, 16)) * 3, CFG.x_frac, CFG.data_bits)
+    y = rng.integers(0, 10, 16)
+    loss, dy = P.softmax_xent_grad(z_q, y, label_smoothing=smoothing)
+    z = torch.tensor(P.dequantize(z_q, CFG.x_frac).T, requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(z, torch.from_numpy(y), label_smoothing=smoothing)
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-12)
+    # the gradient is rounded half up to g_frac bits: within half an LSB of torch's
+    err = np.abs(P.dequantize(dy, CFG.g_frac) - z.grad.numpy().T).max()
+    assert err <= 2.0 ** -(CFG.g_frac + 1)
+    m = P.FixedMLP([64, 10], seed=1, label_smoothing=smoothing)
+    x = rng.normal(size=(8, 64))
+    m.train_step(x, y[:8], trace=True)
+    _, dy_host = P.softmax_xent_grad(m.last_trace.z[0], y[:8], label_smoothing=smoothing)
+    np.testing.assert_array_equal(m.last_trace.dy[0], dy_host)  # the MLP uses its setting
+    with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0.0, 1.0\)"):
+        P.softmax_xent_grad(z_q, y, label_smoothing=1.0)
+    with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0.0, 1.0\)"):
+        P.FixedMLP([4, 2], label_smoothing=-0.1)
+
+
 def test_fixed_mlp_trace_replays_phase_by_phase():
     data = load_digits_split(0, size=8)
     x = data.x_train.reshape(len(data.x_train), -1)[:32]
