@@ -117,6 +117,111 @@ def test_icebreaker_configuration_is_bit_exact_on_both_simulators(simulator):
         assert 2.5 <= run["cycles_ratio"] <= 3.1, run
 
 
+@pytest.mark.slow
+def test_area_configuration_is_bit_exact_on_both_simulators(simulator):
+    """area=1 (serial rankers, no ECP5 pipeline registers before the merges, memories
+    without read-during-write logic): the full testbench under random gaps and stalls,
+    worst cases, real features, malformed frames each followed by a good one, unmerge;
+    at B = 8 = W_max/2 + 4, one frame-buffer bank."""
+    design = dict(FAST, c=32, buffers=1, serial_mul=1, shared_keys=1, area=1)
+    r = _run(simulator, design, frames=3, gap=0.25, stall=0.3, real_frames=1)
+    assert r.tests == 6
+    m = r.metrics
+    assert m["frames_checked"] == 5 and m["error_cases"] == 10
+    assert m["three_way_merges"] > 0 and m["unmerge_frames_checked"] == 4
+
+
+def test_area_configuration_at_the_smallest_beat_count_with_two_banks():
+    """area=1 at the tightest key spacing it allows (B = max(H, W)//2 + 2: a ranker
+    pass ends the cycle before the next key can come), both frame-buffer banks."""
+    design = dict(FAST, h=6, w=7, c=5, lanes=1, max_prefix=1, serial_mul=1, shared_keys=1,
+                  area=1)
+    assert CubistMerge(h_max=6, w_max=7, c=5, lanes=1, shared_keys=1, area=1).beats == 5
+    _run("icarus" if _have("icarus") else "verilator", design, frames=5, real=0,
+         stall=0.3, gap=0.25)
+
+
+def _rank_model(lines, k):
+    """The rankers' decision per finished line: removed/dir bits of its candidates."""
+    out = []
+    for keys, r in lines:
+        scores, ranks, dirs = [], [], []
+        for n, key in enumerate(keys):
+            last = n == len(keys) - 1
+            if n % 2 == 0 and not last:
+                pend = key
+                continue
+            right = n % 2 == 1 and key > pend
+            score = key if right or n % 2 == 0 else pend
+            kv = n >> 1
+            cnt = sum(1 for s in scores if not score > s)
+            ranks = [rk + (score > s) for rk, s in zip(ranks, scores)]
+            scores.append(score)
+            ranks.append(cnt)
+            dirs.append(int(right))
+            assert len(scores) == kv + 1
+        out.append((sum(1 << j for j, rk in enumerate(ranks) if rk < r),
+                    sum(d << j for j, d in enumerate(dirs))))
+    return out
+
+
+@pytest.mark.parametrize("k, seed", [(7, 1), (3, 2), (1, 3)])
+def test_serial_ranker_matches_the_rank_rule_with_interleaved_contexts(k, seed):
+    """SerialRanker (area=1's H-RANK and V-RANK) against the incremental-rank rule of the
+    parallel rankers: lines of 2..2k+1 keys in four contexts, their keys interleaved
+    (as V-RANK's columns are), keys K + 2 cycles apart, many ties (keys from a small
+    set), every r in 0..k."""
+    from hw.cubist.rank import SerialRanker
+
+    rng = random.Random(seed)
+    dut = SerialRanker(k=k, key_bits=6, ctx_bits=2, tag_bits=3)
+    lines = {c: [] for c in range(4)}
+    for c in range(4):
+        for _ in range(3):
+            n = rng.randint(2, 2 * k + 1)
+            lines[c].append(([rng.randint(-4, 4) for _ in range(n - 1)], rng.randint(0, k)))
+    # one key per ctx in turn, a line of each context at a time
+    sched, pos = [], {c: [0, 0] for c in range(4)}
+    while any(pos[c][0] < 3 for c in range(4)):
+        for c in range(4):
+            li, n = pos[c]
+            if li == 3:
+                continue
+            keys, r = lines[c][li]
+            sched.append((c, li, keys[n], n, n == len(keys) - 1, r))
+            pos[c] = [li, n + 1] if n + 1 < len(keys) else [li + 1, 0]
+    got = {c: [] for c in range(4)}
+
+    async def bench(ctx):
+        for c, li, key, n, last, r in sched:
+            ctx.set(dut.valid, 1)
+            ctx.set(dut.key, key)
+            ctx.set(dut.n, n)
+            ctx.set(dut.last, last)
+            ctx.set(dut.thr, r)
+            ctx.set(dut.ctx, c)
+            ctx.set(dut.tag, li)
+            for _ in range(k + 2):
+                await ctx.tick()
+                ctx.set(dut.valid, 0)
+                if ctx.get(dut.dec_valid):
+                    got[ctx.get(dut.dec_ctx)].append(
+                        (ctx.get(dut.dec_tag), ctx.get(dut.dec_removed), ctx.get(dut.dec_dirs)))
+        for _ in range(k + 3):
+            await ctx.tick()
+            if ctx.get(dut.dec_valid):
+                got[ctx.get(dut.dec_ctx)].append(
+                    (ctx.get(dut.dec_tag), ctx.get(dut.dec_removed), ctx.get(dut.dec_dirs)))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    for c in range(4):
+        exp = [(li, *dec) for li, dec in enumerate(_rank_model(lines[c], k))]
+        assert got[c] == exp, (c, lines[c])
+
+
 def _have(sim):
     from sim.runner import available_simulators
 
@@ -137,6 +242,11 @@ def _have(sim):
     (dict(serial_mul=2), r"serial_mul must be 0 or 1, not 2"),
     (dict(c=4, lanes=4, serial_mul=1), r"serial_mul needs c/lanes >= 2 beats per token, not 1"),
     (dict(shared_keys=2), r"shared_keys must be 0 or 1, not 2"),
+    (dict(area=2, shared_keys=1), r"area must be 0 or 1, not 2"),
+    (dict(area=1), r"area=1 needs shared_keys=1"),
+    (dict(h_max=14, w_max=8, c=32, lanes=4, shared_keys=1, area=1),
+     r"area=1 needs c/lanes >= max\(h_max, w_max\)//2 \+ 2 = 9 beats per token \(one key "
+     r"per ranker pass\), not 8"),
 ])
 def test_bad_parameters_are_refused(kwargs, msg):
     with pytest.raises(ValueError, match=msg):

@@ -68,12 +68,22 @@ class KeyFront(Elaboratable):
 
     ``product_regs``: registers after each product (2: the second one lets the adder
     tree start beside its own registers, for ECP5 timing; 1: fewer flip-flops).
+
+    ``operand_regs = False``: the multipliers take the new beat and the old beat (memory
+    output) straight from the input register and the memory, a stage fewer.
+    ``mem_attrs``: attributes of the norm memory, whose read port is then not transparent
+    (``{"no_rw_check": 1}``: the caller guarantees that a token's first beat never comes
+    the cycle after the last beat of the token before it in the same ``tok`` slot, as
+    with ``ways = 2`` and the two streams taking alternate cycles).
     """
 
     def __init__(self, *, p: int, width: int, beats: int, tokens: int, c: int,
-                 ways: int = 1, product_regs: int = 2):
+                 ways: int = 1, product_regs: int = 2, operand_regs: bool = True,
+                 mem_attrs: dict | None = None):
         if product_regs not in (1, 2):
             raise ValueError(f"product_regs must be 1 or 2, not {product_regs!r}")
+        self.operand_regs = bool(operand_regs)
+        self.mem_attrs = mem_attrs
         self.p, self.width, self.beats, self.tokens = p, width, beats, tokens
         self.ways = ways
         self.product_regs = product_regs
@@ -116,8 +126,11 @@ class KeyFront(Elaboratable):
 
         # stage 2: the old beat (memory output) and the new beat registered again, so the
         # multipliers start from flip-flops, not from the memory's clock-to-out
-        x2, o2 = Signal(p * w), Signal(p * w)
-        m.d.sync += [x2.eq(x1), o2.eq(pr.data)]
+        if self.operand_regs:
+            x2, o2 = Signal(p * w), Signal(p * w)
+            m.d.sync += [x2.eq(x1), o2.eq(pr.data)]
+        else:
+            x2, o2 = x1, pr.data
         # stage 3: products registered
         prod = signed(2 * w + 1)
         new, old = lanes_of(x2, p, w), lanes_of(o2, p, w)
@@ -141,7 +154,7 @@ class KeyFront(Elaboratable):
         sd, st = _tree(m, pdq, sum_shape, "td")
         sn, _ = _tree(m, psq, sum_shape, "tn")
         # stages from the input register to the sum register
-        delay = 2 + self.product_regs + st
+        delay = 1 + self.operand_regs + self.product_regs + st
         sdr, snr = Signal(sum_shape), Signal(sum_shape)
         m.d.sync += [sdr.eq(sd), snr.eq(sn)]
 
@@ -160,9 +173,10 @@ class KeyFront(Elaboratable):
         # accumulate stage (a): running sums, predecessor's norm read at the first beat
         acc_d = Array(Signal(signed(self.dw + 1), name=f"acc_d{n}") for n in range(self.ways))
         acc_n = Array(Signal(unsigned(self.nw + 1), name=f"acc_n{n}") for n in range(self.ways))
-        m.submodules.norms = norms = Memory(shape=self.nw, depth=max(self.tokens, 2), init=[])
+        m.submodules.norms = norms = Memory(shape=self.nw, depth=max(self.tokens, 2), init=[],
+                                            attrs=self.mem_attrs)
         nw_ = norms.write_port()
-        nr = norms.read_port(transparent_for=(nw_,))
+        nr = norms.read_port(transparent_for=() if self.mem_attrs else (nw_,))
         ad, an = acc_d[waya], acc_n[waya]
         with m.If(va):
             m.d.sync += [ad.eq(Mux(ca["first"], 0, ad) + sdr),

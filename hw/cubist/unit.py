@@ -41,6 +41,7 @@ from .layouts import (
     token_layout,
     um_cfg_layout,
 )
+from .rank import SerialRanker
 
 __all__ = ["CubistMerge", "mm_lanes"]
 
@@ -109,13 +110,17 @@ class CubistMerge(wiring.Component):
     B-1 cycles and the map's multiply in LUTs, so that only the 4P per-beat products
     use DSPs; needs B >= 2), ``shared_keys`` (1: one key front and one key divider serve
     both passes, the input and the horizontal merge taking turns cycle by cycle: half
-    the throughput, half the multipliers; for the iCE40).
+ the throughput, half the multipliers; for the iCE40), ``area`` (1: the iCE40's
+    area configuration: the ECP5 timing registers before the merges and the key front's
+    second operand register left out, serial rankers (one comparison a cycle, the rank
+    state in block RAM), memories without read-during-write logic; needs
+    ``shared_keys=1`` and ``C/P >= max(H_max, W_max)//2 + 2``).
     """
 
     def __init__(self, *, h_max: int = 14, w_max: int = 14, c: int = 64, lanes: int = 4,
                  width: int = 8, frac_bits: int = 16, max_prefix: int = 4,
                  unmerge: bool = True, buffers: int = 2, serial_mul: int = 0,
-                 shared_keys: int = 0):
+                 shared_keys: int = 0, area: int = 0):
         self.h_max = check_int("h_max", h_max, 2, 64)
         self.w_max = check_int("w_max", w_max, 2, 64)
         self.c = check_int("c", c, 1, 1024)
@@ -142,6 +147,15 @@ class CubistMerge(wiring.Component):
         if shared_keys not in (0, 1, True, False):
             raise ValueError(f"shared_keys must be 0 or 1, not {shared_keys!r}")
         self.shared_keys = bool(shared_keys)
+        if area not in (0, 1, True, False):
+            raise ValueError(f"area must be 0 or 1, not {area!r}")
+        if area and not shared_keys:
+            raise ValueError("area=1 needs shared_keys=1")
+        need = max(self.h_max, self.w_max) // 2 + 2
+        if area and self.beats < need:
+            raise ValueError(f"area=1 needs c/lanes >= max(h_max, w_max)//2 + 2 = {need} beats "
+                             f"per token (one key per ranker pass), not {self.beats}")
+        self.area = bool(area)
         tok = token_layout(width, lanes)
         sig = {
             "cfg": In(stream.Signature(cfg_layout())),
@@ -173,6 +187,11 @@ class CubistMerge(wiring.Component):
         NB = self.buffers
         PB = clog2(self.max_prefix)
         LW = P * WD
+        area = self.area
+        # area: no memory's read ever meets a write to the same address in a cycle whose
+        # read data is used (README, "Area configuration"), so Yosys needs no
+        # read-during-write logic (a delayed write and a bypass mux per memory on iCE40)
+        nrw = {"no_rw_check": 1} if area else None
 
         def bank_of(slot):  # the frame-buffer bank as an address field
             return slot[0:1] if NB == 2 else Const(0, 0)
@@ -196,13 +215,14 @@ class CubistMerge(wiring.Component):
         vdone = Array(Signal(name=f"vdone{b}") for b in range(NB))
 
         # ---- memories -------------------------------------------------------------
-        m.submodules.rowbuf = rowbuf = Memory(shape=LW, depth=(1 << S_BITS) << CB, init=[])
+        m.submodules.rowbuf = rowbuf = Memory(shape=LW, depth=(1 << S_BITS) << CB, init=[],
+                                              attrs=nrw)
         rb_w, rb_r = rowbuf.write_port(), rowbuf.read_port()
         if self.max_prefix:
             m.submodules.prefbuf = prefbuf = Memory(
-                shape=LW, depth=SLOTS << (PB + CB), init=[])
+                shape=LW, depth=SLOTS << (PB + CB), init=[], attrs=nrw)
             pf_w, pf_r = prefbuf.write_port(), prefbuf.read_port()
-        m.submodules.hdec = hdec = Memory(shape=2 * KH, depth=SLOTS << HB, init=[])
+        m.submodules.hdec = hdec = Memory(shape=2 * KH, depth=SLOTS << HB, init=[], attrs=nrw)
         hd_w = hdec.write_port()
         hd_r_merge, hd_r_map = hdec.read_port(), hdec.read_port()
         fb_w, fb_r = [], []
@@ -226,11 +246,12 @@ class CubistMerge(wiring.Component):
                              fb_r[par].en.eq(~fb_w[par].en)]
             else:
                 m.d.comb += [fb_w[par].addr.eq(fb_waddr[par]), fb_r[par].addr.eq(fb_raddr[par])]
-        vword = KV * KW + KV * RBV + KV + KW
-        m.submodules.vrank = vrank = Memory(shape=vword, depth=NB << WB, init=[])
-        vr_w = vrank.write_port()
-        vr_r = vrank.read_port(transparent_for=(vr_w,))
-        m.submodules.vdec = vdec = Memory(shape=2 * KV, depth=NB << WB, init=[])
+        if not area:  # (area: the serial V ranker keeps its own memory)
+            vword = KV * KW + KV * RBV + KV + KW
+            m.submodules.vrank = vrank = Memory(shape=vword, depth=NB << WB, init=[])
+            vr_w = vrank.write_port()
+            vr_r = vrank.read_port(transparent_for=(vr_w,))
+        m.submodules.vdec = vdec = Memory(shape=2 * KV, depth=NB << WB, init=[], attrs=nrw)
         vd_w = vdec.write_port()
         vd_r_tok, vd_r_map = vdec.read_port(), vdec.read_port()
 
@@ -246,10 +267,16 @@ class CubistMerge(wiring.Component):
         shared = self.shared_keys
         tdm = Signal()  # shared: 0 = IN's cycle, 1 = H-MERGE's cycle
         in_ok, mg_ok = (~tdm, tdm) if shared else (Const(1), Const(1))
+        if area:
+            # H-MERGE's merged beat reaches the key front one cycle after its issue (no
+            # registered memory output before the merge), so both issue on even cycles:
+            # IN's beats reach it on even cycles, H-MERGE's on odd ones
+            mg_ok = ~tdm
         if shared:
             m.d.sync += tdm.eq(~tdm)
             m.submodules.kfront = kf = KeyFront(p=P, width=WD, beats=B, tokens=2 << WB,
-                                                c=self.c, ways=2, product_regs=1)
+                                                c=self.c, ways=2, product_regs=1,
+                                                operand_regs=not area, mem_attrs=nrw)
             m.submodules.kdiv = kd = KeyDivider(dw=kf.dw, nw=kf.nw, frac_bits=F, beats=B,
                                                 serial=self.serial_mul, queue=True)
 
@@ -388,7 +415,7 @@ class CubistMerge(wiring.Component):
         h_ranks = [Signal(RBH, name=f"hr{k}") for k in range(KH)]
         h_dirs = [Signal(name=f"hd{k}") for k in range(KH)]
         h_pend = Signal(signed(KW))
-        n_h, row_h, slot_h = Signal(8), Signal(8), Signal(2)
+        n_h, row_h, slot_h = Signal(8), Signal(8), Signal(2, name="slot_h")
         hc = cfg_of(slot_h)
         # H-RANK in four stages (a key arrives at most every B cycles, but every loop
         # below closes within one stage, so B = 1 is hazard-free too):
@@ -404,58 +431,78 @@ class CubistMerge(wiring.Component):
                      hwh.eq(hc["w"] >> 1)]
         a_rw, a_wh = Signal(8), Signal(8)
         h_last_n = n_h == hw2
-        with m.If(hkey_v):
-            key = hkey
-            odd = n_h[0]
-            is_final = odd | h_last_n  # n <= W-2, so "n + 2 >= W" is "n = W-2"
-            right = odd & (key > h_pend)
-            with m.If(~is_final):
-                m.d.sync += h_pend.eq(key)
-            m.d.sync += [a_fin.eq(is_final), a_right.eq(right), a_k.eq(n_h >> 1),
-                         a_score.eq(Mux(right, key, Mux(odd, h_pend, key))),
-                         a_end.eq(h_last_n), a_row.eq(row_h), a_slot.eq(slot_h),
-                         a_rw.eq(hrw), a_wh.eq(hwh)]
+
+        def next_h_key():  # the position of the next H key (row, slot)
             with m.If(h_last_n):
                 m.d.sync += [n_h.eq(0), row_h.eq(row_h + 1)]
                 with m.If(row_h == hh1):
                     m.d.sync += [row_h.eq(0), slot_h.eq(slot_h + 1)]
             with m.Else():
                 m.d.sync += n_h.eq(n_h + 1)
-        m.d.sync += a_v.eq(hkey_v)
-        # S1: the new candidate against the scores of the earlier ones in this row
-        b_v, b_end = Signal(), Signal()
-        b_k, b_row, b_slot = Signal.like(a_k), Signal(8), Signal(2)
-        b_gt = Signal(max(KH, 1))
-        b_rw, b_wh, c_rw, c_wh = Signal(8), Signal(8), Signal(8), Signal(8)
-        m.d.sync += [b_rw.eq(a_rw), b_wh.eq(a_wh), c_rw.eq(b_rw), c_wh.eq(b_wh)]
-        m.d.sync += [b_v.eq(a_v & a_fin), b_end.eq(a_v & a_end), b_k.eq(a_k),
-                     b_row.eq(a_row), b_slot.eq(a_slot),
-                     b_gt.eq(Cat(*[a_score > h_scores[j] for j in range(KH)]))]
-        with m.If(a_v & a_fin):
-            for j in range(KH):
-                with m.If(a_k == j):
-                    m.d.sync += [h_scores[j].eq(a_score), h_dirs[j].eq(a_right)]
-        # S2: rank counters (rank_update); the row's directions are final here
-        c_end, c_row, c_slot = Signal(), Signal(8), Signal(2)
-        c_dirs = Signal(max(KH, 1))
-        m.d.sync += [c_end.eq(b_end), c_row.eq(b_row), c_slot.eq(b_slot)]
-        with m.If(b_end):
-            m.d.sync += c_dirs.eq(Cat(*h_dirs))
-        with m.If(b_v):
-            m.d.sync += [h_ranks[j].eq(r)
-                         for j, r in enumerate(rank_update(b_k, b_gt, h_ranks, RBH))]
-        # S3: removed = rank < r_w, written with the directions
-        with m.If(c_end):
-            removed = Cat(*[(h_ranks[j] < c_rw) & (j < c_wh)
-                            for j in range(KH)])
-            m.d.comb += [hd_w.addr.eq(Cat(_bits(c_row, HB), c_slot)),
-                         hd_w.data.eq(Cat(removed, c_dirs[:KH])), hd_w.en.eq(1)]
-            m.d.sync += rows_ready.eq(rows_ready + 1)
+
+        if area:
+            # serial ranker: one comparison a cycle (keys come >= B >= KH + 2 cycles apart)
+            m.submodules.hrank = hrk = SerialRanker(k=KH, key_bits=KW, tag_bits=HB + 2,
+                                                    attrs=nrw)
+            m.d.comb += [hrk.valid.eq(hkey_v), hrk.key.eq(hkey), hrk.n.eq(n_h),
+                         hrk.last.eq(h_last_n), hrk.thr.eq(hrw),
+                         hrk.tag.eq(Cat(_bits(row_h, HB), slot_h))]
+            with m.If(hkey_v):
+                next_h_key()
+            with m.If(hrk.dec_valid):
+                m.d.comb += [hd_w.addr.eq(hrk.dec_tag), hd_w.en.eq(1),
+                             hd_w.data.eq(Cat(hrk.dec_removed, hrk.dec_dirs))]
+                m.d.sync += rows_ready.eq(rows_ready + 1)
+        else:
+            with m.If(hkey_v):
+                key = hkey
+                odd = n_h[0]
+                is_final = odd | h_last_n  # n <= W-2, so "n + 2 >= W" is "n = W-2"
+                right = odd & (key > h_pend)
+                with m.If(~is_final):
+                    m.d.sync += h_pend.eq(key)
+                m.d.sync += [a_fin.eq(is_final), a_right.eq(right), a_k.eq(n_h >> 1),
+                             a_score.eq(Mux(right, key, Mux(odd, h_pend, key))),
+                             a_end.eq(h_last_n), a_row.eq(row_h), a_slot.eq(slot_h),
+                             a_rw.eq(hrw), a_wh.eq(hwh)]
+                next_h_key()
+            m.d.sync += a_v.eq(hkey_v)
+            # S1: the new candidate against the scores of the earlier ones in this row
+            b_v, b_end = Signal(), Signal()
+            b_k, b_row, b_slot = Signal.like(a_k), Signal(8), Signal(2)
+            b_gt = Signal(max(KH, 1))
+            b_rw, b_wh, c_rw, c_wh = Signal(8), Signal(8), Signal(8), Signal(8)
+            m.d.sync += [b_rw.eq(a_rw), b_wh.eq(a_wh), c_rw.eq(b_rw), c_wh.eq(b_wh)]
+            m.d.sync += [b_v.eq(a_v & a_fin), b_end.eq(a_v & a_end), b_k.eq(a_k),
+                         b_row.eq(a_row), b_slot.eq(a_slot),
+                         b_gt.eq(Cat(*[a_score > h_scores[j] for j in range(KH)]))]
+            with m.If(a_v & a_fin):
+                for j in range(KH):
+                    with m.If(a_k == j):
+                        m.d.sync += [h_scores[j].eq(a_score), h_dirs[j].eq(a_right)]
+            # S2: rank counters (rank_update); the row's directions are final here
+            c_end, c_row, c_slot = Signal(), Signal(8), Signal(2)
+            c_dirs = Signal(max(KH, 1))
+            m.d.sync += [c_end.eq(b_end), c_row.eq(b_row), c_slot.eq(b_slot)]
+            with m.If(b_end):
+                m.d.sync += c_dirs.eq(Cat(*h_dirs))
+            with m.If(b_v):
+                m.d.sync += [h_ranks[j].eq(r)
+                             for j, r in enumerate(rank_update(b_k, b_gt, h_ranks, RBH))]
+            # S3: removed = rank < r_w, written with the directions
+            with m.If(c_end):
+                removed = Cat(*[(h_ranks[j] < c_rw) & (j < c_wh)
+                                for j in range(KH)])
+                m.d.comb += [hd_w.addr.eq(Cat(_bits(c_row, HB), c_slot)),
+                             hd_w.data.eq(Cat(removed, c_dirs[:KH])), hd_w.en.eq(1)]
+                m.d.sync += rows_ready.eq(rows_ready + 1)
 
         # ======================= H-MERGE ============================================
-        m.submodules.tbuf = tbuf = Memory(shape=LW, depth=max(2, 1 << CB), init=[])
+        m.submodules.tbuf = tbuf = Memory(shape=LW, depth=max(2, 1 << CB), init=[], attrs=nrw)
         t_w = tbuf.write_port()
-        t_r = tbuf.read_port(transparent_for=(t_w,))
+        # (area: a beat is written 1 cycle after its issue, read >= B cycles after that
+        # issue, and no read at issue meets the write of the same beat index)
+        t_r = tbuf.read_port(transparent_for=() if area else (t_w,))
         row_m, slot_m = Signal(8), Signal(2)
         bank_m = bank_of(slot_m)
         # the merging frame's W and H, registered (slot_m is stable from IDLE to the row's end)
@@ -515,7 +562,7 @@ class CubistMerge(wiring.Component):
         # beat is written 2 cycles after its issue, B >= 2 cycles before it is read)
         early = B >= 2
         m.d.comb += t_r.addr.eq(_bits(c_m if early else c1, CB))
-        sq = _pipe(m, True, "hm2", **s1, c=c1, col=col1, row=row1, bank=bank1, x=rb_r.data,
+        sq = _pipe(m, not area, "hm2", **s1, c=c1, col=col1, row=row1, bank=bank1, x=rb_r.data,
                    **({"t": t_r.data} if early else {}))
         x, tv = sq["x"], sq["t"] if early else t_r.data
         even_v = Mux(sq["src_l"], mm_lanes(x, tv, P, WD), x)
@@ -543,7 +590,6 @@ class CubistMerge(wiring.Component):
         # ======================= V keys and V-RANK ==================================
         n_v, col_v, slot_v = Signal(8), Signal(8), Signal(2)
         vc = cfg_of(slot_v)
-        m.d.comb += vr_r.addr.eq(Cat(_bits(col_v, WB), bank_of(slot_v)))
         # W'-1 and H-2 of slot_v's frame, registered: a frame's first V key comes rows
         # after slot_v moved to it (slot lookup -> subtract -> compare was a 93 MHz path)
         vw1, vh2, vrh, vhh = Signal(8), Signal(8), Signal(8), Signal(8)
@@ -556,64 +602,79 @@ class CubistMerge(wiring.Component):
                 m.d.sync += [col_v.eq(0), n_v.eq(n_v + 1)]
                 with m.If(v_last_n):
                     m.d.sync += [n_v.eq(0), slot_v.eq(slot_v + 1)]
-        v1, key1 = Signal(), Signal(signed(KW))
-        n1, vcol1, slot1, last1 = Signal(8), Signal(8), Signal(2), Signal()
-        rh1, hh1v, lc1 = Signal(8), Signal(8), Signal()
-        m.d.sync += [v1.eq(vkey_v), key1.eq(vkey), n1.eq(n_v), vcol1.eq(col_v),
-                     slot1.eq(slot_v), last1.eq(v_last_n), rh1.eq(vrh), hh1v.eq(vhh),
-                     lc1.eq(col_v == vw1)]
-        # V-RANK: read-modify-write of the column's word. Stage 1: the word (memory output)
-        # and the score; A: compare with the earlier scores; B: new ranks, word written.
-        # Stages A and B are registered when a column's next key (at least B cycles later,
-        # W' >= 1) reads after the write (B >= 3); otherwise they are one cycle, as for B < 3.
-        # With shared keys (a 30 MHz iCE40 target) they are one cycle too: the two registered
-        # copies of the rank word cost about 400 flip-flops.
-        deep = B >= 3 and not shared
-        word = vr_r.data
-        off = 0
-        v_scores = [word[off + j * KW: off + (j + 1) * KW].as_signed() for j in range(KV)]
-        off += KV * KW
-        v_ranks = [word[off + j * RBV: off + (j + 1) * RBV] for j in range(KV)]
-        off += KV * RBV
-        v_dirs = [word[off + j] for j in range(KV)]
-        off += KV
-        v_pend = word[off:off + KW].as_signed()
-        vodd = n1[0]
-        v_right = vodd & (key1 > v_pend)
-        # n <= H-2, so "n + 2 >= H" is "n = H-2" (last1)
-        sa = _pipe(m, deep, "va", v=v1, kv=(n1 >> 1)[:8], fin=vodd | last1,
-                   right=v_right, score=Mux(v_right, key1, Mux(vodd, v_pend, key1)),
-                   key=key1, pend=v_pend, col=vcol1, slot=slot1,
-                   done=last1, rh=rh1, hh=hh1v, lc=lc1, scores=Cat(*v_scores),
-                   ranks=Cat(*v_ranks),
-                   dirs=Cat(*v_dirs))
-        a_scores = [sa["scores"][j * KW:(j + 1) * KW].as_signed() for j in range(KV)]
-        sb = _pipe(m, deep, "vb", **{n: sa[n] for n in sa if n != "scores"},
-                   gts=Cat(*[sa["score"] > a_scores[j] for j in range(KV)]),
-                   new_scores=Cat(*[Mux(sa["fin"] & (sa["kv"] == j), sa["score"], a_scores[j])
-                                    for j in range(KV)]))
-        b_ranks = [sb["ranks"][j * RBV:(j + 1) * RBV] for j in range(KV)]
-        v_new_ranks = rank_update(sb["kv"], sb["gts"], b_ranks, RBV)
-        new_ranks = [Mux(sb["fin"], v_new_ranks[j], b_ranks[j]) for j in range(KV)]
-        new_dirs = [Mux(sb["fin"] & (sb["kv"] == j), sb["right"], sb["dirs"][j])
-                    for j in range(KV)]
-        new_pend = Mux(sb["fin"], sb["pend"], sb["key"])
-        m.d.comb += [vr_w.addr.eq(Cat(_bits(sb["col"], WB), bank_of(sb["slot"]))),
-                     vr_w.data.eq(Cat(sb["new_scores"], *new_ranks, *new_dirs, new_pend)),
-                     vr_w.en.eq(sb["v"])]
-        # stage D (after the loop): the column's decision into vdec
-        d_v, d_col, d_slot = Signal(), Signal(8), Signal(2)
-        d_ranks, d_dirs = Signal(KV * RBV), Signal(KV)
-        d_rh, d_hh, d_lc = Signal(8), Signal(8), Signal()
-        m.d.sync += [d_v.eq(sb["v"] & sb["done"]), d_col.eq(sb["col"]), d_slot.eq(sb["slot"]),
-                     d_ranks.eq(Cat(*new_ranks)), d_dirs.eq(Cat(*new_dirs)), d_rh.eq(sb["rh"]),
-                     d_hh.eq(sb["hh"]), d_lc.eq(sb["lc"])]
-        v_removed = Cat(*[(d_ranks[j * RBV:(j + 1) * RBV] < d_rh) & (j < d_hh)
-                          for j in range(KV)])
-        m.d.comb += [vd_w.addr.eq(Cat(_bits(d_col, WB), bank_of(d_slot))),
-                     vd_w.data.eq(Cat(v_removed, d_dirs)), vd_w.en.eq(d_v)]
-        with m.If(d_v & d_lc):
-            m.d.sync += vdone[bidx(d_slot)].eq(1)
+        if area:
+            # serial ranker, one context per column (keys come >= B >= KV + 2 cycles apart)
+            vctx = Cat(_bits(col_v, WB), bank_of(slot_v))
+            m.submodules.vrank = vrk = SerialRanker(k=KV, key_bits=KW, ctx_bits=len(vctx),
+                                                    tag_bits=3, attrs=nrw)
+            m.d.comb += [vrk.valid.eq(vkey_v), vrk.key.eq(vkey), vrk.n.eq(n_v),
+                         vrk.last.eq(v_last_n), vrk.thr.eq(vrh), vrk.ctx.eq(vctx),
+                         vrk.tag.eq(Cat(col_v == vw1, slot_v))]
+            m.d.comb += [vd_w.addr.eq(vrk.dec_ctx[:len(vctx)]),
+                         vd_w.data.eq(Cat(vrk.dec_removed, vrk.dec_dirs)),
+                         vd_w.en.eq(vrk.dec_valid)]
+            with m.If(vrk.dec_valid & vrk.dec_tag[0]):
+                m.d.sync += vdone[bidx(vrk.dec_tag[1:3])].eq(1)
+        else:
+            m.d.comb += vr_r.addr.eq(Cat(_bits(col_v, WB), bank_of(slot_v)))
+            v1, key1 = Signal(), Signal(signed(KW))
+            n1, vcol1, slot1, last1 = Signal(8), Signal(8), Signal(2), Signal()
+            rh1, hh1v, lc1 = Signal(8), Signal(8), Signal()
+            m.d.sync += [v1.eq(vkey_v), key1.eq(vkey), n1.eq(n_v), vcol1.eq(col_v),
+                         slot1.eq(slot_v), last1.eq(v_last_n), rh1.eq(vrh), hh1v.eq(vhh),
+                         lc1.eq(col_v == vw1)]
+            # V-RANK: read-modify-write of the column's word. Stage 1: the word (memory output)
+            # and the score; A: compare with the earlier scores; B: new ranks, word written.
+            # Stages A and B are registered when a column's next key (at least B cycles later,
+            # W' >= 1) reads after the write (B >= 3); otherwise they are one cycle, as for B < 3.
+            # With shared keys (a 30 MHz iCE40 target) they are one cycle too: the two registered
+            # copies of the rank word cost about 400 flip-flops.
+            deep = B >= 3 and not shared
+            word = vr_r.data
+            off = 0
+            v_scores = [word[off + j * KW: off + (j + 1) * KW].as_signed() for j in range(KV)]
+            off += KV * KW
+            v_ranks = [word[off + j * RBV: off + (j + 1) * RBV] for j in range(KV)]
+            off += KV * RBV
+            v_dirs = [word[off + j] for j in range(KV)]
+            off += KV
+            v_pend = word[off:off + KW].as_signed()
+            vodd = n1[0]
+            v_right = vodd & (key1 > v_pend)
+            # n <= H-2, so "n + 2 >= H" is "n = H-2" (last1)
+            sa = _pipe(m, deep, "va", v=v1, kv=(n1 >> 1)[:8], fin=vodd | last1,
+                       right=v_right, score=Mux(v_right, key1, Mux(vodd, v_pend, key1)),
+                       key=key1, pend=v_pend, col=vcol1, slot=slot1,
+                       done=last1, rh=rh1, hh=hh1v, lc=lc1, scores=Cat(*v_scores),
+                       ranks=Cat(*v_ranks),
+                       dirs=Cat(*v_dirs))
+            a_scores = [sa["scores"][j * KW:(j + 1) * KW].as_signed() for j in range(KV)]
+            sb = _pipe(m, deep, "vb", **{n: sa[n] for n in sa if n != "scores"},
+                       gts=Cat(*[sa["score"] > a_scores[j] for j in range(KV)]),
+                       new_scores=Cat(*[Mux(sa["fin"] & (sa["kv"] == j), sa["score"], a_scores[j])
+                                        for j in range(KV)]))
+            b_ranks = [sb["ranks"][j * RBV:(j + 1) * RBV] for j in range(KV)]
+            v_new_ranks = rank_update(sb["kv"], sb["gts"], b_ranks, RBV)
+            new_ranks = [Mux(sb["fin"], v_new_ranks[j], b_ranks[j]) for j in range(KV)]
+            new_dirs = [Mux(sb["fin"] & (sb["kv"] == j), sb["right"], sb["dirs"][j])
+                        for j in range(KV)]
+            new_pend = Mux(sb["fin"], sb["pend"], sb["key"])
+            m.d.comb += [vr_w.addr.eq(Cat(_bits(sb["col"], WB), bank_of(sb["slot"]))),
+                         vr_w.data.eq(Cat(sb["new_scores"], *new_ranks, *new_dirs, new_pend)),
+                         vr_w.en.eq(sb["v"])]
+            # stage D (after the loop): the column's decision into vdec
+            d_v, d_col, d_slot = Signal(), Signal(8), Signal(2)
+            d_ranks, d_dirs = Signal(KV * RBV), Signal(KV)
+            d_rh, d_hh, d_lc = Signal(8), Signal(8), Signal()
+            m.d.sync += [d_v.eq(sb["v"] & sb["done"]), d_col.eq(sb["col"]), d_slot.eq(sb["slot"]),
+                         d_ranks.eq(Cat(*new_ranks)), d_dirs.eq(Cat(*new_dirs)), d_rh.eq(sb["rh"]),
+                         d_hh.eq(sb["hh"]), d_lc.eq(sb["lc"])]
+            v_removed = Cat(*[(d_ranks[j * RBV:(j + 1) * RBV] < d_rh) & (j < d_hh)
+                              for j in range(KV)])
+            m.d.comb += [vd_w.addr.eq(Cat(_bits(d_col, WB), bank_of(d_slot))),
+                         vd_w.data.eq(Cat(v_removed, d_dirs)), vd_w.en.eq(d_v)]
+            with m.If(d_v & d_lc):
+                m.d.sync += vdone[bidx(d_slot)].eq(1)
 
         # ======================= OUT ================================================
         slot_o = Signal(2)
@@ -671,11 +732,13 @@ class CubistMerge(wiring.Component):
         m.submodules.o_fifo = ofifo = StreamFIFO(token_layout(WD, P), FIFO_DEPTH)
         m.d.comb += [self.o.payload.eq(ofifo.o.payload), self.o.valid.eq(ofifo.o.valid),
                      ofifo.o.ready.eq(self.o.ready)]
-        m.submodules.ptr = ptrmem = Memory(shape=8, depth=1 << WB, init=[])
+        area, nrw = self.area, env["nrw"]
+        m.submodules.ptr = ptrmem = Memory(shape=8, depth=1 << WB, init=[], attrs=nrw)
         ptr_w, ptr_r = ptrmem.write_port(), ptrmem.read_port()
-        m.submodules.tbuf_o = tbo = Memory(shape=LW, depth=max(2, 1 << env["CB"]), init=[])
+        m.submodules.tbuf_o = tbo = Memory(shape=LW, depth=max(2, 1 << env["CB"]), init=[],
+                                           attrs=nrw)
         to_w = tbo.write_port()
-        to_r = tbo.read_port(transparent_for=(to_w,))
+        to_r = tbo.read_port(transparent_for=() if area else (to_w,))
 
         # descriptor: one token (prefix p, or grid row e / column col with its sources)
         D = ("pre", "p", "e", "col", "hl", "hr", "last")
@@ -791,8 +854,8 @@ class CubistMerge(wiring.Component):
         pre_data = env["pf_r"].data if self.max_prefix else Const(0, LW)
         early = B >= 2  # T read at issue, output registered (as in H-MERGE)
         m.d.comb += to_r.addr.eq(_bits(cb if early else cb1, CB))
-        bq = _pipe(m, True, "ob2", **b1, cb=cb1, ev=fb_r[0].data, od=fb_r[1].data, pre_d=pre_data,
-                   **({"t": to_r.data} if early else {}))
+        bq = _pipe(m, not area, "ob2", **b1, cb=cb1, ev=fb_r[0].data, od=fb_r[1].data,
+                   pre_d=pre_data, **({"t": to_r.data} if early else {}))
         ev, od, tp = bq["ev"], bq["od"], bq["t"] if early else to_r.data
         dest = Mux(bq["eodd"], od, ev)
         va = Mux(bq["hl"], mm_lanes(dest, od, P, WD), dest)
