@@ -312,11 +312,13 @@ def test_no_combinational_path_from_valid_to_ready():
     assert any(checked) and not all(checked)  # readies did change over time
 
 
-@pytest.mark.parametrize("frac_bits, beats, serial", [(16, 16, False), (11, 1, False),
-                                                      (16, 2, True), (8, 3, True)])
-def test_key_divider_matches_the_key_formula(frac_bits, beats, serial):
+@pytest.mark.parametrize("frac_bits, beats, serial, lean", [
+    (16, 16, False, False), (11, 1, False, False), (16, 2, True, False), (8, 3, True, False),
+    (16, 16, True, True), (16, 5, True, True), (13, 4, False, True)])
+def test_key_divider_matches_the_key_formula(frac_bits, beats, serial, lean):
     """KeyDivider alone (Amaranth's simulator), jobs every B cycles from real token pairs:
-    key = sign(d) * floor(d^2 * 2^F / (na * nb)), 0 for a zero norm; keys in job order."""
+    key = sign(d) * floor(d^2 * 2^F / (na * nb)), 0 for a zero norm; keys in job order.
+    lean: one divider unit, fed straight from the shift-add registers."""
     from hw.cubist.keys import KeyDivider, norm_bits
 
     c, width = 8, 8
@@ -336,7 +338,9 @@ def test_key_divider_matches_the_key_formula(frac_bits, beats, serial):
     def key(d, na, nb):
         return 0 if na * nb == 0 else (1 if d >= 0 else -1) * ((d * d << frac_bits) // (na * nb))
 
-    dut = KeyDivider(dw=nw + 1, nw=nw, frac_bits=frac_bits, beats=beats, serial=serial)
+    dut = KeyDivider(dw=nw + 1, nw=nw, frac_bits=frac_bits, beats=beats, serial=serial,
+                     lean=lean)
+    assert dut.units == 1 if lean else dut.units >= 1
     sim = Simulator(dut)
     sim.add_clock(1e-6)
     got = []
@@ -388,9 +392,11 @@ def test_mm_lanes_is_max_magnitude_with_ties_to_the_first_on_every_8_bit_pair():
     assert not wrong, wrong[:5]
 
 
-@pytest.mark.parametrize("beats, serial, c", [(16, True, 64), (16, True, 8), (4, False, 8),
-                                             (1, False, 8)])
-def test_queued_key_divider_keeps_order_and_tags_of_two_interleaved_streams(beats, serial, c):
+@pytest.mark.parametrize("beats, serial, c, lean", [
+    (16, True, 64, False), (16, True, 8, False), (4, False, 8, False), (1, False, 8, False),
+    (16, True, 64, True), (6, True, 8, True)])
+def test_queued_key_divider_keeps_order_and_tags_of_two_interleaved_streams(beats, serial, c,
+                                                                             lean):
     """KeyDivider(queue=True), as shared by both passes: two tagged job streams, each at
     most one job per 2B cycles, arriving at unrelated times (often back to back); every
     key is right and comes back in job order with its job's tag. (C = 64, B = 16: the
@@ -421,7 +427,7 @@ def test_queued_key_divider_keeps_order_and_tags_of_two_interleaved_streams(beat
         return (1 if d >= 0 else -1) * ((d * d << frac_bits) // (na * nb))
 
     dut = KeyDivider(dw=nw + 1, nw=nw, frac_bits=frac_bits, beats=beats, serial=serial,
-                     queue=True)
+                     queue=True, lean=lean)
     sim = Simulator(dut)
     sim.add_clock(1e-6)
     got = []
@@ -491,8 +497,8 @@ def _key_front_jobs(product_regs, tokens, p, width):
 
 
 def test_key_front_product_registers_only_delay_the_jobs():
-    """product_regs=2 (ECP5 timing, the default) and 1 (shared keys, iCE40 area): the same
-    jobs d = <prev, new>, na = |prev|^2, nb = |new|^2, the second register one cycle later."""
+    """product_regs=2 (ECP5 timing, the default), 1 (shared keys) and 0 (area=1): the same
+    jobs d = <prev, new>, na = |prev|^2, nb = |new|^2, each register one cycle later."""
     p, width, beats = 4, 8, 3
     rng = random.Random(5)
     tokens = [[[rng.randint(-128, 127) for _ in range(p)] for _ in range(beats)]
@@ -500,14 +506,70 @@ def test_key_front_product_registers_only_delay_the_jobs():
     flat = [sum(t, []) for t in tokens]
     want = [(sum(x * y for x, y in zip(a, b)), sum(x * x for x in a), sum(y * y for y in b))
             for a, b in zip(flat, flat[1:])]
-    one, two = _key_front_jobs(1, tokens, p, width), _key_front_jobs(2, tokens, p, width)
+    zero, one = _key_front_jobs(0, tokens, p, width), _key_front_jobs(1, tokens, p, width)
+    two = _key_front_jobs(2, tokens, p, width)
+    assert [j[1:] for j in zero] == want
     assert [j[1:] for j in one] == want
     assert [j[1:] for j in two] == want
+    assert [j[0] + 1 for j in zero] == [j[0] for j in one]
     assert [j[0] + 1 for j in one] == [j[0] for j in two]
+
+
+def test_lean_key_front_keeps_two_interleaved_streams_apart():
+    """KeyFront as area=1 builds it (ways=2, no operand register, memories without
+    read-during-write logic, the new beat written a cycle late): two token streams on
+    alternate cycles, with gaps, each its own tok slot; every job is that stream's
+    d = <prev, new>, na = |prev|^2, nb = |new|^2, tagged with its way."""
+    from hw.cubist.keys import KeyFront
+
+    p, width, beats = 4, 8, 3
+    rng = random.Random(7)
+    streams = [[[[rng.randint(-128, 127) for _ in range(p)] for _ in range(beats)]
+                for _ in range(7)] for _ in range(2)]
+    dut = KeyFront(p=p, width=width, beats=beats, tokens=2, c=beats * p, ways=2,
+                   product_regs=1, operand_regs=False, mem_attrs={"no_rw_check": 1})
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    got = {0: [], 1: []}
+    beats_of = [[(n, k, b) for n, t in enumerate(s) for k, b in enumerate(t)] for s in streams]
+
+    async def drive(ctx):
+        cycle, pos = 0, [0, 0]
+        while pos[0] < len(beats_of[0]) or pos[1] < len(beats_of[1]):
+            way = cycle % 2
+            ctx.set(dut.valid, 0)
+            if pos[way] < len(beats_of[way]) and rng.random() < 0.8:
+                n, k, beat = beats_of[way][pos[way]]
+                pos[way] += 1
+                ctx.set(dut.valid, 1)
+                ctx.set(dut.way, way)
+                ctx.set(dut.tok, way)
+                ctx.set(dut.data, sum((v & 255) << (i * width) for i, v in enumerate(beat)))
+                ctx.set(dut.c, k)
+                ctx.set(dut.end, k == beats - 1)
+                ctx.set(dut.has_prev, n != 0)
+            await ctx.tick()
+            cycle += 1
+        ctx.set(dut.valid, 0)
+
+    async def collect(ctx):
+        for _ in range(200):
+            await ctx.tick()
+            if ctx.get(dut.job_valid):
+                got[ctx.get(dut.job_way)].append(
+                    (ctx.get(dut.job_d), ctx.get(dut.job_na), ctx.get(dut.job_nb)))
+
+    sim.add_testbench(drive)
+    sim.add_testbench(collect)
+    sim.run()
+    for way in (0, 1):
+        flat = [sum(t, []) for t in streams[way]]
+        assert got[way] == [(sum(x * y for x, y in zip(a, b)), sum(x * x for x in a),
+                             sum(y * y for y in b)) for a, b in zip(flat, flat[1:])]
 
 
 def test_key_front_refuses_a_bad_product_register_count():
     from hw.cubist.keys import KeyFront
 
-    with pytest.raises(ValueError, match=r"product_regs must be 1 or 2, not 3"):
+    with pytest.raises(ValueError, match=r"product_regs must be 0, 1 or 2, not 3"):
         KeyFront(p=4, width=8, beats=2, tokens=1, c=8, product_regs=3)

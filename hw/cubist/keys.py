@@ -67,21 +67,23 @@ class KeyFront(Elaboratable):
     slots must differ), each with its own accumulators; ``job_way`` says whose job it is.
 
     ``product_regs``: registers after each product (2: the second one lets the adder
-    tree start beside its own registers, for ECP5 timing; 1: fewer flip-flops).
+    tree start beside its own registers, for ECP5 timing; 1: fewer flip-flops; 0: the
+    products go straight into the adder tree, for a slow clock).
 
     ``operand_regs = False``: the multipliers take the new beat and the old beat (memory
     output) straight from the input register and the memory, a stage fewer.
-    ``mem_attrs``: attributes of the norm memory, whose read port is then not transparent
-    (``{"no_rw_check": 1}``: the caller guarantees that a token's first beat never comes
-    the cycle after the last beat of the token before it in the same ``tok`` slot, as
-    with ``ways = 2`` and the two streams taking alternate cycles).
+    ``mem_attrs``: attributes of both memories (``{"no_rw_check": 1}``), which then need
+    no read-during-write logic: the previous-beat memory is written a cycle late, from
+    the input register, and the norm memory's read port is not transparent. The caller
+    guarantees that two beats of the same ``tok`` slot never come in consecutive cycles
+    (``ways = 2``, the two streams taking alternate cycles).
     """
 
     def __init__(self, *, p: int, width: int, beats: int, tokens: int, c: int,
                  ways: int = 1, product_regs: int = 2, operand_regs: bool = True,
                  mem_attrs: dict | None = None):
-        if product_regs not in (1, 2):
-            raise ValueError(f"product_regs must be 1 or 2, not {product_regs!r}")
+        if product_regs not in (0, 1, 2):
+            raise ValueError(f"product_regs must be 0, 1 or 2, not {product_regs!r}")
         self.operand_regs = bool(operand_regs)
         self.mem_attrs = mem_attrs
         self.p, self.width, self.beats, self.tokens = p, width, beats, tokens
@@ -107,12 +109,17 @@ class KeyFront(Elaboratable):
         m = Module()
         p, w = self.p, self.width
         depth = max(2, 1 << (self.cb + self.tb))
-        m.submodules.prev = prev = Memory(shape=p * w, depth=depth, init=[])
+        lean = self.mem_attrs is not None
+        m.submodules.prev = prev = Memory(shape=p * w, depth=depth, init=[],
+                                          attrs=self.mem_attrs)
         pw = prev.write_port()
         pr = prev.read_port(transparent_for=())  # old value: the predecessor's beat
         addr = Cat(self.c[:self.cb], self.tok[:self.tb])
-        m.d.comb += [pw.addr.eq(addr), pw.data.eq(self.data), pw.en.eq(self.valid),
-                     pr.addr.eq(addr)]
+        if lean:  # (written below)
+            m.d.comb += pr.addr.eq(addr)
+        else:
+            m.d.comb += [pw.addr.eq(addr), pw.data.eq(self.data), pw.en.eq(self.valid),
+                         pr.addr.eq(addr)]
 
         # stage 1: new beat registered beside the old beat from memory
         v1, x1 = Signal(), Signal(p * w)
@@ -123,6 +130,10 @@ class KeyFront(Elaboratable):
         if self.ways == 2:
             m.d.sync += way1.eq(self.way)
         m.d.sync += [c1[n].eq(s) for s, n in ctl]
+        if lean:  # the new beat written a cycle late (its slot is not read in that cycle)
+            addr1 = Signal.like(addr)
+            m.d.sync += addr1.eq(addr)
+            m.d.comb += [pw.addr.eq(addr1), pw.data.eq(x1), pw.en.eq(v1)]
 
         # stage 2: the old beat (memory output) and the new beat registered again, so the
         # multipliers start from flip-flops, not from the memory's clock-to-out
@@ -134,10 +145,14 @@ class KeyFront(Elaboratable):
         # stage 3: products registered
         prod = signed(2 * w + 1)
         new, old = lanes_of(x2, p, w), lanes_of(o2, p, w)
-        pd = [Signal(prod, name=f"pd{k}") for k in range(p)]
-        ps = [Signal(prod, name=f"ps{k}") for k in range(p)]
-        m.d.sync += [pd[k].eq(new[k] * old[k]) for k in range(p)]
-        m.d.sync += [ps[k].eq(new[k] * new[k]) for k in range(p)]
+        if self.product_regs:
+            pd = [Signal(prod, name=f"pd{k}") for k in range(p)]
+            ps = [Signal(prod, name=f"ps{k}") for k in range(p)]
+            m.d.sync += [pd[k].eq(new[k] * old[k]) for k in range(p)]
+            m.d.sync += [ps[k].eq(new[k] * new[k]) for k in range(p)]
+        else:
+            pd = [new[k] * old[k] for k in range(p)]
+            ps = [new[k] * new[k] for k in range(p)]
         # stage 4: products registered again, so that the register after each DSP sits
         # beside it and the adder tree starts from its own registers (DSP -> long route
         # -> tree register was the board build's 95 MHz path)
@@ -300,19 +315,23 @@ class KeyDivider(Elaboratable):
     come in any ``2*beats`` cycles (two streams, each at most one job per ``2*beats``
     cycles): one job waits in a register and starts ``beats`` cycles after the previous
     one, so a key can be up to ``beats`` cycles later than ``latency``.
+    ``lean``: one divider (more quotient bits a cycle, ``divider_plan(F, B, 1)``) and, with
+    ``serial``, the dividers loaded straight from the shift-add registers (no product
+    register between them): fewer flip-flops for the iCE40.
     """
 
     def __init__(self, *, dw: int, nw: int, frac_bits: int, beats: int, serial: bool = False,
-                 queue: bool = False):
+                 queue: bool = False, lean: bool = False):
         self.f = frac_bits
         self.serial = serial
+        self.lean = lean
         self.queue = queue
         self.beats = beats
         # serial: the two products by shift-add in LUTs, `sbits` multiplier bits a cycle,
         # finished within B cycles (a job comes at most every B cycles)
         self.sbits = -(-nw // max(beats - 1, 1))
         self.scycles = -(-nw // self.sbits)
-        self.k, self.units = divider_plan(frac_bits, beats)
+        self.k, self.units = divider_plan(frac_bits, beats, 1 if lean else 3)
         self.valid = Signal()
         self.d = Signal(signed(dw))
         self.na = Signal(unsigned(nw))
@@ -325,7 +344,7 @@ class KeyDivider(Elaboratable):
         cycles = -(-(frac_bits + 1) // self.k)
         # multiplier stages (3 serial, 5 with DSPs), the divider's load cycle, its step
         # cycles, the key register
-        self.latency = (3 if serial else 5) + 1 + cycles + 1
+        self.latency = (3 if serial else 5) - 2 * (lean and serial) + 1 + cycles + 1
 
     def elaborate(self, platform):
         m = Module()
@@ -337,8 +356,12 @@ class KeyDivider(Elaboratable):
         v1, ad, neg1, a1, b1 = Signal(), Signal(self.d.shape().width), Signal(), \
             Signal.like(self.na), Signal.like(self.nb)
         tag1, tag2, tag3 = Signal(), Signal(), Signal()
-        m.d.sync += [v1.eq(valid), ad.eq(abs(d)), neg1.eq(d < 0), a1.eq(na), b1.eq(nbv),
-                     tag1.eq(tag)]
+        if self.lean and self.serial:
+            # the shift-add registers load the job's operands directly
+            v1, ad, neg1, a1, b1, tag1 = valid, abs(d)[:len(ad)], d < 0, na, nbv, tag
+        else:
+            m.d.sync += [v1.eq(valid), ad.eq(abs(d)), neg1.eq(d < 0), a1.eq(na), b1.eq(nbv),
+                         tag1.eq(tag)]
         v2, neg2 = Signal(), Signal()
         v3, num3, den3, neg3 = Signal(), Signal(nb), Signal(nb), Signal()
         if self.serial:
@@ -359,8 +382,12 @@ class KeyDivider(Elaboratable):
                          tagq.eq(tag1), tagp.eq(tagq), tag2.eq(tagp)]
             num_sum = _split_product(m, adq, adq, "sq")
             den_sum = _split_product(m, aq, bq, "nn")
-        m.d.sync += [v3.eq(v2), num3.eq(num_sum), den3.eq(den_sum), neg3.eq(neg2),
-                     tag3.eq(tag2)]
+        if self.lean and self.serial:
+            # the shift-add registers hold the products until the next job (>= B cycles)
+            v3, num3, den3, neg3, tag3 = v2, num_sum, den_sum, neg2, tag2
+        else:
+            m.d.sync += [v3.eq(v2), num3.eq(num_sum), den3.eq(den_sum), neg3.eq(neg2),
+                         tag3.eq(tag2)]
         rr = Signal(range(max(self.units, 2)))
         keys = []
         for n in range(self.units):

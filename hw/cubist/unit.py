@@ -201,8 +201,13 @@ class CubistMerge(wiring.Component):
 
         # ---- per-frame configuration slots ---------------------------------------
         names = ("h", "w", "r_h", "r_w", "prefix")
-        slot_cfg = {n: Array(Signal(8, name=f"slot{s}_{n}") for s in range(SLOTS))
+        # (area: each field only as wide as its largest allowed value)
+        fw = dict(zip(names, (clog2(v + 1) for v in (self.h_max, self.w_max, KV, KH,
+                                                      max(self.max_prefix, 1)))))
+        slot_cfg = {n: Array(Signal(fw[n] if area else 8, name=f"slot{s}_{n}")
+                             for s in range(SLOTS))
                     for n in names}
+        fh, fwd = (fw["h"], fw["w"]) if area else (8, 8)  # per-frame bounds' widths
         slot_err = Array(Signal(name=f"slot{s}_err") for s in range(SLOTS))
 
         def cfg_of(slot):
@@ -275,10 +280,11 @@ class CubistMerge(wiring.Component):
         if shared:
             m.d.sync += tdm.eq(~tdm)
             m.submodules.kfront = kf = KeyFront(p=P, width=WD, beats=B, tokens=2 << WB,
-                                                c=self.c, ways=2, product_regs=1,
+                                                c=self.c, ways=2, product_regs=0 if area else 1,
                                                 operand_regs=not area, mem_attrs=nrw)
             m.submodules.kdiv = kd = KeyDivider(dw=kf.dw, nw=kf.nw, frac_bits=F, beats=B,
-                                                serial=self.serial_mul, queue=True)
+                                                serial=self.serial_mul, queue=True,
+                                                lean=area)
 
             def front_port(tokens):
                 return SimpleNamespace(
@@ -426,7 +432,8 @@ class CubistMerge(wiring.Component):
         a_score = Signal(signed(KW))
         # slot_h's W-2, H-1, r_w and W/2, registered: a frame's first H key comes >= 2
         # cycles after slot_h moved to it (slot lookup -> compare was the 95.8 MHz path)
-        hw2, hh1, hrw, hwh = (Signal(8, name=f"hk_{n}") for n in ("w2", "h1", "rw", "wh"))
+        hw2, hh1, hrw, hwh = (Signal(b, name=f"hk_{n}") for n, b in
+                              (("w2", fwd), ("h1", fh), ("rw", fwd), ("wh", fwd)))
         m.d.sync += [hw2.eq(hc["w"] - 2), hh1.eq(hc["h"] - 1), hrw.eq(hc["r_w"]),
                      hwh.eq(hc["w"] >> 1)]
         a_rw, a_wh = Signal(8), Signal(8)
@@ -506,7 +513,7 @@ class CubistMerge(wiring.Component):
         row_m, slot_m = Signal(8), Signal(2)
         bank_m = bank_of(slot_m)
         # the merging frame's W and H, registered (slot_m is stable from IDLE to the row's end)
-        mc = {n: Signal(8, name=f"hm_{n}") for n in ("w", "h")}
+        mc = {n: Signal(b, name=f"hm_{n}") for n, b in (("w", fwd), ("h", fh))}
         m.d.sync += [mc[n].eq(slot_cfg[n][slot_m]) for n in mc]
         rm_mask, dr_mask = Signal(KH + 1), Signal(KH + 1)
         pos, col_i = Signal(8), Signal(8)
@@ -592,7 +599,7 @@ class CubistMerge(wiring.Component):
         vc = cfg_of(slot_v)
         # W'-1 and H-2 of slot_v's frame, registered: a frame's first V key comes rows
         # after slot_v moved to it (slot lookup -> subtract -> compare was a 93 MHz path)
-        vw1, vh2, vrh, vhh = Signal(8), Signal(8), Signal(8), Signal(8)
+        vw1, vh2, vrh, vhh = Signal(fwd), Signal(fh), Signal(fh), Signal(fh)
         m.d.sync += [vw1.eq(vc["w"] - vc["r_w"] - 1), vh2.eq(vc["h"] - 2), vrh.eq(vc["r_h"]),
                      vhh.eq(vc["h"] >> 1)]
         v_last_n = n_v == vh2
@@ -681,10 +688,10 @@ class CubistMerge(wiring.Component):
         bank_o = bank_of(slot_o)
         oc = cfg_of(slot_o)
         # the output grid's H', W', registered (slot_o changes a cycle before OUT can start)
-        h2, w2 = Signal(8), Signal(8)
+        h2, w2 = Signal(fh), Signal(fwd)
         m.d.sync += [h2.eq(oc["h"] - oc["r_h"]), w2.eq(oc["w"] - oc["r_w"])]
         # likewise H-1, W-1, prefix-1 and prefix = 0 (no slot lookup before a compare)
-        h1o, w1o, p1o, p0o = Signal(8), Signal(8), Signal(8), Signal()
+        h1o, w1o, p1o, p0o = Signal(fh), Signal(fwd), Signal(8), Signal()
         m.d.sync += [h1o.eq(oc["h"] - 1), w1o.eq(oc["w"] - 1), p1o.eq(oc["prefix"] - 1),
                      p0o.eq(oc["prefix"] == 0)]
         tok_start, map_start = Signal(), Signal()
@@ -729,7 +736,8 @@ class CubistMerge(wiring.Component):
         h2, w2, slot_o, bank_o = env["h2"], env["w2"], env["slot_o"], env["bank_o"]
         h1o, p1o, p0o = env["h1o"], env["p1o"], env["p0o"]
         fb_r, vd_r, fb_raddr = env["fb_r"], env["vd_r_tok"], env["fb_raddr"]
-        m.submodules.o_fifo = ofifo = StreamFIFO(token_layout(WD, P), FIFO_DEPTH)
+        depth = FIFO_DEPTH
+        m.submodules.o_fifo = ofifo = StreamFIFO(token_layout(WD, P), depth)
         m.d.comb += [self.o.payload.eq(ofifo.o.payload), self.o.valid.eq(ofifo.o.valid),
                      ofifo.o.ready.eq(self.o.ready)]
         area, nrw = self.area, env["nrw"]
@@ -816,9 +824,9 @@ class CubistMerge(wiring.Component):
         cb = Signal(range(max(B, 2)))
         # used = FIFO level + beats in flight towards it, kept as one counter so that the
         # credit is a register bit, not an adder and a compare before `go` (95 MHz path)
-        used = Signal(range(FIFO_DEPTH + 1))
+        used = Signal(range(depth + 1))
         emit_now = cur["pre"][0] | pass_b | ~cur["hr"][0]
-        credit = used < FIFO_DEPTH
+        credit = used < depth
         go = cur_v & (credit | ~emit_now)
         e_c = cur["e"]
         odd_row = Mux(pass_b | e_c[0], e_c >> 1, (e_c >> 1) - 1)
@@ -879,14 +887,14 @@ class CubistMerge(wiring.Component):
         w2, slot_o, bank_o = env["w2"], env["slot_o"], env["bank_o"]
         h1o, w1o = env["h1o"], env["w1o"]
         hd_r, vd_r = env["hd_r_map"], env["vd_r_map"]
-        m.submodules.map_fifo = mfifo = StreamFIFO(map_layout(self.h_max, self.w_max),
-                                                   FIFO_DEPTH)
+        depth = 4 if self.area else FIFO_DEPTH  # (area: half the flip-flops)
+        m.submodules.map_fifo = mfifo = StreamFIFO(map_layout(self.h_max, self.w_max), depth)
         m.d.comb += [self.map.payload.eq(mfifo.o.payload), self.map.valid.eq(mfifo.o.valid),
                      mfifo.o.ready.eq(self.map.ready)]
         ip, jp, oidx = Signal(8), Signal(8), Signal(8)
         rm, dr = Signal(KH + 1), Signal(KH + 1)
-        used = Signal(range(FIFO_DEPTH + 1))  # FIFO level + entries in flight, as for `o`
-        credit = used < FIFO_DEPTH
+        used = Signal(range(depth + 1))  # FIFO level + entries in flight, as for `o`
+        credit = used < depth
         m.d.comb += hd_r.addr.eq(Cat(_bits(ip, HB), slot_o))
         issue = Signal()
         jodd = jp[0]
