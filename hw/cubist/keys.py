@@ -307,6 +307,49 @@ class _Divider(Elaboratable):
         return m
 
 
+class _LeanDivider(_Divider):
+    """:class:`_Divider` in ``ceil(F/k)`` cycles a job: the first step runs in the start
+    cycle (from the inputs), each step is one subtraction (its borrow is the compare),
+    and only the F fraction bits are divided: ``num <= den``, so the integer bit is
+    ``num == den``, and then the quotient is exactly ``2^F``."""
+
+    def elaborate(self, platform):
+        m = Module()
+        f, k, rb = self.f, self.k, self.rbits
+        cycles = -(-f // k)
+        lead = k * cycles - f  # < k: num's low bits, shifted in during the first step
+        rem, den, q = Signal(rb), Signal(rb), Signal(f)
+        neg, zero, same = Signal(), Signal(), Signal()
+        cnt = Signal(range(cycles + 1))
+        start = self.start
+        r = Mux(start, self.num >> lead, rem)
+        d = Mux(start, self.den, den)
+        qq = Mux(start, 0, q)
+        for i in range(k):
+            inbit = start & self.num[lead - 1 - i] if i < lead else Const(0, 1)
+            r2 = Signal(rb, name=f"r2_{i}")
+            diff = Signal(rb + 1, name=f"diff{i}")
+            m.d.comb += [r2.eq(Cat(inbit, r)[:rb]), diff.eq(r2 - d)]
+            ge = ~diff[rb]
+            r, qq = Mux(ge, diff[:rb], r2), Cat(ge, qq)[:f]
+        m.d.sync += self.done.eq(0)
+        with m.If(start | (cnt != 0)):
+            m.d.sync += [rem.eq(r), q.eq(qq)]
+        with m.If(start):
+            m.d.sync += [den.eq(self.den), neg.eq(self.neg), zero.eq(self.den == 0),
+                         same.eq(self.num == self.den), cnt.eq(cycles - 1),
+                         self.tag_out.eq(self.tag)]
+            if cycles == 1:
+                m.d.sync += self.done.eq(1)
+        with m.Elif(cnt != 0):
+            m.d.sync += cnt.eq(cnt - 1)
+            with m.If(cnt == 1):
+                m.d.sync += self.done.eq(1)
+        qs = Signal(signed(f + 2))
+        m.d.comb += [qs.eq(Mux(same, 1 << f, q)), self.key.eq(Mux(zero, 0, Mux(neg, -qs, qs)))]
+        return m
+
+
 class KeyDivider(Elaboratable):
     """Jobs ``(d, na, nb)`` in, keys out in order; ``latency`` cycles from job to key.
 
@@ -315,9 +358,10 @@ class KeyDivider(Elaboratable):
     come in any ``2*beats`` cycles (two streams, each at most one job per ``2*beats``
     cycles): one job waits in a register and starts ``beats`` cycles after the previous
     one, so a key can be up to ``beats`` cycles later than ``latency``.
-    ``lean``: one divider (more quotient bits a cycle, ``divider_plan(F, B, 1)``) and, with
-    ``serial``, the dividers loaded straight from the shift-add registers (no product
-    register between them): fewer flip-flops for the iCE40.
+    ``lean``: one divider (:class:`_LeanDivider`, the fewest quotient bits a cycle that
+    finish in B cycles) and, with ``serial``, the operands and the divider loaded
+    straight from the shift-add registers (no registers between): fewer flip-flops for
+    the iCE40.
     """
 
     def __init__(self, *, dw: int, nw: int, frac_bits: int, beats: int, serial: bool = False,
@@ -331,7 +375,11 @@ class KeyDivider(Elaboratable):
         # finished within B cycles (a job comes at most every B cycles)
         self.sbits = -(-nw // max(beats - 1, 1))
         self.scycles = -(-nw // self.sbits)
-        self.k, self.units = divider_plan(frac_bits, beats, 1 if lean else 3)
+        if lean:  # one _LeanDivider: ceil(F/k) cycles a job, at most B
+            self.k, self.units = next(k for k in range(1, frac_bits + 1)
+                                      if -(-frac_bits // k) <= beats), 1
+        else:
+            self.k, self.units = divider_plan(frac_bits, beats)
         self.valid = Signal()
         self.d = Signal(signed(dw))
         self.na = Signal(unsigned(nw))
@@ -341,10 +389,11 @@ class KeyDivider(Elaboratable):
         self.key_tag = Signal()
         self.key = Signal(signed(frac_bits + 2))
         self.nbits = 2 * nw
-        cycles = -(-(frac_bits + 1) // self.k)
+        cycles = -(-(frac_bits + 1) // self.k) + 1 if not lean else -(-frac_bits // self.k)
         # multiplier stages (3 serial, 5 with DSPs), the divider's load cycle, its step
         # cycles, the key register
-        self.latency = (3 if serial else 5) - 2 * (lean and serial) + 1 + cycles + 1
+        # (lean: no load cycle, the first step runs as the job starts)
+        self.latency = (3 if serial else 5) - 2 * (lean and serial) + cycles + 1
 
     def elaborate(self, platform):
         m = Module()
@@ -391,7 +440,7 @@ class KeyDivider(Elaboratable):
         rr = Signal(range(max(self.units, 2)))
         keys = []
         for n in range(self.units):
-            div = _Divider(nb, self.f, self.k)
+            div = (_LeanDivider if self.lean else _Divider)(nb, self.f, self.k)
             m.submodules[f"div{n}"] = div
             m.d.comb += [div.start.eq(v3 & (rr == n)), div.num.eq(num3), div.den.eq(den3),
                          div.neg.eq(neg3), div.tag.eq(tag3)]

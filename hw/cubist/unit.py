@@ -280,7 +280,7 @@ class CubistMerge(wiring.Component):
         if shared:
             m.d.sync += tdm.eq(~tdm)
             m.submodules.kfront = kf = KeyFront(p=P, width=WD, beats=B, tokens=2 << WB,
-                                                c=self.c, ways=2, product_regs=0 if area else 1,
+                                                c=self.c, ways=2, product_regs=1,
                                                 operand_regs=not area, mem_attrs=nrw)
             m.submodules.kdiv = kd = KeyDivider(dw=kf.dw, nw=kf.nw, frac_bits=F, beats=B,
                                                 serial=self.serial_mul, queue=True,
