@@ -392,6 +392,36 @@ def test_mm_lanes_is_max_magnitude_with_ties_to_the_first_on_every_8_bit_pair():
     assert not wrong, wrong[:5]
 
 
+def test_mag_flags_decide_as_mm_lanes_both_ways_on_every_8_bit_pair():
+    """area=1's H-MERGE compares once (mag_flags) and picks later (pick_lanes): the same
+    lanes as mm_lanes(x, t) and mm_lanes(t, x), ties to the first operand."""
+    from amaranth.hdl import Module, Signal
+
+    from hw.cubist.unit import mag_flags, mm_lanes, pick_lanes
+
+    x, t = Signal(8), Signal(8)
+    tx, xt = mag_flags(x, t, 1, 8)
+    got_xt, got_tx = Signal(8), Signal(8)
+    want_xt, want_tx = Signal(8), Signal(8)
+    m = Module()
+    m.d.comb += [got_xt.eq(pick_lanes(tx, x, t, 1, 8)), want_xt.eq(mm_lanes(x, t, 1, 8)),
+                 got_tx.eq(pick_lanes(xt, t, x, 1, 8)), want_tx.eq(mm_lanes(t, x, 1, 8))]
+    sim = Simulator(m)
+    wrong = []
+
+    async def bench(ctx):
+        for a in range(256):
+            for b in range(256):
+                ctx.set(x, a)
+                ctx.set(t, b)
+                if (ctx.get(got_xt), ctx.get(got_tx)) != (ctx.get(want_xt), ctx.get(want_tx)):
+                    wrong.append((a, b))
+
+    sim.add_testbench(bench)
+    sim.run()
+    assert not wrong, wrong[:5]
+
+
 @pytest.mark.parametrize("beats, serial, c, lean", [
     (16, True, 64, False), (16, True, 8, False), (4, False, 8, False), (1, False, 8, False),
     (16, True, 64, True), (6, True, 8, True)])

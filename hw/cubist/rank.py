@@ -73,10 +73,11 @@ class SerialRanker(Elaboratable):
 
         rd = rp.data
         r_score, r_rank, r_dir = rd[:kw].as_signed(), rd[kw:kw + rb], rd[kw + rb]
-        key, odd, kv, last = Signal(signed(kw)), Signal(), Signal(8), Signal()
-        ctx, tag, thr = Signal.like(self.ctx), Signal.like(self.tag), Signal(8)
+        key, odd, kv, last = Signal(signed(kw)), Signal(), Signal(jb), Signal()
+        ctx, tag, thr = Signal.like(self.ctx), Signal.like(self.tag), Signal(rb)
         score, right, cnt = Signal(signed(kw)), Signal(), Signal(rb)
-        j = Signal(8)
+        j = Signal(jb)
+        one = Signal(k + 1)  # one-hot j (the decision bit's place)
         rem, dirs = Signal(k), Signal(k)
         m.d.sync += self.dec_valid.eq(0)
         m.d.comb += [self.dec_removed.eq(rem), self.dec_dirs.eq(dirs),
@@ -89,7 +90,7 @@ class SerialRanker(Elaboratable):
                     n_odd = self.n[0]
                     m.d.sync += [key.eq(self.key), odd.eq(n_odd), kv.eq(self.n >> 1),
                                  last.eq(self.last), ctx.eq(self.ctx), tag.eq(self.tag),
-                                 thr.eq(self.thr), j.eq(0), cnt.eq(0), rem.eq(0),
+                                 thr.eq(self.thr), j.eq(0), one.eq(1), cnt.eq(0), rem.eq(0),
                                  dirs.eq(0)]
                     with m.If(n_odd | self.last):
                         m.next = "PEND"
@@ -109,17 +110,17 @@ class SerialRanker(Elaboratable):
                 new_rank = (r_rank + gt)[:rb]
                 m.d.comb += [wp.addr.eq(addr(j, ctx)), wp.data.eq(entry(r_score, new_rank, r_dir)),
                              wp.en.eq(1), rp.addr.eq(addr(j + 1, ctx))]
-                m.d.sync += [cnt.eq(cnt + ~gt), j.eq(j + 1),
-                             rem.eq(rem | ((new_rank < thr) << j)[:k]),
-                             dirs.eq(dirs | (r_dir << j)[:k])]
+                m.d.sync += [cnt.eq(cnt + ~gt), j.eq(j + 1), one.eq(one << 1),
+                             rem.eq(rem | Mux(new_rank < thr, one[:k], 0)),
+                             dirs.eq(dirs | Mux(r_dir, one[:k], 0))]
                 with m.If(j + 1 == kv):
                     m.next = "LAST"
             with m.State("LAST"):  # candidate kv itself
                 m.d.comb += [wp.addr.eq(addr(kv, ctx)), wp.data.eq(entry(score, cnt, right)),
                              wp.en.eq(1)]
                 with m.If(last):
-                    m.d.sync += [rem.eq(rem | ((cnt < thr) << kv)[:k]),
-                                 dirs.eq(dirs | (right << kv)[:k]), self.dec_valid.eq(1)]
+                    m.d.sync += [rem.eq(rem | Mux(cnt < thr, one[:k], 0)),
+                                 dirs.eq(dirs | Mux(right, one[:k], 0)), self.dec_valid.eq(1)]
                 m.next = "IDLE"
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
         return m

@@ -64,6 +64,25 @@ def mm_lanes(a, b, p: int, width: int):
     return Cat(*out)
 
 
+def mag_flags(a, b, p: int, width: int):
+    """Per lane, from one set of compares: (``|b| > |a|``, ``|a| > |b|``), P bits each
+    (what :func:`mm_lanes` decides for ``mm_lanes(a, b)`` and ``mm_lanes(b, a)``)."""
+    ba, ab = [], []
+    for x, y in zip(lanes_of(a, p, width), lanes_of(b, p, width)):
+        sx, sy = x[-1], y[-1]
+        s = x + y
+        lt, gt, neg, pos = y < x, y > x, s < 0, s > 0
+        ba.append(Mux(sx == sy, Mux(sx, lt, gt), Mux(sy, neg, pos)))
+        ab.append(Mux(sx == sy, Mux(sx, gt, lt), Mux(sx, neg, pos)))
+    return Cat(*ba), Cat(*ab)
+
+
+def pick_lanes(sel, a, b, p: int, width: int):
+    """Per lane: ``b`` where ``sel`` is set, else ``a``."""
+    return Cat(*[Mux(sel[k], b[k * width:(k + 1) * width], a[k * width:(k + 1) * width])
+                 for k in range(p)])
+
+
 def _pipe(m, on: bool, name: str, **values) -> dict:
     """A pipeline stage: each value registered (``on``) or passed through."""
     if not on:
@@ -272,11 +291,6 @@ class CubistMerge(wiring.Component):
         shared = self.shared_keys
         tdm = Signal()  # shared: 0 = IN's cycle, 1 = H-MERGE's cycle
         in_ok, mg_ok = (~tdm, tdm) if shared else (Const(1), Const(1))
-        if area:
-            # H-MERGE's merged beat reaches the key front one cycle after its issue (no
-            # registered memory output before the merge), so both issue on even cycles:
-            # IN's beats reach it on even cycles, H-MERGE's on odd ones
-            mg_ok = ~tdm
         if shared:
             m.d.sync += tdm.eq(~tdm)
             m.submodules.kfront = kf = KeyFront(p=P, width=WD, beats=B, tokens=2 << WB,
@@ -569,12 +583,27 @@ class CubistMerge(wiring.Component):
         # beat is written 2 cycles after its issue, B >= 2 cycles before it is read)
         early = B >= 2
         m.d.comb += t_r.addr.eq(_bits(c_m if early else c1, CB))
-        sq = _pipe(m, not area, "hm2", **s1, c=c1, col=col1, row=row1, bank=bank1, x=rb_r.data,
-                   **({"t": t_r.data} if early else {}))
-        x, tv = sq["x"], sq["t"] if early else t_r.data
-        even_v = Mux(sq["src_l"], mm_lanes(x, tv, P, WD), x)
+        if area:
+            # H-MERGE issues every other cycle (shared keys), so the row buffer's and T's
+            # outputs are read only at issue and held a second cycle: stage 1 compares the
+            # magnitudes (flags registered), stage 2 picks the lanes (the merge and the
+            # frame-buffer route were one 40 ns path); the merged beat reaches the key
+            # front 2 cycles after its issue, on H-MERGE's (odd) cycles
+            m.d.comb += [rb_r.en.eq(issue), t_r.en.eq(issue)]
+            x, tv = rb_r.data, t_r.data
+            t_over_x, x_over_t = mag_flags(x, tv, P, WD)
+            sq = _pipe(m, True, "hm2", **s1, c=c1, col=col1, row=row1, bank=bank1,
+                       tx=t_over_x, xt=x_over_t)
+            even_v = Mux(sq["src_l"], pick_lanes(sq["tx"], x, tv, P, WD), x)
+            odd_v = Mux(sq["rem"], pick_lanes(sq["xt"], tv, x, P, WD), x)
+        else:
+            sq = _pipe(m, True, "hm2", **s1, c=c1, col=col1, row=row1, bank=bank1,
+                       x=rb_r.data, **({"t": t_r.data} if early else {}))
+            x, tv = sq["x"], sq["t"] if early else t_r.data
+            even_v = Mux(sq["src_l"], mm_lanes(x, tv, P, WD), x)
+            odd_v = Mux(sq["rem"], mm_lanes(tv, x, P, WD), x)
         merged = Signal(LW)
-        m.d.comb += merged.eq(Mux(sq["odd"], Mux(sq["rem"], mm_lanes(tv, x, P, WD), x), even_v))
+        m.d.comb += merged.eq(Mux(sq["odd"], odd_v, even_v))
         write_t = sq["v"] & Mux(sq["odd"], sq["rem"] & sq["right"], sq["src_r"])
         m.d.comb += [t_w.addr.eq(_bits(sq["c"], CB)), t_w.data.eq(Mux(sq["odd"], x, even_v)),
                      t_w.en.eq(write_t)]
