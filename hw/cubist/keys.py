@@ -196,7 +196,9 @@ class KeyFront(Elaboratable):
         with m.If(va):
             m.d.sync += [ad.eq(Mux(ca["first"], 0, ad) + sdr),
                          an.eq(Mux(ca["first"], 0, an) + snr)]
-        m.d.comb += [nr.addr.eq(toka[:self.tb]), nr.en.eq(va & ca["first"])]
+        # (lean: read at the last beat, used the next cycle: no hold registers per way)
+        m.d.comb += [nr.addr.eq(toka[:self.tb]),
+                     nr.en.eq(va & (ca["end"] if lean else ca["first"]))]
         vb, endb, hpb, tokb = Signal(), Signal(), Signal(), Signal.like(self.tok)
         firstb, wayb = Signal(), Signal()
         m.d.sync += [vb.eq(va), endb.eq(ca["end"]), hpb.eq(ca["hp"]), tokb.eq(toka),
@@ -204,7 +206,7 @@ class KeyFront(Elaboratable):
         # stage b: token complete
         done = vb & endb
         na = nr.data
-        if self.ways == 2:  # the other stream's first beat would overwrite nr.data
+        if self.ways == 2 and not lean:  # the other stream's first beat would overwrite it
             na_hold = Array(Signal(self.nw, name=f"na_hold{n}") for n in range(2))
             with m.If(vb & firstb):
                 m.d.sync += na_hold[wayb].eq(nr.data)

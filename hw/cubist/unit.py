@@ -895,9 +895,14 @@ class CubistMerge(wiring.Component):
                    pre_d=pre_data, **({"t": to_r.data} if early else {}))
         ev, od, tp = bq["ev"], bq["od"], bq["t"] if early else to_r.data
         dest = Mux(bq["eodd"], od, ev)
-        va = Mux(bq["hl"], mm_lanes(dest, od, P, WD), dest)
-        vb = mm_lanes(tp, od, P, WD)
-        val = Mux(bq["pre"], bq["pre_d"], Mux(bq["passb"], vb, va))
+        if area:  # one merge: the second pass's first operand is T instead of dest
+            mmv = mm_lanes(Mux(bq["passb"], tp, dest), od, P, WD)
+            va = Mux(bq["hl"], mmv, dest)
+            val = Mux(bq["pre"], bq["pre_d"], Mux(bq["passb"] | bq["hl"], mmv, dest))
+        else:
+            va = Mux(bq["hl"], mm_lanes(dest, od, P, WD), dest)
+            vb = mm_lanes(tp, od, P, WD)
+            val = Mux(bq["pre"], bq["pre_d"], Mux(bq["passb"], vb, va))
         m.d.comb += [to_w.addr.eq(_bits(bq["cb"], CB)), to_w.data.eq(va),
                      to_w.en.eq(bq["v"] & ~bq["emit"])]
         b2v, b2d, b2lt, b2l = Signal(), Signal(LW), Signal(), Signal()
