@@ -310,33 +310,42 @@ class _Divider(Elaboratable):
 
 
 class _LeanDivider(_Divider):
-    """:class:`_Divider` in ``ceil(F/k)`` cycles a job: the first step runs in the start
-    cycle (from the inputs), each step is one subtraction (its borrow is the compare),
-    and only the F fraction bits are divided: ``num <= den``, so the integer bit is
-    ``num == den``, and then the quotient is exactly ``2^F``."""
+    """:class:`_Divider` in ``ceil(F/k)`` cycles a job, without a restoring multiplexer:
+    non-restoring division (the partial remainder ``p`` is signed; each step adds or
+    subtracts the divisor by the sign of ``p``, one adder whose sum goes straight into
+    ``p``; quotient bit = ``p >= 0``, the same bits as restoring division). The first
+    step runs in the start cycle (from the inputs), and only the F fraction bits are
+    divided: ``num <= den``, so the integer bit is ``num == den``, and then the quotient
+    is exactly ``2^F``."""
 
     def elaborate(self, platform):
         m = Module()
-        f, k, rb = self.f, self.k, self.rbits
+        f, k = self.f, self.k
+        nb = len(self.num)
+        w = nb + 2  # |p| < den < 2^nb: 2p + 1 fits in nb + 2 signed bits
         cycles = -(-f // k)
         lead = k * cycles - f  # < k: num's low bits, shifted in during the first step
-        rem, den, q = Signal(rb), Signal(rb), Signal(f)
+        p, den, q = Signal(w), Signal(nb), Signal(f)
         neg, zero, same = Signal(), Signal(), Signal()
         cnt = Signal(range(cycles + 1))
         start = self.start
-        r = Mux(start, self.num >> lead, rem)
-        d = Mux(start, self.den, den)
+        cur = Mux(start, self.num >> lead, p)
+        d = Cat(Mux(start, self.den, den), Const(0, w - nb))
+        pos = Mux(start, 1, ~p[-1])
         qq = Mux(start, 0, q)
         for i in range(k):
             inbit = start & self.num[lead - 1 - i] if i < lead else Const(0, 1)
-            r2 = Signal(rb, name=f"r2_{i}")
-            diff = Signal(rb + 1, name=f"diff{i}")
-            m.d.comb += [r2.eq(Cat(inbit, r)[:rb]), diff.eq(r2 - d)]
-            ge = ~diff[rb]
-            r, qq = Mux(ge, diff[:rb], r2), Cat(ge, qq)[:f]
+            a = Cat(inbit, cur)[:w]  # 2p + inbit
+            b = Mux(pos, ~d, d)[:w]
+            # a + b + pos in one carry chain: pos enters as the carry of an extra low bit
+            s = Signal(w + 2, name=f"sum{i}")
+            m.d.comb += s.eq(Cat(pos, a) + Cat(pos, b))
+            cur = s[1:w + 1]
+            pos = ~cur[-1]
+            qq = Cat(pos, qq)[:f]
         m.d.sync += self.done.eq(0)
         with m.If(start | (cnt != 0)):
-            m.d.sync += [rem.eq(r), q.eq(qq)]
+            m.d.sync += [p.eq(cur), q.eq(qq)]
         with m.If(start):
             m.d.sync += [den.eq(self.den), neg.eq(self.neg), zero.eq(self.den == 0),
                          same.eq(self.num == self.den), cnt.eq(cycles - 1),

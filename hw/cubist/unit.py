@@ -345,7 +345,14 @@ class CubistMerge(wiring.Component):
         m.d.comb += occ_ok.eq(occ < S_BEATS)
         adv = take | pad
         end_tok = c_r == B - 1
-        final = end_tok & ~ph & (i_r == cur["h"] - 1) & (j_r == cur["w"] - 1)
+        if area:
+            # registered: i_r/j_r move at a token's end, its next end is >= B cycles later
+            # (the compares in front of the error logic were a 25 MHz path)
+            at_last = Signal()
+            m.d.sync += at_last.eq((i_r == cur["h"] - 1) & (j_r == cur["w"] - 1))
+            final = end_tok & ~ph & at_last
+        else:
+            final = end_tok & ~ph & (i_r == cur["h"] - 1) & (j_r == cur["w"] - 1)
         beat_data = Mux(take, self.i.payload.data.as_value(), 0)
 
         cfgp = self.cfg.payload
