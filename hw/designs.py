@@ -98,7 +98,7 @@ register(Design(
         Param("serial_mul", 0, "1: key products by shift-add, no DSP (iCE40; needs C/P >= 2)"),
         Param("shared_keys", 0, "1: one key front/divider for both passes, half throughput"),
         Param("area", 0, "1: iCE40 area mode (serial rankers, fewer registers; needs "
-                         "shared_keys=1, C/P >= max(H,W)//2 + 2)"),
+                         "shared_keys=1, C/P >= max(H,W)//2 + 3)"),
     ),
 ))
 

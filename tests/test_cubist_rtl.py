@@ -132,11 +132,11 @@ def test_area_configuration_is_bit_exact_on_both_simulators(simulator):
 
 
 def test_area_configuration_at_the_smallest_beat_count_with_two_banks():
-    """area=1 at the tightest key spacing it allows (B = max(H, W)//2 + 2: a ranker
+    """area=1 at the tightest key spacing it allows (B = max(H, W)//2 + 3: a ranker
     pass ends the cycle before the next key can come), both frame-buffer banks."""
-    design = dict(FAST, h=6, w=7, c=5, lanes=1, max_prefix=1, serial_mul=1, shared_keys=1,
+    design = dict(FAST, h=6, w=7, c=6, lanes=1, max_prefix=1, serial_mul=1, shared_keys=1,
                   area=1)
-    assert CubistMerge(h_max=6, w_max=7, c=5, lanes=1, shared_keys=1, area=1).beats == 5
+    assert CubistMerge(h_max=6, w_max=7, c=6, lanes=1, shared_keys=1, area=1).beats == 6
     _run("icarus" if _have("icarus") else "verilator", design, frames=5, real=0,
          stall=0.3, gap=0.25)
 
@@ -169,7 +169,7 @@ def _rank_model(lines, k):
 def test_serial_ranker_matches_the_rank_rule_with_interleaved_contexts(k, seed):
     """SerialRanker (area=1's H-RANK and V-RANK) against the incremental-rank rule of the
     parallel rankers: lines of 2..2k+1 keys in four contexts, their keys interleaved
-    (as V-RANK's columns are), keys K + 2 cycles apart, many ties (keys from a small
+    (as V-RANK's columns are), keys K + 3 cycles apart, many ties (keys from a small
     set), every r in 0..k."""
     from hw.cubist.rank import SerialRanker
 
@@ -201,7 +201,7 @@ def test_serial_ranker_matches_the_rank_rule_with_interleaved_contexts(k, seed):
             ctx.set(dut.thr, r)
             ctx.set(dut.ctx, c)
             ctx.set(dut.tag, li)
-            for _ in range(k + 2):
+            for _ in range(k + 3):
                 await ctx.tick()
                 ctx.set(dut.valid, 0)
                 if ctx.get(dut.dec_valid):
@@ -245,7 +245,7 @@ def _have(sim):
     (dict(area=2, shared_keys=1), r"area must be 0 or 1, not 2"),
     (dict(area=1), r"area=1 needs shared_keys=1"),
     (dict(h_max=14, w_max=8, c=32, lanes=4, shared_keys=1, area=1),
-     r"area=1 needs c/lanes >= max\(h_max, w_max\)//2 \+ 2 = 9 beats per token \(one key "
+     r"area=1 needs c/lanes >= max\(h_max, w_max\)//2 \+ 3 = 10 beats per token \(one key "
      r"per ranker pass\), not 8"),
 ])
 def test_bad_parameters_are_refused(kwargs, msg):

@@ -15,9 +15,11 @@ and, at entry ``K``, the pending ``L``. A key that completes candidate ``kv`` re
 pending L (one cycle), then candidates ``0..kv-1`` one a cycle (each compared and its
 rank rewritten, the count of the higher-or-equal ones kept), then writes candidate
 ``kv``; at the line's last key the removed/direction bits of all candidates are
-collected on the way and leave on ``dec_*`` for one cycle. A key keeps the ranker busy
-``kv + 3 <= K + 2`` cycles, so keys must come at least ``K + 2`` cycles apart (the unit
-checks ``C/P >= K + 2``: keys come at most one per token time). Every memory access
+collected on the way and leave on ``dec_*`` for one cycle. Each earlier candidate is
+compared as its entry leaves the memory (stage A) and rewritten a cycle later (stage B).
+A key keeps the ranker busy ``kv + 4 <= K + 3`` cycles, so keys must come at least
+``K + 3`` cycles apart (the unit checks ``C/P >= K + 3``: keys come at most one per token
+time). Every memory access
 reads one entry while writing another, so the memory needs no read-during-write logic.
 """
 
@@ -78,6 +80,7 @@ class SerialRanker(Elaboratable):
         score, right, cnt = Signal(signed(kw)), Signal(), Signal(rb)
         j = Signal(jb)
         one = Signal(k + 1)  # one-hot j (the decision bit's place)
+        a_v = Signal()  # stage A: candidate j's entry is on the read port
         rem, dirs = Signal(k), Signal(k)
         m.d.sync += self.dec_valid.eq(0)
         m.d.comb += [self.dec_removed.eq(rem), self.dec_dirs.eq(dirs),
@@ -105,16 +108,13 @@ class SerialRanker(Elaboratable):
                 m.next = "LOOP"
                 with m.If(kv == 0):
                     m.next = "LAST"
-            with m.State("LOOP"):  # candidate j < kv: compare, move it back if lower
-                gt = score > r_score
-                new_rank = (r_rank + gt)[:rb]
-                m.d.comb += [wp.addr.eq(addr(j, ctx)), wp.data.eq(entry(r_score, new_rank, r_dir)),
-                             wp.en.eq(1), rp.addr.eq(addr(j + 1, ctx))]
-                m.d.sync += [cnt.eq(cnt + ~gt), j.eq(j + 1), one.eq(one << 1),
-                             rem.eq(rem | Mux(new_rank < thr, one[:k], 0)),
-                             dirs.eq(dirs | Mux(r_dir, one[:k], 0))]
+            with m.State("LOOP"):  # candidate j < kv: compare (stage A), read the next
+                m.d.comb += [rp.addr.eq(addr(j + 1, ctx)), a_v.eq(1)]
+                m.d.sync += [j.eq(j + 1), one.eq(one << 1)]
                 with m.If(j + 1 == kv):
-                    m.next = "LAST"
+                    m.next = "WAIT"
+            with m.State("WAIT"):  # stage B of the last earlier candidate
+                m.next = "LAST"
             with m.State("LAST"):  # candidate kv itself
                 m.d.comb += [wp.addr.eq(addr(kv, ctx)), wp.data.eq(entry(score, cnt, right)),
                              wp.en.eq(1)]
@@ -122,5 +122,17 @@ class SerialRanker(Elaboratable):
                     m.d.sync += [rem.eq(rem | Mux(cnt < thr, one[:k], 0)),
                                  dirs.eq(dirs | Mux(right, one[:k], 0)), self.dec_valid.eq(1)]
                 m.next = "IDLE"
+        # stage B, a cycle after A: the earlier candidate moves back if lower, written back
+        b_v, b_gt, b_j, b_one = Signal(), Signal(), Signal(jb), Signal(k + 1)
+        b_score, b_rank, b_dir = Signal(signed(kw)), Signal(rb), Signal()
+        m.d.sync += [b_v.eq(a_v), b_gt.eq(score > r_score), b_j.eq(j), b_one.eq(one),
+                     b_score.eq(r_score), b_rank.eq(r_rank), b_dir.eq(r_dir)]
+        new_rank = (b_rank + b_gt)[:rb]
+        with m.If(b_v):
+            m.d.comb += [wp.addr.eq(addr(b_j, ctx)), wp.data.eq(entry(b_score, new_rank, b_dir)),
+                         wp.en.eq(1)]
+            m.d.sync += [cnt.eq(cnt + ~b_gt),
+                         rem.eq(rem | Mux(new_rank < thr, b_one[:k], 0)),
+                         dirs.eq(dirs | Mux(b_dir, b_one[:k], 0))]
         m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
         return m

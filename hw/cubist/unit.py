@@ -133,7 +133,7 @@ class CubistMerge(wiring.Component):
     area configuration: the ECP5 timing registers before the merges and the key front's
     second operand register left out, serial rankers (one comparison a cycle, the rank
     state in block RAM), memories without read-during-write logic; needs
-    ``shared_keys=1`` and ``C/P >= max(H_max, W_max)//2 + 2``).
+    ``shared_keys=1`` and ``C/P >= max(H_max, W_max)//2 + 3``).
     """
 
     def __init__(self, *, h_max: int = 14, w_max: int = 14, c: int = 64, lanes: int = 4,
@@ -170,9 +170,9 @@ class CubistMerge(wiring.Component):
             raise ValueError(f"area must be 0 or 1, not {area!r}")
         if area and not shared_keys:
             raise ValueError("area=1 needs shared_keys=1")
-        need = max(self.h_max, self.w_max) // 2 + 2
+        need = max(self.h_max, self.w_max) // 2 + 3
         if area and self.beats < need:
-            raise ValueError(f"area=1 needs c/lanes >= max(h_max, w_max)//2 + 2 = {need} beats "
+            raise ValueError(f"area=1 needs c/lanes >= max(h_max, w_max)//2 + 3 = {need} beats "
                              f"per token (one key per ranker pass), not {self.beats}")
         self.area = bool(area)
         tok = token_layout(width, lanes)
@@ -469,7 +469,7 @@ class CubistMerge(wiring.Component):
                 m.d.sync += n_h.eq(n_h + 1)
 
         if area:
-            # serial ranker: one comparison a cycle (keys come >= B >= KH + 2 cycles apart)
+            # serial ranker: one comparison a cycle (keys come >= B >= KH + 3 cycles apart)
             m.submodules.hrank = hrk = SerialRanker(k=KH, key_bits=KW, tag_bits=HB + 2,
                                                     attrs=nrw)
             m.d.comb += [hrk.valid.eq(hkey_v), hrk.key.eq(hkey), hrk.n.eq(n_h),
@@ -646,7 +646,7 @@ class CubistMerge(wiring.Component):
                 with m.If(v_last_n):
                     m.d.sync += [n_v.eq(0), slot_v.eq(slot_v + 1)]
         if area:
-            # serial ranker, one context per column (keys come >= B >= KV + 2 cycles apart)
+            # serial ranker, one context per column (keys come >= B >= KV + 3 cycles apart)
             vctx = Cat(_bits(col_v, WB), bank_of(slot_v))
             m.submodules.vrank = vrk = SerialRanker(k=KV, key_bits=KW, ctx_bits=len(vctx),
                                                     tag_bits=3, attrs=nrw)
