@@ -453,7 +453,10 @@ class KeyDivider(Elaboratable):
         for n in range(self.units):
             div = (_LeanDivider if self.lean else _Divider)(nb, self.f, self.k)
             m.submodules[f"div{n}"] = div
-            m.d.comb += [div.start.eq(v3 & (rr == n)), div.num.eq(num3), div.den.eq(den3),
+            # (lean: one unit, started by v3 itself, a register: no compare before the
+            # start multiplexers, the 28.7 MHz path)
+            m.d.comb += [div.start.eq(v3 if self.lean else v3 & (rr == n)),
+                         div.num.eq(num3), div.den.eq(den3),
                          div.neg.eq(neg3), div.tag.eq(tag3)]
             keys.append(div)
         with m.If(v3):
