@@ -903,7 +903,8 @@ class CubistMerge(wiring.Component):
         ev, od, tp = bq["ev"], bq["od"], bq["t"] if early else to_r.data
         dest = Mux(bq["eodd"], od, ev)
         if area:  # one merge: the second pass's first operand is T instead of dest
-            mmv = mm_lanes(Mux(bq["passb"], tp, dest), od, P, WD)
+            # (a merge's destination is on an even row: ev, never od)
+            mmv = mm_lanes(Mux(bq["passb"], tp, ev), od, P, WD)
             va = Mux(bq["hl"], mmv, dest)
             val = Mux(bq["pre"], bq["pre_d"], Mux(bq["passb"] | bq["hl"], mmv, dest))
         else:
