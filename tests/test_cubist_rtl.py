@@ -92,13 +92,13 @@ def test_shared_keys_at_one_beat_per_token():
 @pytest.mark.slow
 def test_icebreaker_configuration_is_bit_exact_on_both_simulators(simulator):
     """The iCEBreaker's merge unit (fpga.designs.BOARD_DEFAULTS: 14x14x64, P=4, shared keys,
-    one frame-buffer bank, serial products, no unmerge): a few frames under gaps and
+    one frame-buffer bank, serial products, area=1, no unmerge): a few frames under gaps and
     backpressure, at maximum r and at r = 0; on Verilator also its steady-state rate."""
     from fpga.designs import board_params
     from hw.designs import get
 
     design = {**get("cubist").defaults(), **board_params("icebreaker", "cubist")}
-    assert design["shared_keys"] == 1 and design["buffers"] == 1
+    assert design["shared_keys"] == 1 and design["buffers"] == 1 and design["area"] == 1
     cases = ["test_random_frames"]
     extra = {}
     if simulator == "verilator":
