@@ -13,11 +13,14 @@ __all__ = ["BOARD_DEFAULTS", "DESIGNS", "board_params", "make_accel", "sim_core"
 DESIGNS = ("linktest", "cubist", "procrustes")
 
 # Per board, the parameters that fit (see fpga/README.md for the numbers).
-# The merge unit goes on the boards without its unmerge unit (the host can unmerge).
+# The merge unit goes on the boards without its unmerge unit (the host can unmerge); on
+# the iCEBreaker in its area configuration (hw/cubist/README.md, "Area configuration"),
+# which fits the UP5K alone but not beside the UART link.
 # Procrustes: 8x8 PEs on the ULX3S-85F; on the iCEBreaker the smallest array with small
 # buffers, which still does not fit the UP5K (hw/procrustes/README.md, "On the boards").
 BOARD_DEFAULTS = {
-    "icebreaker": {"cubist": {"unmerge": 0, "buffers": 1, "serial_mul": 1, "shared_keys": 1},
+    "icebreaker": {"cubist": {"unmerge": 0, "buffers": 1, "serial_mul": 1, "shared_keys": 1,
+                              "area": 1},
                    "procrustes": {"rows": 1, "cols": 1, "val_depth": 256, "x_depth": 64,
                                   "y_depth": 64}},
     "ulx3s": {"cubist": {"unmerge": 0}, "procrustes": {"rows": 8, "cols": 8}},

@@ -97,6 +97,8 @@ register(Design(
         Param("buffers", 2, "frame-buffer banks: 2 overlaps frames, 1 halves the memory"),
         Param("serial_mul", 0, "1: key products by shift-add, no DSP (iCE40; needs C/P >= 2)"),
         Param("shared_keys", 0, "1: one key front/divider for both passes, half throughput"),
+        Param("area", 0, "1: iCE40 area mode (serial rankers, fewer registers; needs "
+                         "shared_keys=1, C/P >= max(H,W)//2 + 3)"),
     ),
 ))
 

@@ -92,13 +92,13 @@ def test_shared_keys_at_one_beat_per_token():
 @pytest.mark.slow
 def test_icebreaker_configuration_is_bit_exact_on_both_simulators(simulator):
     """The iCEBreaker's merge unit (fpga.designs.BOARD_DEFAULTS: 14x14x64, P=4, shared keys,
-    one frame-buffer bank, serial products, no unmerge): a few frames under gaps and
+    one frame-buffer bank, serial products, area=1, no unmerge): a few frames under gaps and
     backpressure, at maximum r and at r = 0; on Verilator also its steady-state rate."""
     from fpga.designs import board_params
     from hw.designs import get
 
     design = {**get("cubist").defaults(), **board_params("icebreaker", "cubist")}
-    assert design["shared_keys"] == 1 and design["buffers"] == 1
+    assert design["shared_keys"] == 1 and design["buffers"] == 1 and design["area"] == 1
     cases = ["test_random_frames"]
     extra = {}
     if simulator == "verilator":
@@ -115,6 +115,111 @@ def test_icebreaker_configuration_is_bit_exact_on_both_simulators(simulator):
         # output (H'W'B) before the next frame can merge: about 2.9 at r = 1
         (run,) = r.metrics["throughput"]
         assert 2.5 <= run["cycles_ratio"] <= 3.1, run
+
+
+@pytest.mark.slow
+def test_area_configuration_is_bit_exact_on_both_simulators(simulator):
+    """area=1 (serial rankers, no ECP5 pipeline registers before the merges, memories
+    without read-during-write logic): the full testbench under random gaps and stalls,
+    worst cases, real features, malformed frames each followed by a good one, unmerge;
+    at B = 8 = W_max/2 + 4, one frame-buffer bank."""
+    design = dict(FAST, c=32, buffers=1, serial_mul=1, shared_keys=1, area=1)
+    r = _run(simulator, design, frames=3, gap=0.25, stall=0.3, real_frames=1)
+    assert r.tests == 6
+    m = r.metrics
+    assert m["frames_checked"] == 5 and m["error_cases"] == 10
+    assert m["three_way_merges"] > 0 and m["unmerge_frames_checked"] == 4
+
+
+def test_area_configuration_at_the_smallest_beat_count_with_two_banks():
+    """area=1 at the tightest key spacing it allows (B = max(H, W)//2 + 3: a ranker
+    pass ends the cycle before the next key can come), both frame-buffer banks."""
+    design = dict(FAST, h=6, w=7, c=6, lanes=1, max_prefix=1, serial_mul=1, shared_keys=1,
+                  area=1)
+    assert CubistMerge(h_max=6, w_max=7, c=6, lanes=1, shared_keys=1, area=1).beats == 6
+    _run("icarus" if _have("icarus") else "verilator", design, frames=5, real=0,
+         stall=0.3, gap=0.25)
+
+
+def _rank_model(lines, k):
+    """The rankers' decision per finished line: removed/dir bits of its candidates."""
+    out = []
+    for keys, r in lines:
+        scores, ranks, dirs = [], [], []
+        for n, key in enumerate(keys):
+            last = n == len(keys) - 1
+            if n % 2 == 0 and not last:
+                pend = key
+                continue
+            right = n % 2 == 1 and key > pend
+            score = key if right or n % 2 == 0 else pend
+            kv = n >> 1
+            cnt = sum(1 for s in scores if not score > s)
+            ranks = [rk + (score > s) for rk, s in zip(ranks, scores)]
+            scores.append(score)
+            ranks.append(cnt)
+            dirs.append(int(right))
+            assert len(scores) == kv + 1
+        out.append((sum(1 << j for j, rk in enumerate(ranks) if rk < r),
+                    sum(d << j for j, d in enumerate(dirs))))
+    return out
+
+
+@pytest.mark.parametrize("k, seed", [(7, 1), (3, 2), (1, 3)])
+def test_serial_ranker_matches_the_rank_rule_with_interleaved_contexts(k, seed):
+    """SerialRanker (area=1's H-RANK and V-RANK) against the incremental-rank rule of the
+    parallel rankers: lines of 2..2k+1 keys in four contexts, their keys interleaved
+    (as V-RANK's columns are), keys K + 3 cycles apart, many ties (keys from a small
+    set), every r in 0..k."""
+    from hw.cubist.rank import SerialRanker
+
+    rng = random.Random(seed)
+    dut = SerialRanker(k=k, key_bits=6, ctx_bits=2, tag_bits=3)
+    lines = {c: [] for c in range(4)}
+    for c in range(4):
+        for _ in range(3):
+            n = rng.randint(2, 2 * k + 1)
+            lines[c].append(([rng.randint(-4, 4) for _ in range(n - 1)], rng.randint(0, k)))
+    # one key per ctx in turn, a line of each context at a time
+    sched, pos = [], {c: [0, 0] for c in range(4)}
+    while any(pos[c][0] < 3 for c in range(4)):
+        for c in range(4):
+            li, n = pos[c]
+            if li == 3:
+                continue
+            keys, r = lines[c][li]
+            sched.append((c, li, keys[n], n, n == len(keys) - 1, r))
+            pos[c] = [li, n + 1] if n + 1 < len(keys) else [li + 1, 0]
+    got = {c: [] for c in range(4)}
+
+    async def bench(ctx):
+        for c, li, key, n, last, r in sched:
+            ctx.set(dut.valid, 1)
+            ctx.set(dut.key, key)
+            ctx.set(dut.n, n)
+            ctx.set(dut.last, last)
+            ctx.set(dut.thr, r)
+            ctx.set(dut.ctx, c)
+            ctx.set(dut.tag, li)
+            for _ in range(k + 3):
+                await ctx.tick()
+                ctx.set(dut.valid, 0)
+                if ctx.get(dut.dec_valid):
+                    got[ctx.get(dut.dec_ctx)].append(
+                        (ctx.get(dut.dec_tag), ctx.get(dut.dec_removed), ctx.get(dut.dec_dirs)))
+        for _ in range(k + 3):
+            await ctx.tick()
+            if ctx.get(dut.dec_valid):
+                got[ctx.get(dut.dec_ctx)].append(
+                    (ctx.get(dut.dec_tag), ctx.get(dut.dec_removed), ctx.get(dut.dec_dirs)))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    for c in range(4):
+        exp = [(li, *dec) for li, dec in enumerate(_rank_model(lines[c], k))]
+        assert got[c] == exp, (c, lines[c])
 
 
 def _have(sim):
@@ -137,6 +242,11 @@ def _have(sim):
     (dict(serial_mul=2), r"serial_mul must be 0 or 1, not 2"),
     (dict(c=4, lanes=4, serial_mul=1), r"serial_mul needs c/lanes >= 2 beats per token, not 1"),
     (dict(shared_keys=2), r"shared_keys must be 0 or 1, not 2"),
+    (dict(area=2, shared_keys=1), r"area must be 0 or 1, not 2"),
+    (dict(area=1), r"area=1 needs shared_keys=1"),
+    (dict(h_max=14, w_max=8, c=32, lanes=4, shared_keys=1, area=1),
+     r"area=1 needs c/lanes >= max\(h_max, w_max\)//2 \+ 3 = 10 beats per token \(one key "
+     r"per ranker pass\), not 8"),
 ])
 def test_bad_parameters_are_refused(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
@@ -202,11 +312,13 @@ def test_no_combinational_path_from_valid_to_ready():
     assert any(checked) and not all(checked)  # readies did change over time
 
 
-@pytest.mark.parametrize("frac_bits, beats, serial", [(16, 16, False), (11, 1, False),
-                                                      (16, 2, True), (8, 3, True)])
-def test_key_divider_matches_the_key_formula(frac_bits, beats, serial):
+@pytest.mark.parametrize("frac_bits, beats, serial, lean", [
+    (16, 16, False, False), (11, 1, False, False), (16, 2, True, False), (8, 3, True, False),
+    (16, 16, True, True), (16, 5, True, True), (13, 4, False, True)])
+def test_key_divider_matches_the_key_formula(frac_bits, beats, serial, lean):
     """KeyDivider alone (Amaranth's simulator), jobs every B cycles from real token pairs:
-    key = sign(d) * floor(d^2 * 2^F / (na * nb)), 0 for a zero norm; keys in job order."""
+    key = sign(d) * floor(d^2 * 2^F / (na * nb)), 0 for a zero norm; keys in job order.
+    lean: one divider unit, fed straight from the shift-add registers."""
     from hw.cubist.keys import KeyDivider, norm_bits
 
     c, width = 8, 8
@@ -226,7 +338,9 @@ def test_key_divider_matches_the_key_formula(frac_bits, beats, serial):
     def key(d, na, nb):
         return 0 if na * nb == 0 else (1 if d >= 0 else -1) * ((d * d << frac_bits) // (na * nb))
 
-    dut = KeyDivider(dw=nw + 1, nw=nw, frac_bits=frac_bits, beats=beats, serial=serial)
+    dut = KeyDivider(dw=nw + 1, nw=nw, frac_bits=frac_bits, beats=beats, serial=serial,
+                     lean=lean)
+    assert dut.units == 1 if lean else dut.units >= 1
     sim = Simulator(dut)
     sim.add_clock(1e-6)
     got = []
@@ -278,9 +392,41 @@ def test_mm_lanes_is_max_magnitude_with_ties_to_the_first_on_every_8_bit_pair():
     assert not wrong, wrong[:5]
 
 
-@pytest.mark.parametrize("beats, serial, c", [(16, True, 64), (16, True, 8), (4, False, 8),
-                                             (1, False, 8)])
-def test_queued_key_divider_keeps_order_and_tags_of_two_interleaved_streams(beats, serial, c):
+def test_mag_flags_decide_as_mm_lanes_both_ways_on_every_8_bit_pair():
+    """area=1's H-MERGE compares once (mag_flags) and picks later (pick_lanes): the same
+    lanes as mm_lanes(x, t) and mm_lanes(t, x), ties to the first operand."""
+    from amaranth.hdl import Module, Signal
+
+    from hw.cubist.unit import mag_flags, mm_lanes, pick_lanes
+
+    x, t = Signal(8), Signal(8)
+    tx, xt = mag_flags(x, t, 1, 8)
+    got_xt, got_tx = Signal(8), Signal(8)
+    want_xt, want_tx = Signal(8), Signal(8)
+    m = Module()
+    m.d.comb += [got_xt.eq(pick_lanes(tx, x, t, 1, 8)), want_xt.eq(mm_lanes(x, t, 1, 8)),
+                 got_tx.eq(pick_lanes(xt, t, x, 1, 8)), want_tx.eq(mm_lanes(t, x, 1, 8))]
+    sim = Simulator(m)
+    wrong = []
+
+    async def bench(ctx):
+        for a in range(256):
+            for b in range(256):
+                ctx.set(x, a)
+                ctx.set(t, b)
+                if (ctx.get(got_xt), ctx.get(got_tx)) != (ctx.get(want_xt), ctx.get(want_tx)):
+                    wrong.append((a, b))
+
+    sim.add_testbench(bench)
+    sim.run()
+    assert not wrong, wrong[:5]
+
+
+@pytest.mark.parametrize("beats, serial, c, lean", [
+    (16, True, 64, False), (16, True, 8, False), (4, False, 8, False), (1, False, 8, False),
+    (16, True, 64, True), (6, True, 8, True)])
+def test_queued_key_divider_keeps_order_and_tags_of_two_interleaved_streams(beats, serial, c,
+                                                                             lean):
     """KeyDivider(queue=True), as shared by both passes: two tagged job streams, each at
     most one job per 2B cycles, arriving at unrelated times (often back to back); every
     key is right and comes back in job order with its job's tag. (C = 64, B = 16: the
@@ -311,7 +457,7 @@ def test_queued_key_divider_keeps_order_and_tags_of_two_interleaved_streams(beat
         return (1 if d >= 0 else -1) * ((d * d << frac_bits) // (na * nb))
 
     dut = KeyDivider(dw=nw + 1, nw=nw, frac_bits=frac_bits, beats=beats, serial=serial,
-                     queue=True)
+                     queue=True, lean=lean)
     sim = Simulator(dut)
     sim.add_clock(1e-6)
     got = []
@@ -381,8 +527,8 @@ def _key_front_jobs(product_regs, tokens, p, width):
 
 
 def test_key_front_product_registers_only_delay_the_jobs():
-    """product_regs=2 (ECP5 timing, the default) and 1 (shared keys, iCE40 area): the same
-    jobs d = <prev, new>, na = |prev|^2, nb = |new|^2, the second register one cycle later."""
+    """product_regs=2 (ECP5 timing, the default), 1 (shared keys) and 0 (area=1): the same
+    jobs d = <prev, new>, na = |prev|^2, nb = |new|^2, each register one cycle later."""
     p, width, beats = 4, 8, 3
     rng = random.Random(5)
     tokens = [[[rng.randint(-128, 127) for _ in range(p)] for _ in range(beats)]
@@ -390,14 +536,70 @@ def test_key_front_product_registers_only_delay_the_jobs():
     flat = [sum(t, []) for t in tokens]
     want = [(sum(x * y for x, y in zip(a, b)), sum(x * x for x in a), sum(y * y for y in b))
             for a, b in zip(flat, flat[1:])]
-    one, two = _key_front_jobs(1, tokens, p, width), _key_front_jobs(2, tokens, p, width)
+    zero, one = _key_front_jobs(0, tokens, p, width), _key_front_jobs(1, tokens, p, width)
+    two = _key_front_jobs(2, tokens, p, width)
+    assert [j[1:] for j in zero] == want
     assert [j[1:] for j in one] == want
     assert [j[1:] for j in two] == want
+    assert [j[0] + 1 for j in zero] == [j[0] for j in one]
     assert [j[0] + 1 for j in one] == [j[0] for j in two]
+
+
+def test_lean_key_front_keeps_two_interleaved_streams_apart():
+    """KeyFront as area=1 builds it (ways=2, no operand register, memories without
+    read-during-write logic, the new beat written a cycle late): two token streams on
+    alternate cycles, with gaps, each its own tok slot; every job is that stream's
+    d = <prev, new>, na = |prev|^2, nb = |new|^2, tagged with its way."""
+    from hw.cubist.keys import KeyFront
+
+    p, width, beats = 4, 8, 3
+    rng = random.Random(7)
+    streams = [[[[rng.randint(-128, 127) for _ in range(p)] for _ in range(beats)]
+                for _ in range(7)] for _ in range(2)]
+    dut = KeyFront(p=p, width=width, beats=beats, tokens=2, c=beats * p, ways=2,
+                   product_regs=1, operand_regs=False, mem_attrs={"no_rw_check": 1})
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    got = {0: [], 1: []}
+    beats_of = [[(n, k, b) for n, t in enumerate(s) for k, b in enumerate(t)] for s in streams]
+
+    async def drive(ctx):
+        cycle, pos = 0, [0, 0]
+        while pos[0] < len(beats_of[0]) or pos[1] < len(beats_of[1]):
+            way = cycle % 2
+            ctx.set(dut.valid, 0)
+            if pos[way] < len(beats_of[way]) and rng.random() < 0.8:
+                n, k, beat = beats_of[way][pos[way]]
+                pos[way] += 1
+                ctx.set(dut.valid, 1)
+                ctx.set(dut.way, way)
+                ctx.set(dut.tok, way)
+                ctx.set(dut.data, sum((v & 255) << (i * width) for i, v in enumerate(beat)))
+                ctx.set(dut.c, k)
+                ctx.set(dut.end, k == beats - 1)
+                ctx.set(dut.has_prev, n != 0)
+            await ctx.tick()
+            cycle += 1
+        ctx.set(dut.valid, 0)
+
+    async def collect(ctx):
+        for _ in range(200):
+            await ctx.tick()
+            if ctx.get(dut.job_valid):
+                got[ctx.get(dut.job_way)].append(
+                    (ctx.get(dut.job_d), ctx.get(dut.job_na), ctx.get(dut.job_nb)))
+
+    sim.add_testbench(drive)
+    sim.add_testbench(collect)
+    sim.run()
+    for way in (0, 1):
+        flat = [sum(t, []) for t in streams[way]]
+        assert got[way] == [(sum(x * y for x, y in zip(a, b)), sum(x * x for x in a),
+                             sum(y * y for y in b)) for a, b in zip(flat, flat[1:])]
 
 
 def test_key_front_refuses_a_bad_product_register_count():
     from hw.cubist.keys import KeyFront
 
-    with pytest.raises(ValueError, match=r"product_regs must be 1 or 2, not 3"):
+    with pytest.raises(ValueError, match=r"product_regs must be 0, 1 or 2, not 3"):
         KeyFront(p=4, width=8, beats=2, tokens=1, c=8, product_regs=3)

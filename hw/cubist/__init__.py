@@ -41,8 +41,8 @@ __all__ = [
 
 def design_from_params(h: int, w: int, c: int, lanes: int, width: int, frac_bits: int,
                        max_prefix: int, unmerge: int, buffers: int = 2,
-                       serial_mul: int = 0, shared_keys: int = 0) -> CubistMerge:
+                       serial_mul: int = 0, shared_keys: int = 0, area: int = 0) -> CubistMerge:
     """The registry's constructor (``procube verilog cubist --h 14 --w 14 ...``)."""
     return CubistMerge(h_max=h, w_max=w, c=c, lanes=lanes, width=width, frac_bits=frac_bits,
                        max_prefix=max_prefix, unmerge=unmerge, buffers=buffers,
-                       serial_mul=serial_mul, shared_keys=shared_keys)
+                       serial_mul=serial_mul, shared_keys=shared_keys, area=area)

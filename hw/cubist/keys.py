@@ -67,13 +67,25 @@ class KeyFront(Elaboratable):
     slots must differ), each with its own accumulators; ``job_way`` says whose job it is.
 
     ``product_regs``: registers after each product (2: the second one lets the adder
-    tree start beside its own registers, for ECP5 timing; 1: fewer flip-flops).
+    tree start beside its own registers, for ECP5 timing; 1: fewer flip-flops; 0: the
+    products go straight into the adder tree, for a slow clock).
+
+    ``operand_regs = False``: the multipliers take the new beat and the old beat (memory
+    output) straight from the input register and the memory, a stage fewer.
+    ``mem_attrs``: attributes of both memories (``{"no_rw_check": 1}``), which then need
+    no read-during-write logic: the previous-beat memory is written a cycle late, from
+    the input register, and the norm memory's read port is not transparent. The caller
+    guarantees that two beats of the same ``tok`` slot never come in consecutive cycles
+    (``ways = 2``, the two streams taking alternate cycles).
     """
 
     def __init__(self, *, p: int, width: int, beats: int, tokens: int, c: int,
-                 ways: int = 1, product_regs: int = 2):
-        if product_regs not in (1, 2):
-            raise ValueError(f"product_regs must be 1 or 2, not {product_regs!r}")
+                 ways: int = 1, product_regs: int = 2, operand_regs: bool = True,
+                 mem_attrs: dict | None = None):
+        if product_regs not in (0, 1, 2):
+            raise ValueError(f"product_regs must be 0, 1 or 2, not {product_regs!r}")
+        self.operand_regs = bool(operand_regs)
+        self.mem_attrs = mem_attrs
         self.p, self.width, self.beats, self.tokens = p, width, beats, tokens
         self.ways = ways
         self.product_regs = product_regs
@@ -97,12 +109,17 @@ class KeyFront(Elaboratable):
         m = Module()
         p, w = self.p, self.width
         depth = max(2, 1 << (self.cb + self.tb))
-        m.submodules.prev = prev = Memory(shape=p * w, depth=depth, init=[])
+        lean = self.mem_attrs is not None
+        m.submodules.prev = prev = Memory(shape=p * w, depth=depth, init=[],
+                                          attrs=self.mem_attrs)
         pw = prev.write_port()
         pr = prev.read_port(transparent_for=())  # old value: the predecessor's beat
         addr = Cat(self.c[:self.cb], self.tok[:self.tb])
-        m.d.comb += [pw.addr.eq(addr), pw.data.eq(self.data), pw.en.eq(self.valid),
-                     pr.addr.eq(addr)]
+        if lean:  # (written below)
+            m.d.comb += pr.addr.eq(addr)
+        else:
+            m.d.comb += [pw.addr.eq(addr), pw.data.eq(self.data), pw.en.eq(self.valid),
+                         pr.addr.eq(addr)]
 
         # stage 1: new beat registered beside the old beat from memory
         v1, x1 = Signal(), Signal(p * w)
@@ -113,18 +130,29 @@ class KeyFront(Elaboratable):
         if self.ways == 2:
             m.d.sync += way1.eq(self.way)
         m.d.sync += [c1[n].eq(s) for s, n in ctl]
+        if lean:  # the new beat written a cycle late (its slot is not read in that cycle)
+            addr1 = Signal.like(addr)
+            m.d.sync += addr1.eq(addr)
+            m.d.comb += [pw.addr.eq(addr1), pw.data.eq(x1), pw.en.eq(v1)]
 
         # stage 2: the old beat (memory output) and the new beat registered again, so the
         # multipliers start from flip-flops, not from the memory's clock-to-out
-        x2, o2 = Signal(p * w), Signal(p * w)
-        m.d.sync += [x2.eq(x1), o2.eq(pr.data)]
+        if self.operand_regs:
+            x2, o2 = Signal(p * w), Signal(p * w)
+            m.d.sync += [x2.eq(x1), o2.eq(pr.data)]
+        else:
+            x2, o2 = x1, pr.data
         # stage 3: products registered
         prod = signed(2 * w + 1)
         new, old = lanes_of(x2, p, w), lanes_of(o2, p, w)
-        pd = [Signal(prod, name=f"pd{k}") for k in range(p)]
-        ps = [Signal(prod, name=f"ps{k}") for k in range(p)]
-        m.d.sync += [pd[k].eq(new[k] * old[k]) for k in range(p)]
-        m.d.sync += [ps[k].eq(new[k] * new[k]) for k in range(p)]
+        if self.product_regs:
+            pd = [Signal(prod, name=f"pd{k}") for k in range(p)]
+            ps = [Signal(prod, name=f"ps{k}") for k in range(p)]
+            m.d.sync += [pd[k].eq(new[k] * old[k]) for k in range(p)]
+            m.d.sync += [ps[k].eq(new[k] * new[k]) for k in range(p)]
+        else:
+            pd = [new[k] * old[k] for k in range(p)]
+            ps = [new[k] * new[k] for k in range(p)]
         # stage 4: products registered again, so that the register after each DSP sits
         # beside it and the adder tree starts from its own registers (DSP -> long route
         # -> tree register was the board build's 95 MHz path)
@@ -141,7 +169,7 @@ class KeyFront(Elaboratable):
         sd, st = _tree(m, pdq, sum_shape, "td")
         sn, _ = _tree(m, psq, sum_shape, "tn")
         # stages from the input register to the sum register
-        delay = 2 + self.product_regs + st
+        delay = 1 + self.operand_regs + self.product_regs + st
         sdr, snr = Signal(sum_shape), Signal(sum_shape)
         m.d.sync += [sdr.eq(sd), snr.eq(sn)]
 
@@ -160,14 +188,17 @@ class KeyFront(Elaboratable):
         # accumulate stage (a): running sums, predecessor's norm read at the first beat
         acc_d = Array(Signal(signed(self.dw + 1), name=f"acc_d{n}") for n in range(self.ways))
         acc_n = Array(Signal(unsigned(self.nw + 1), name=f"acc_n{n}") for n in range(self.ways))
-        m.submodules.norms = norms = Memory(shape=self.nw, depth=max(self.tokens, 2), init=[])
+        m.submodules.norms = norms = Memory(shape=self.nw, depth=max(self.tokens, 2), init=[],
+                                            attrs=self.mem_attrs)
         nw_ = norms.write_port()
-        nr = norms.read_port(transparent_for=(nw_,))
+        nr = norms.read_port(transparent_for=() if self.mem_attrs else (nw_,))
         ad, an = acc_d[waya], acc_n[waya]
         with m.If(va):
             m.d.sync += [ad.eq(Mux(ca["first"], 0, ad) + sdr),
                          an.eq(Mux(ca["first"], 0, an) + snr)]
-        m.d.comb += [nr.addr.eq(toka[:self.tb]), nr.en.eq(va & ca["first"])]
+        # (lean: read at the last beat, used the next cycle: no hold registers per way)
+        m.d.comb += [nr.addr.eq(toka[:self.tb]),
+                     nr.en.eq(va & (ca["end"] if lean else ca["first"]))]
         vb, endb, hpb, tokb = Signal(), Signal(), Signal(), Signal.like(self.tok)
         firstb, wayb = Signal(), Signal()
         m.d.sync += [vb.eq(va), endb.eq(ca["end"]), hpb.eq(ca["hp"]), tokb.eq(toka),
@@ -175,7 +206,7 @@ class KeyFront(Elaboratable):
         # stage b: token complete
         done = vb & endb
         na = nr.data
-        if self.ways == 2:  # the other stream's first beat would overwrite nr.data
+        if self.ways == 2 and not lean:  # the other stream's first beat would overwrite it
             na_hold = Array(Signal(self.nw, name=f"na_hold{n}") for n in range(2))
             with m.If(vb & firstb):
                 m.d.sync += na_hold[wayb].eq(nr.data)
@@ -278,6 +309,58 @@ class _Divider(Elaboratable):
         return m
 
 
+class _LeanDivider(_Divider):
+    """:class:`_Divider` in ``ceil(F/k)`` cycles a job, without a restoring multiplexer:
+    non-restoring division (the partial remainder ``p`` is signed; each step adds or
+    subtracts the divisor by the sign of ``p``, one adder whose sum goes straight into
+    ``p``; quotient bit = ``p >= 0``, the same bits as restoring division). The first
+    step runs in the start cycle (from the inputs), and only the F fraction bits are
+    divided: ``num <= den``, so the integer bit is ``num == den``, and then the quotient
+    is exactly ``2^F``."""
+
+    def elaborate(self, platform):
+        m = Module()
+        f, k = self.f, self.k
+        nb = len(self.num)
+        w = nb + 2  # |p| < den < 2^nb: 2p + 1 fits in nb + 2 signed bits
+        cycles = -(-f // k)
+        lead = k * cycles - f  # < k: num's low bits, shifted in during the first step
+        p, den, q = Signal(w), Signal(nb), Signal(f)
+        neg, zero, same = Signal(), Signal(), Signal()
+        cnt = Signal(range(cycles + 1))
+        start = self.start
+        cur = Mux(start, self.num >> lead, p)
+        d = Cat(Mux(start, self.den, den), Const(0, w - nb))
+        pos = Mux(start, 1, ~p[-1])
+        qq = Mux(start, 0, q)
+        for i in range(k):
+            inbit = start & self.num[lead - 1 - i] if i < lead else Const(0, 1)
+            a = Cat(inbit, cur)[:w]  # 2p + inbit
+            b = Mux(pos, ~d, d)[:w]
+            # a + b + pos in one carry chain: pos enters as the carry of an extra low bit
+            s = Signal(w + 2, name=f"sum{i}")
+            m.d.comb += s.eq(Cat(pos, a) + Cat(pos, b))
+            cur = s[1:w + 1]
+            pos = ~cur[-1]
+            qq = Cat(pos, qq)[:f]
+        m.d.sync += self.done.eq(0)
+        with m.If(start | (cnt != 0)):
+            m.d.sync += [p.eq(cur), q.eq(qq)]
+        with m.If(start):
+            m.d.sync += [den.eq(self.den), neg.eq(self.neg), zero.eq(self.den == 0),
+                         same.eq(self.num == self.den), cnt.eq(cycles - 1),
+                         self.tag_out.eq(self.tag)]
+            if cycles == 1:
+                m.d.sync += self.done.eq(1)
+        with m.Elif(cnt != 0):
+            m.d.sync += cnt.eq(cnt - 1)
+            with m.If(cnt == 1):
+                m.d.sync += self.done.eq(1)
+        qs = Signal(signed(f + 2))
+        m.d.comb += [qs.eq(Mux(same, 1 << f, q)), self.key.eq(Mux(zero, 0, Mux(neg, -qs, qs)))]
+        return m
+
+
 class KeyDivider(Elaboratable):
     """Jobs ``(d, na, nb)`` in, keys out in order; ``latency`` cycles from job to key.
 
@@ -286,19 +369,28 @@ class KeyDivider(Elaboratable):
     come in any ``2*beats`` cycles (two streams, each at most one job per ``2*beats``
     cycles): one job waits in a register and starts ``beats`` cycles after the previous
     one, so a key can be up to ``beats`` cycles later than ``latency``.
+    ``lean``: one divider (:class:`_LeanDivider`, the fewest quotient bits a cycle that
+    finish in B cycles) and, with ``serial``, the operands and the divider loaded
+    straight from the shift-add registers (no registers between): fewer flip-flops for
+    the iCE40.
     """
 
     def __init__(self, *, dw: int, nw: int, frac_bits: int, beats: int, serial: bool = False,
-                 queue: bool = False):
+                 queue: bool = False, lean: bool = False):
         self.f = frac_bits
         self.serial = serial
+        self.lean = lean
         self.queue = queue
         self.beats = beats
         # serial: the two products by shift-add in LUTs, `sbits` multiplier bits a cycle,
         # finished within B cycles (a job comes at most every B cycles)
         self.sbits = -(-nw // max(beats - 1, 1))
         self.scycles = -(-nw // self.sbits)
-        self.k, self.units = divider_plan(frac_bits, beats)
+        if lean:  # one _LeanDivider: ceil(F/k) cycles a job, at most B
+            self.k, self.units = next(k for k in range(1, frac_bits + 1)
+                                      if -(-frac_bits // k) <= beats), 1
+        else:
+            self.k, self.units = divider_plan(frac_bits, beats)
         self.valid = Signal()
         self.d = Signal(signed(dw))
         self.na = Signal(unsigned(nw))
@@ -308,10 +400,11 @@ class KeyDivider(Elaboratable):
         self.key_tag = Signal()
         self.key = Signal(signed(frac_bits + 2))
         self.nbits = 2 * nw
-        cycles = -(-(frac_bits + 1) // self.k)
+        cycles = -(-(frac_bits + 1) // self.k) + 1 if not lean else -(-frac_bits // self.k)
         # multiplier stages (3 serial, 5 with DSPs), the divider's load cycle, its step
         # cycles, the key register
-        self.latency = (3 if serial else 5) + 1 + cycles + 1
+        # (lean: no load cycle, the first step runs as the job starts)
+        self.latency = (3 if serial else 5) - 2 * (lean and serial) + cycles + 1
 
     def elaborate(self, platform):
         m = Module()
@@ -323,8 +416,12 @@ class KeyDivider(Elaboratable):
         v1, ad, neg1, a1, b1 = Signal(), Signal(self.d.shape().width), Signal(), \
             Signal.like(self.na), Signal.like(self.nb)
         tag1, tag2, tag3 = Signal(), Signal(), Signal()
-        m.d.sync += [v1.eq(valid), ad.eq(abs(d)), neg1.eq(d < 0), a1.eq(na), b1.eq(nbv),
-                     tag1.eq(tag)]
+        if self.lean and self.serial:
+            # the shift-add registers load the job's operands directly
+            v1, ad, neg1, a1, b1, tag1 = valid, abs(d)[:len(ad)], d < 0, na, nbv, tag
+        else:
+            m.d.sync += [v1.eq(valid), ad.eq(abs(d)), neg1.eq(d < 0), a1.eq(na), b1.eq(nbv),
+                         tag1.eq(tag)]
         v2, neg2 = Signal(), Signal()
         v3, num3, den3, neg3 = Signal(), Signal(nb), Signal(nb), Signal()
         if self.serial:
@@ -345,14 +442,21 @@ class KeyDivider(Elaboratable):
                          tagq.eq(tag1), tagp.eq(tagq), tag2.eq(tagp)]
             num_sum = _split_product(m, adq, adq, "sq")
             den_sum = _split_product(m, aq, bq, "nn")
-        m.d.sync += [v3.eq(v2), num3.eq(num_sum), den3.eq(den_sum), neg3.eq(neg2),
-                     tag3.eq(tag2)]
+        if self.lean and self.serial:
+            # the shift-add registers hold the products until the next job (>= B cycles)
+            v3, num3, den3, neg3, tag3 = v2, num_sum, den_sum, neg2, tag2
+        else:
+            m.d.sync += [v3.eq(v2), num3.eq(num_sum), den3.eq(den_sum), neg3.eq(neg2),
+                         tag3.eq(tag2)]
         rr = Signal(range(max(self.units, 2)))
         keys = []
         for n in range(self.units):
-            div = _Divider(nb, self.f, self.k)
+            div = (_LeanDivider if self.lean else _Divider)(nb, self.f, self.k)
             m.submodules[f"div{n}"] = div
-            m.d.comb += [div.start.eq(v3 & (rr == n)), div.num.eq(num3), div.den.eq(den3),
+            # (lean: one unit, started by v3 itself, a register: no compare before the
+            # start multiplexers, the 28.7 MHz path)
+            m.d.comb += [div.start.eq(v3 if self.lean else v3 & (rr == n)),
+                         div.num.eq(num3), div.den.eq(den3),
                          div.neg.eq(neg3), div.tag.eq(tag3)]
             keys.append(div)
         with m.If(v3):

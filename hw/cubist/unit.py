@@ -41,6 +41,7 @@ from .layouts import (
     token_layout,
     um_cfg_layout,
 )
+from .rank import SerialRanker
 
 __all__ = ["CubistMerge", "mm_lanes"]
 
@@ -61,6 +62,25 @@ def mm_lanes(a, b, p: int, width: int):
         diff = Mux(sy, s < 0, s > 0)
         out.append(Mux(Mux(sx == sy, same, diff), y, x))
     return Cat(*out)
+
+
+def mag_flags(a, b, p: int, width: int):
+    """Per lane, from one set of compares: (``|b| > |a|``, ``|a| > |b|``), P bits each
+    (what :func:`mm_lanes` decides for ``mm_lanes(a, b)`` and ``mm_lanes(b, a)``)."""
+    ba, ab = [], []
+    for x, y in zip(lanes_of(a, p, width), lanes_of(b, p, width)):
+        sx, sy = x[-1], y[-1]
+        s = x + y
+        lt, gt, neg, pos = y < x, y > x, s < 0, s > 0
+        ba.append(Mux(sx == sy, Mux(sx, lt, gt), Mux(sy, neg, pos)))
+        ab.append(Mux(sx == sy, Mux(sx, gt, lt), Mux(sx, neg, pos)))
+    return Cat(*ba), Cat(*ab)
+
+
+def pick_lanes(sel, a, b, p: int, width: int):
+    """Per lane: ``b`` where ``sel`` is set, else ``a``."""
+    return Cat(*[Mux(sel[k], b[k * width:(k + 1) * width], a[k * width:(k + 1) * width])
+                 for k in range(p)])
 
 
 def _pipe(m, on: bool, name: str, **values) -> dict:
@@ -109,13 +129,17 @@ class CubistMerge(wiring.Component):
     B-1 cycles and the map's multiply in LUTs, so that only the 4P per-beat products
     use DSPs; needs B >= 2), ``shared_keys`` (1: one key front and one key divider serve
     both passes, the input and the horizontal merge taking turns cycle by cycle: half
-    the throughput, half the multipliers; for the iCE40).
+ the throughput, half the multipliers; for the iCE40), ``area`` (1: the iCE40's
+    area configuration: the ECP5 timing registers before the merges and the key front's
+    second operand register left out, serial rankers (one comparison a cycle, the rank
+    state in block RAM), memories without read-during-write logic; needs
+    ``shared_keys=1`` and ``C/P >= max(H_max, W_max)//2 + 3``).
     """
 
     def __init__(self, *, h_max: int = 14, w_max: int = 14, c: int = 64, lanes: int = 4,
                  width: int = 8, frac_bits: int = 16, max_prefix: int = 4,
                  unmerge: bool = True, buffers: int = 2, serial_mul: int = 0,
-                 shared_keys: int = 0):
+                 shared_keys: int = 0, area: int = 0):
         self.h_max = check_int("h_max", h_max, 2, 64)
         self.w_max = check_int("w_max", w_max, 2, 64)
         self.c = check_int("c", c, 1, 1024)
@@ -142,6 +166,15 @@ class CubistMerge(wiring.Component):
         if shared_keys not in (0, 1, True, False):
             raise ValueError(f"shared_keys must be 0 or 1, not {shared_keys!r}")
         self.shared_keys = bool(shared_keys)
+        if area not in (0, 1, True, False):
+            raise ValueError(f"area must be 0 or 1, not {area!r}")
+        if area and not shared_keys:
+            raise ValueError("area=1 needs shared_keys=1")
+        need = max(self.h_max, self.w_max) // 2 + 3
+        if area and self.beats < need:
+            raise ValueError(f"area=1 needs c/lanes >= max(h_max, w_max)//2 + 3 = {need} beats "
+                             f"per token (one key per ranker pass), not {self.beats}")
+        self.area = bool(area)
         tok = token_layout(width, lanes)
         sig = {
             "cfg": In(stream.Signature(cfg_layout())),
@@ -173,6 +206,11 @@ class CubistMerge(wiring.Component):
         NB = self.buffers
         PB = clog2(self.max_prefix)
         LW = P * WD
+        area = self.area
+        # area: no memory's read ever meets a write to the same address in a cycle whose
+        # read data is used (README, "Area configuration"), so Yosys needs no
+        # read-during-write logic (a delayed write and a bypass mux per memory on iCE40)
+        nrw = {"no_rw_check": 1} if area else None
 
         def bank_of(slot):  # the frame-buffer bank as an address field
             return slot[0:1] if NB == 2 else Const(0, 0)
@@ -182,8 +220,13 @@ class CubistMerge(wiring.Component):
 
         # ---- per-frame configuration slots ---------------------------------------
         names = ("h", "w", "r_h", "r_w", "prefix")
-        slot_cfg = {n: Array(Signal(8, name=f"slot{s}_{n}") for s in range(SLOTS))
+        # (area: each field only as wide as its largest allowed value)
+        fw = dict(zip(names, (clog2(v + 1) for v in (self.h_max, self.w_max, KV, KH,
+                                                      max(self.max_prefix, 1)))))
+        slot_cfg = {n: Array(Signal(fw[n] if area else 8, name=f"slot{s}_{n}")
+                             for s in range(SLOTS))
                     for n in names}
+        fh, fwd = (fw["h"], fw["w"]) if area else (8, 8)  # per-frame bounds' widths
         slot_err = Array(Signal(name=f"slot{s}_err") for s in range(SLOTS))
 
         def cfg_of(slot):
@@ -196,13 +239,14 @@ class CubistMerge(wiring.Component):
         vdone = Array(Signal(name=f"vdone{b}") for b in range(NB))
 
         # ---- memories -------------------------------------------------------------
-        m.submodules.rowbuf = rowbuf = Memory(shape=LW, depth=(1 << S_BITS) << CB, init=[])
+        m.submodules.rowbuf = rowbuf = Memory(shape=LW, depth=(1 << S_BITS) << CB, init=[],
+                                              attrs=nrw)
         rb_w, rb_r = rowbuf.write_port(), rowbuf.read_port()
         if self.max_prefix:
             m.submodules.prefbuf = prefbuf = Memory(
-                shape=LW, depth=SLOTS << (PB + CB), init=[])
+                shape=LW, depth=SLOTS << (PB + CB), init=[], attrs=nrw)
             pf_w, pf_r = prefbuf.write_port(), prefbuf.read_port()
-        m.submodules.hdec = hdec = Memory(shape=2 * KH, depth=SLOTS << HB, init=[])
+        m.submodules.hdec = hdec = Memory(shape=2 * KH, depth=SLOTS << HB, init=[], attrs=nrw)
         hd_w = hdec.write_port()
         hd_r_merge, hd_r_map = hdec.read_port(), hdec.read_port()
         fb_w, fb_r = [], []
@@ -226,11 +270,12 @@ class CubistMerge(wiring.Component):
                              fb_r[par].en.eq(~fb_w[par].en)]
             else:
                 m.d.comb += [fb_w[par].addr.eq(fb_waddr[par]), fb_r[par].addr.eq(fb_raddr[par])]
-        vword = KV * KW + KV * RBV + KV + KW
-        m.submodules.vrank = vrank = Memory(shape=vword, depth=NB << WB, init=[])
-        vr_w = vrank.write_port()
-        vr_r = vrank.read_port(transparent_for=(vr_w,))
-        m.submodules.vdec = vdec = Memory(shape=2 * KV, depth=NB << WB, init=[])
+        if not area:  # (area: the serial V ranker keeps its own memory)
+            vword = KV * KW + KV * RBV + KV + KW
+            m.submodules.vrank = vrank = Memory(shape=vword, depth=NB << WB, init=[])
+            vr_w = vrank.write_port()
+            vr_r = vrank.read_port(transparent_for=(vr_w,))
+        m.submodules.vdec = vdec = Memory(shape=2 * KV, depth=NB << WB, init=[], attrs=nrw)
         vd_w = vdec.write_port()
         vd_r_tok, vd_r_map = vdec.read_port(), vdec.read_port()
 
@@ -249,9 +294,11 @@ class CubistMerge(wiring.Component):
         if shared:
             m.d.sync += tdm.eq(~tdm)
             m.submodules.kfront = kf = KeyFront(p=P, width=WD, beats=B, tokens=2 << WB,
-                                                c=self.c, ways=2, product_regs=1)
+                                                c=self.c, ways=2, product_regs=1,
+                                                operand_regs=not area, mem_attrs=nrw)
             m.submodules.kdiv = kd = KeyDivider(dw=kf.dw, nw=kf.nw, frac_bits=F, beats=B,
-                                                serial=self.serial_mul, queue=True)
+                                                serial=self.serial_mul, queue=True,
+                                                lean=area)
 
             def front_port(tokens):
                 return SimpleNamespace(
@@ -298,7 +345,14 @@ class CubistMerge(wiring.Component):
         m.d.comb += occ_ok.eq(occ < S_BEATS)
         adv = take | pad
         end_tok = c_r == B - 1
-        final = end_tok & ~ph & (i_r == cur["h"] - 1) & (j_r == cur["w"] - 1)
+        if area:
+            # registered: i_r/j_r move at a token's end, its next end is >= B cycles later
+            # (the compares in front of the error logic were a 25 MHz path)
+            at_last = Signal()
+            m.d.sync += at_last.eq((i_r == cur["h"] - 1) & (j_r == cur["w"] - 1))
+            final = end_tok & ~ph & at_last
+        else:
+            final = end_tok & ~ph & (i_r == cur["h"] - 1) & (j_r == cur["w"] - 1)
         beat_data = Mux(take, self.i.payload.data.as_value(), 0)
 
         cfgp = self.cfg.payload
@@ -388,7 +442,7 @@ class CubistMerge(wiring.Component):
         h_ranks = [Signal(RBH, name=f"hr{k}") for k in range(KH)]
         h_dirs = [Signal(name=f"hd{k}") for k in range(KH)]
         h_pend = Signal(signed(KW))
-        n_h, row_h, slot_h = Signal(8), Signal(8), Signal(2)
+        n_h, row_h, slot_h = Signal(8), Signal(8), Signal(2, name="slot_h")
         hc = cfg_of(slot_h)
         # H-RANK in four stages (a key arrives at most every B cycles, but every loop
         # below closes within one stage, so B = 1 is hazard-free too):
@@ -399,67 +453,88 @@ class CubistMerge(wiring.Component):
         a_score = Signal(signed(KW))
         # slot_h's W-2, H-1, r_w and W/2, registered: a frame's first H key comes >= 2
         # cycles after slot_h moved to it (slot lookup -> compare was the 95.8 MHz path)
-        hw2, hh1, hrw, hwh = (Signal(8, name=f"hk_{n}") for n in ("w2", "h1", "rw", "wh"))
+        hw2, hh1, hrw, hwh = (Signal(b, name=f"hk_{n}") for n, b in
+                              (("w2", fwd), ("h1", fh), ("rw", fwd), ("wh", fwd)))
         m.d.sync += [hw2.eq(hc["w"] - 2), hh1.eq(hc["h"] - 1), hrw.eq(hc["r_w"]),
                      hwh.eq(hc["w"] >> 1)]
         a_rw, a_wh = Signal(8), Signal(8)
         h_last_n = n_h == hw2
-        with m.If(hkey_v):
-            key = hkey
-            odd = n_h[0]
-            is_final = odd | h_last_n  # n <= W-2, so "n + 2 >= W" is "n = W-2"
-            right = odd & (key > h_pend)
-            with m.If(~is_final):
-                m.d.sync += h_pend.eq(key)
-            m.d.sync += [a_fin.eq(is_final), a_right.eq(right), a_k.eq(n_h >> 1),
-                         a_score.eq(Mux(right, key, Mux(odd, h_pend, key))),
-                         a_end.eq(h_last_n), a_row.eq(row_h), a_slot.eq(slot_h),
-                         a_rw.eq(hrw), a_wh.eq(hwh)]
+
+        def next_h_key():  # the position of the next H key (row, slot)
             with m.If(h_last_n):
                 m.d.sync += [n_h.eq(0), row_h.eq(row_h + 1)]
                 with m.If(row_h == hh1):
                     m.d.sync += [row_h.eq(0), slot_h.eq(slot_h + 1)]
             with m.Else():
                 m.d.sync += n_h.eq(n_h + 1)
-        m.d.sync += a_v.eq(hkey_v)
-        # S1: the new candidate against the scores of the earlier ones in this row
-        b_v, b_end = Signal(), Signal()
-        b_k, b_row, b_slot = Signal.like(a_k), Signal(8), Signal(2)
-        b_gt = Signal(max(KH, 1))
-        b_rw, b_wh, c_rw, c_wh = Signal(8), Signal(8), Signal(8), Signal(8)
-        m.d.sync += [b_rw.eq(a_rw), b_wh.eq(a_wh), c_rw.eq(b_rw), c_wh.eq(b_wh)]
-        m.d.sync += [b_v.eq(a_v & a_fin), b_end.eq(a_v & a_end), b_k.eq(a_k),
-                     b_row.eq(a_row), b_slot.eq(a_slot),
-                     b_gt.eq(Cat(*[a_score > h_scores[j] for j in range(KH)]))]
-        with m.If(a_v & a_fin):
-            for j in range(KH):
-                with m.If(a_k == j):
-                    m.d.sync += [h_scores[j].eq(a_score), h_dirs[j].eq(a_right)]
-        # S2: rank counters (rank_update); the row's directions are final here
-        c_end, c_row, c_slot = Signal(), Signal(8), Signal(2)
-        c_dirs = Signal(max(KH, 1))
-        m.d.sync += [c_end.eq(b_end), c_row.eq(b_row), c_slot.eq(b_slot)]
-        with m.If(b_end):
-            m.d.sync += c_dirs.eq(Cat(*h_dirs))
-        with m.If(b_v):
-            m.d.sync += [h_ranks[j].eq(r)
-                         for j, r in enumerate(rank_update(b_k, b_gt, h_ranks, RBH))]
-        # S3: removed = rank < r_w, written with the directions
-        with m.If(c_end):
-            removed = Cat(*[(h_ranks[j] < c_rw) & (j < c_wh)
-                            for j in range(KH)])
-            m.d.comb += [hd_w.addr.eq(Cat(_bits(c_row, HB), c_slot)),
-                         hd_w.data.eq(Cat(removed, c_dirs[:KH])), hd_w.en.eq(1)]
-            m.d.sync += rows_ready.eq(rows_ready + 1)
+
+        if area:
+            # serial ranker: one comparison a cycle (keys come >= B >= KH + 3 cycles apart)
+            m.submodules.hrank = hrk = SerialRanker(k=KH, key_bits=KW, tag_bits=HB + 2,
+                                                    attrs=nrw)
+            m.d.comb += [hrk.valid.eq(hkey_v), hrk.key.eq(hkey), hrk.n.eq(n_h),
+                         hrk.last.eq(h_last_n), hrk.thr.eq(hrw),
+                         hrk.tag.eq(Cat(_bits(row_h, HB), slot_h))]
+            with m.If(hkey_v):
+                next_h_key()
+            with m.If(hrk.dec_valid):
+                m.d.comb += [hd_w.addr.eq(hrk.dec_tag), hd_w.en.eq(1),
+                             hd_w.data.eq(Cat(hrk.dec_removed, hrk.dec_dirs))]
+                m.d.sync += rows_ready.eq(rows_ready + 1)
+        else:
+            with m.If(hkey_v):
+                key = hkey
+                odd = n_h[0]
+                is_final = odd | h_last_n  # n <= W-2, so "n + 2 >= W" is "n = W-2"
+                right = odd & (key > h_pend)
+                with m.If(~is_final):
+                    m.d.sync += h_pend.eq(key)
+                m.d.sync += [a_fin.eq(is_final), a_right.eq(right), a_k.eq(n_h >> 1),
+                             a_score.eq(Mux(right, key, Mux(odd, h_pend, key))),
+                             a_end.eq(h_last_n), a_row.eq(row_h), a_slot.eq(slot_h),
+                             a_rw.eq(hrw), a_wh.eq(hwh)]
+                next_h_key()
+            m.d.sync += a_v.eq(hkey_v)
+            # S1: the new candidate against the scores of the earlier ones in this row
+            b_v, b_end = Signal(), Signal()
+            b_k, b_row, b_slot = Signal.like(a_k), Signal(8), Signal(2)
+            b_gt = Signal(max(KH, 1))
+            b_rw, b_wh, c_rw, c_wh = Signal(8), Signal(8), Signal(8), Signal(8)
+            m.d.sync += [b_rw.eq(a_rw), b_wh.eq(a_wh), c_rw.eq(b_rw), c_wh.eq(b_wh)]
+            m.d.sync += [b_v.eq(a_v & a_fin), b_end.eq(a_v & a_end), b_k.eq(a_k),
+                         b_row.eq(a_row), b_slot.eq(a_slot),
+                         b_gt.eq(Cat(*[a_score > h_scores[j] for j in range(KH)]))]
+            with m.If(a_v & a_fin):
+                for j in range(KH):
+                    with m.If(a_k == j):
+                        m.d.sync += [h_scores[j].eq(a_score), h_dirs[j].eq(a_right)]
+            # S2: rank counters (rank_update); the row's directions are final here
+            c_end, c_row, c_slot = Signal(), Signal(8), Signal(2)
+            c_dirs = Signal(max(KH, 1))
+            m.d.sync += [c_end.eq(b_end), c_row.eq(b_row), c_slot.eq(b_slot)]
+            with m.If(b_end):
+                m.d.sync += c_dirs.eq(Cat(*h_dirs))
+            with m.If(b_v):
+                m.d.sync += [h_ranks[j].eq(r)
+                             for j, r in enumerate(rank_update(b_k, b_gt, h_ranks, RBH))]
+            # S3: removed = rank < r_w, written with the directions
+            with m.If(c_end):
+                removed = Cat(*[(h_ranks[j] < c_rw) & (j < c_wh)
+                                for j in range(KH)])
+                m.d.comb += [hd_w.addr.eq(Cat(_bits(c_row, HB), c_slot)),
+                             hd_w.data.eq(Cat(removed, c_dirs[:KH])), hd_w.en.eq(1)]
+                m.d.sync += rows_ready.eq(rows_ready + 1)
 
         # ======================= H-MERGE ============================================
-        m.submodules.tbuf = tbuf = Memory(shape=LW, depth=max(2, 1 << CB), init=[])
+        m.submodules.tbuf = tbuf = Memory(shape=LW, depth=max(2, 1 << CB), init=[], attrs=nrw)
         t_w = tbuf.write_port()
-        t_r = tbuf.read_port(transparent_for=(t_w,))
+        # (area: a beat is written 1 cycle after its issue, read >= B cycles after that
+        # issue, and no read at issue meets the write of the same beat index)
+        t_r = tbuf.read_port(transparent_for=() if area else (t_w,))
         row_m, slot_m = Signal(8), Signal(2)
         bank_m = bank_of(slot_m)
         # the merging frame's W and H, registered (slot_m is stable from IDLE to the row's end)
-        mc = {n: Signal(8, name=f"hm_{n}") for n in ("w", "h")}
+        mc = {n: Signal(b, name=f"hm_{n}") for n, b in (("w", fwd), ("h", fh))}
         m.d.sync += [mc[n].eq(slot_cfg[n][slot_m]) for n in mc]
         rm_mask, dr_mask = Signal(KH + 1), Signal(KH + 1)
         pos, col_i = Signal(8), Signal(8)
@@ -515,12 +590,27 @@ class CubistMerge(wiring.Component):
         # beat is written 2 cycles after its issue, B >= 2 cycles before it is read)
         early = B >= 2
         m.d.comb += t_r.addr.eq(_bits(c_m if early else c1, CB))
-        sq = _pipe(m, True, "hm2", **s1, c=c1, col=col1, row=row1, bank=bank1, x=rb_r.data,
-                   **({"t": t_r.data} if early else {}))
-        x, tv = sq["x"], sq["t"] if early else t_r.data
-        even_v = Mux(sq["src_l"], mm_lanes(x, tv, P, WD), x)
+        if area:
+            # H-MERGE issues every other cycle (shared keys), so the row buffer's and T's
+            # outputs are read only at issue and held a second cycle: stage 1 compares the
+            # magnitudes (flags registered), stage 2 picks the lanes (the merge and the
+            # frame-buffer route were one 40 ns path); the merged beat reaches the key
+            # front 2 cycles after its issue, on H-MERGE's (odd) cycles
+            m.d.comb += [rb_r.en.eq(issue), t_r.en.eq(issue)]
+            x, tv = rb_r.data, t_r.data
+            t_over_x, x_over_t = mag_flags(x, tv, P, WD)
+            sq = _pipe(m, True, "hm2", **s1, c=c1, col=col1, row=row1, bank=bank1,
+                       tx=t_over_x, xt=x_over_t)
+            even_v = Mux(sq["src_l"], pick_lanes(sq["tx"], x, tv, P, WD), x)
+            odd_v = Mux(sq["rem"], pick_lanes(sq["xt"], tv, x, P, WD), x)
+        else:
+            sq = _pipe(m, True, "hm2", **s1, c=c1, col=col1, row=row1, bank=bank1,
+                       x=rb_r.data, **({"t": t_r.data} if early else {}))
+            x, tv = sq["x"], sq["t"] if early else t_r.data
+            even_v = Mux(sq["src_l"], mm_lanes(x, tv, P, WD), x)
+            odd_v = Mux(sq["rem"], mm_lanes(tv, x, P, WD), x)
         merged = Signal(LW)
-        m.d.comb += merged.eq(Mux(sq["odd"], Mux(sq["rem"], mm_lanes(tv, x, P, WD), x), even_v))
+        m.d.comb += merged.eq(Mux(sq["odd"], odd_v, even_v))
         write_t = sq["v"] & Mux(sq["odd"], sq["rem"] & sq["right"], sq["src_r"])
         m.d.comb += [t_w.addr.eq(_bits(sq["c"], CB)), t_w.data.eq(Mux(sq["odd"], x, even_v)),
                      t_w.en.eq(write_t)]
@@ -543,10 +633,9 @@ class CubistMerge(wiring.Component):
         # ======================= V keys and V-RANK ==================================
         n_v, col_v, slot_v = Signal(8), Signal(8), Signal(2)
         vc = cfg_of(slot_v)
-        m.d.comb += vr_r.addr.eq(Cat(_bits(col_v, WB), bank_of(slot_v)))
         # W'-1 and H-2 of slot_v's frame, registered: a frame's first V key comes rows
         # after slot_v moved to it (slot lookup -> subtract -> compare was a 93 MHz path)
-        vw1, vh2, vrh, vhh = Signal(8), Signal(8), Signal(8), Signal(8)
+        vw1, vh2, vrh, vhh = Signal(fwd), Signal(fh), Signal(fh), Signal(fh)
         m.d.sync += [vw1.eq(vc["w"] - vc["r_w"] - 1), vh2.eq(vc["h"] - 2), vrh.eq(vc["r_h"]),
                      vhh.eq(vc["h"] >> 1)]
         v_last_n = n_v == vh2
@@ -556,74 +645,89 @@ class CubistMerge(wiring.Component):
                 m.d.sync += [col_v.eq(0), n_v.eq(n_v + 1)]
                 with m.If(v_last_n):
                     m.d.sync += [n_v.eq(0), slot_v.eq(slot_v + 1)]
-        v1, key1 = Signal(), Signal(signed(KW))
-        n1, vcol1, slot1, last1 = Signal(8), Signal(8), Signal(2), Signal()
-        rh1, hh1v, lc1 = Signal(8), Signal(8), Signal()
-        m.d.sync += [v1.eq(vkey_v), key1.eq(vkey), n1.eq(n_v), vcol1.eq(col_v),
-                     slot1.eq(slot_v), last1.eq(v_last_n), rh1.eq(vrh), hh1v.eq(vhh),
-                     lc1.eq(col_v == vw1)]
-        # V-RANK: read-modify-write of the column's word. Stage 1: the word (memory output)
-        # and the score; A: compare with the earlier scores; B: new ranks, word written.
-        # Stages A and B are registered when a column's next key (at least B cycles later,
-        # W' >= 1) reads after the write (B >= 3); otherwise they are one cycle, as for B < 3.
-        # With shared keys (a 30 MHz iCE40 target) they are one cycle too: the two registered
-        # copies of the rank word cost about 400 flip-flops.
-        deep = B >= 3 and not shared
-        word = vr_r.data
-        off = 0
-        v_scores = [word[off + j * KW: off + (j + 1) * KW].as_signed() for j in range(KV)]
-        off += KV * KW
-        v_ranks = [word[off + j * RBV: off + (j + 1) * RBV] for j in range(KV)]
-        off += KV * RBV
-        v_dirs = [word[off + j] for j in range(KV)]
-        off += KV
-        v_pend = word[off:off + KW].as_signed()
-        vodd = n1[0]
-        v_right = vodd & (key1 > v_pend)
-        # n <= H-2, so "n + 2 >= H" is "n = H-2" (last1)
-        sa = _pipe(m, deep, "va", v=v1, kv=(n1 >> 1)[:8], fin=vodd | last1,
-                   right=v_right, score=Mux(v_right, key1, Mux(vodd, v_pend, key1)),
-                   key=key1, pend=v_pend, col=vcol1, slot=slot1,
-                   done=last1, rh=rh1, hh=hh1v, lc=lc1, scores=Cat(*v_scores),
-                   ranks=Cat(*v_ranks),
-                   dirs=Cat(*v_dirs))
-        a_scores = [sa["scores"][j * KW:(j + 1) * KW].as_signed() for j in range(KV)]
-        sb = _pipe(m, deep, "vb", **{n: sa[n] for n in sa if n != "scores"},
-                   gts=Cat(*[sa["score"] > a_scores[j] for j in range(KV)]),
-                   new_scores=Cat(*[Mux(sa["fin"] & (sa["kv"] == j), sa["score"], a_scores[j])
-                                    for j in range(KV)]))
-        b_ranks = [sb["ranks"][j * RBV:(j + 1) * RBV] for j in range(KV)]
-        v_new_ranks = rank_update(sb["kv"], sb["gts"], b_ranks, RBV)
-        new_ranks = [Mux(sb["fin"], v_new_ranks[j], b_ranks[j]) for j in range(KV)]
-        new_dirs = [Mux(sb["fin"] & (sb["kv"] == j), sb["right"], sb["dirs"][j])
-                    for j in range(KV)]
-        new_pend = Mux(sb["fin"], sb["pend"], sb["key"])
-        m.d.comb += [vr_w.addr.eq(Cat(_bits(sb["col"], WB), bank_of(sb["slot"]))),
-                     vr_w.data.eq(Cat(sb["new_scores"], *new_ranks, *new_dirs, new_pend)),
-                     vr_w.en.eq(sb["v"])]
-        # stage D (after the loop): the column's decision into vdec
-        d_v, d_col, d_slot = Signal(), Signal(8), Signal(2)
-        d_ranks, d_dirs = Signal(KV * RBV), Signal(KV)
-        d_rh, d_hh, d_lc = Signal(8), Signal(8), Signal()
-        m.d.sync += [d_v.eq(sb["v"] & sb["done"]), d_col.eq(sb["col"]), d_slot.eq(sb["slot"]),
-                     d_ranks.eq(Cat(*new_ranks)), d_dirs.eq(Cat(*new_dirs)), d_rh.eq(sb["rh"]),
-                     d_hh.eq(sb["hh"]), d_lc.eq(sb["lc"])]
-        v_removed = Cat(*[(d_ranks[j * RBV:(j + 1) * RBV] < d_rh) & (j < d_hh)
-                          for j in range(KV)])
-        m.d.comb += [vd_w.addr.eq(Cat(_bits(d_col, WB), bank_of(d_slot))),
-                     vd_w.data.eq(Cat(v_removed, d_dirs)), vd_w.en.eq(d_v)]
-        with m.If(d_v & d_lc):
-            m.d.sync += vdone[bidx(d_slot)].eq(1)
+        if area:
+            # serial ranker, one context per column (keys come >= B >= KV + 3 cycles apart)
+            vctx = Cat(_bits(col_v, WB), bank_of(slot_v))
+            m.submodules.vrank = vrk = SerialRanker(k=KV, key_bits=KW, ctx_bits=len(vctx),
+                                                    tag_bits=3, attrs=nrw)
+            m.d.comb += [vrk.valid.eq(vkey_v), vrk.key.eq(vkey), vrk.n.eq(n_v),
+                         vrk.last.eq(v_last_n), vrk.thr.eq(vrh), vrk.ctx.eq(vctx),
+                         vrk.tag.eq(Cat(col_v == vw1, slot_v))]
+            m.d.comb += [vd_w.addr.eq(vrk.dec_ctx[:len(vctx)]),
+                         vd_w.data.eq(Cat(vrk.dec_removed, vrk.dec_dirs)),
+                         vd_w.en.eq(vrk.dec_valid)]
+            with m.If(vrk.dec_valid & vrk.dec_tag[0]):
+                m.d.sync += vdone[bidx(vrk.dec_tag[1:3])].eq(1)
+        else:
+            m.d.comb += vr_r.addr.eq(Cat(_bits(col_v, WB), bank_of(slot_v)))
+            v1, key1 = Signal(), Signal(signed(KW))
+            n1, vcol1, slot1, last1 = Signal(8), Signal(8), Signal(2), Signal()
+            rh1, hh1v, lc1 = Signal(8), Signal(8), Signal()
+            m.d.sync += [v1.eq(vkey_v), key1.eq(vkey), n1.eq(n_v), vcol1.eq(col_v),
+                         slot1.eq(slot_v), last1.eq(v_last_n), rh1.eq(vrh), hh1v.eq(vhh),
+                         lc1.eq(col_v == vw1)]
+            # V-RANK: read-modify-write of the column's word. Stage 1: the word (memory output)
+            # and the score; A: compare with the earlier scores; B: new ranks, word written.
+            # Stages A and B are registered when a column's next key (at least B cycles later,
+            # W' >= 1) reads after the write (B >= 3); otherwise they are one cycle, as for B < 3.
+            # With shared keys (a 30 MHz iCE40 target) they are one cycle too: the two registered
+            # copies of the rank word cost about 400 flip-flops.
+            deep = B >= 3 and not shared
+            word = vr_r.data
+            off = 0
+            v_scores = [word[off + j * KW: off + (j + 1) * KW].as_signed() for j in range(KV)]
+            off += KV * KW
+            v_ranks = [word[off + j * RBV: off + (j + 1) * RBV] for j in range(KV)]
+            off += KV * RBV
+            v_dirs = [word[off + j] for j in range(KV)]
+            off += KV
+            v_pend = word[off:off + KW].as_signed()
+            vodd = n1[0]
+            v_right = vodd & (key1 > v_pend)
+            # n <= H-2, so "n + 2 >= H" is "n = H-2" (last1)
+            sa = _pipe(m, deep, "va", v=v1, kv=(n1 >> 1)[:8], fin=vodd | last1,
+                       right=v_right, score=Mux(v_right, key1, Mux(vodd, v_pend, key1)),
+                       key=key1, pend=v_pend, col=vcol1, slot=slot1,
+                       done=last1, rh=rh1, hh=hh1v, lc=lc1, scores=Cat(*v_scores),
+                       ranks=Cat(*v_ranks),
+                       dirs=Cat(*v_dirs))
+            a_scores = [sa["scores"][j * KW:(j + 1) * KW].as_signed() for j in range(KV)]
+            sb = _pipe(m, deep, "vb", **{n: sa[n] for n in sa if n != "scores"},
+                       gts=Cat(*[sa["score"] > a_scores[j] for j in range(KV)]),
+                       new_scores=Cat(*[Mux(sa["fin"] & (sa["kv"] == j), sa["score"], a_scores[j])
+                                        for j in range(KV)]))
+            b_ranks = [sb["ranks"][j * RBV:(j + 1) * RBV] for j in range(KV)]
+            v_new_ranks = rank_update(sb["kv"], sb["gts"], b_ranks, RBV)
+            new_ranks = [Mux(sb["fin"], v_new_ranks[j], b_ranks[j]) for j in range(KV)]
+            new_dirs = [Mux(sb["fin"] & (sb["kv"] == j), sb["right"], sb["dirs"][j])
+                        for j in range(KV)]
+            new_pend = Mux(sb["fin"], sb["pend"], sb["key"])
+            m.d.comb += [vr_w.addr.eq(Cat(_bits(sb["col"], WB), bank_of(sb["slot"]))),
+                         vr_w.data.eq(Cat(sb["new_scores"], *new_ranks, *new_dirs, new_pend)),
+                         vr_w.en.eq(sb["v"])]
+            # stage D (after the loop): the column's decision into vdec
+            d_v, d_col, d_slot = Signal(), Signal(8), Signal(2)
+            d_ranks, d_dirs = Signal(KV * RBV), Signal(KV)
+            d_rh, d_hh, d_lc = Signal(8), Signal(8), Signal()
+            m.d.sync += [d_v.eq(sb["v"] & sb["done"]), d_col.eq(sb["col"]), d_slot.eq(sb["slot"]),
+                         d_ranks.eq(Cat(*new_ranks)), d_dirs.eq(Cat(*new_dirs)), d_rh.eq(sb["rh"]),
+                         d_hh.eq(sb["hh"]), d_lc.eq(sb["lc"])]
+            v_removed = Cat(*[(d_ranks[j * RBV:(j + 1) * RBV] < d_rh) & (j < d_hh)
+                              for j in range(KV)])
+            m.d.comb += [vd_w.addr.eq(Cat(_bits(d_col, WB), bank_of(d_slot))),
+                         vd_w.data.eq(Cat(v_removed, d_dirs)), vd_w.en.eq(d_v)]
+            with m.If(d_v & d_lc):
+                m.d.sync += vdone[bidx(d_slot)].eq(1)
 
         # ======================= OUT ================================================
         slot_o = Signal(2)
         bank_o = bank_of(slot_o)
         oc = cfg_of(slot_o)
         # the output grid's H', W', registered (slot_o changes a cycle before OUT can start)
-        h2, w2 = Signal(8), Signal(8)
+        h2, w2 = Signal(fh), Signal(fwd)
         m.d.sync += [h2.eq(oc["h"] - oc["r_h"]), w2.eq(oc["w"] - oc["r_w"])]
         # likewise H-1, W-1, prefix-1 and prefix = 0 (no slot lookup before a compare)
-        h1o, w1o, p1o, p0o = Signal(8), Signal(8), Signal(8), Signal()
+        h1o, w1o, p1o, p0o = Signal(fh), Signal(fwd), Signal(8), Signal()
         m.d.sync += [h1o.eq(oc["h"] - 1), w1o.eq(oc["w"] - 1), p1o.eq(oc["prefix"] - 1),
                      p0o.eq(oc["prefix"] == 0)]
         tok_start, map_start = Signal(), Signal()
@@ -668,14 +772,17 @@ class CubistMerge(wiring.Component):
         h2, w2, slot_o, bank_o = env["h2"], env["w2"], env["slot_o"], env["bank_o"]
         h1o, p1o, p0o = env["h1o"], env["p1o"], env["p0o"]
         fb_r, vd_r, fb_raddr = env["fb_r"], env["vd_r_tok"], env["fb_raddr"]
-        m.submodules.o_fifo = ofifo = StreamFIFO(token_layout(WD, P), FIFO_DEPTH)
+        depth = FIFO_DEPTH
+        m.submodules.o_fifo = ofifo = StreamFIFO(token_layout(WD, P), depth)
         m.d.comb += [self.o.payload.eq(ofifo.o.payload), self.o.valid.eq(ofifo.o.valid),
                      ofifo.o.ready.eq(self.o.ready)]
-        m.submodules.ptr = ptrmem = Memory(shape=8, depth=1 << WB, init=[])
+        area, nrw = self.area, env["nrw"]
+        m.submodules.ptr = ptrmem = Memory(shape=8, depth=1 << WB, init=[], attrs=nrw)
         ptr_w, ptr_r = ptrmem.write_port(), ptrmem.read_port()
-        m.submodules.tbuf_o = tbo = Memory(shape=LW, depth=max(2, 1 << env["CB"]), init=[])
+        m.submodules.tbuf_o = tbo = Memory(shape=LW, depth=max(2, 1 << env["CB"]), init=[],
+                                           attrs=nrw)
         to_w = tbo.write_port()
-        to_r = tbo.read_port(transparent_for=(to_w,))
+        to_r = tbo.read_port(transparent_for=() if area else (to_w,))
 
         # descriptor: one token (prefix p, or grid row e / column col with its sources)
         D = ("pre", "p", "e", "col", "hl", "hr", "last")
@@ -753,9 +860,9 @@ class CubistMerge(wiring.Component):
         cb = Signal(range(max(B, 2)))
         # used = FIFO level + beats in flight towards it, kept as one counter so that the
         # credit is a register bit, not an adder and a compare before `go` (95 MHz path)
-        used = Signal(range(FIFO_DEPTH + 1))
+        used = Signal(range(depth + 1))
         emit_now = cur["pre"][0] | pass_b | ~cur["hr"][0]
-        credit = used < FIFO_DEPTH
+        credit = used < depth
         go = cur_v & (credit | ~emit_now)
         e_c = cur["e"]
         odd_row = Mux(pass_b | e_c[0], e_c >> 1, (e_c >> 1) - 1)
@@ -791,13 +898,19 @@ class CubistMerge(wiring.Component):
         pre_data = env["pf_r"].data if self.max_prefix else Const(0, LW)
         early = B >= 2  # T read at issue, output registered (as in H-MERGE)
         m.d.comb += to_r.addr.eq(_bits(cb if early else cb1, CB))
-        bq = _pipe(m, True, "ob2", **b1, cb=cb1, ev=fb_r[0].data, od=fb_r[1].data, pre_d=pre_data,
-                   **({"t": to_r.data} if early else {}))
+        bq = _pipe(m, not area, "ob2", **b1, cb=cb1, ev=fb_r[0].data, od=fb_r[1].data,
+                   pre_d=pre_data, **({"t": to_r.data} if early else {}))
         ev, od, tp = bq["ev"], bq["od"], bq["t"] if early else to_r.data
         dest = Mux(bq["eodd"], od, ev)
-        va = Mux(bq["hl"], mm_lanes(dest, od, P, WD), dest)
-        vb = mm_lanes(tp, od, P, WD)
-        val = Mux(bq["pre"], bq["pre_d"], Mux(bq["passb"], vb, va))
+        if area:  # one merge: the second pass's first operand is T instead of dest
+            # (a merge's destination is on an even row: ev, never od)
+            mmv = mm_lanes(Mux(bq["passb"], tp, ev), od, P, WD)
+            va = Mux(bq["hl"], mmv, dest)
+            val = Mux(bq["pre"], bq["pre_d"], Mux(bq["passb"] | bq["hl"], mmv, dest))
+        else:
+            va = Mux(bq["hl"], mm_lanes(dest, od, P, WD), dest)
+            vb = mm_lanes(tp, od, P, WD)
+            val = Mux(bq["pre"], bq["pre_d"], Mux(bq["passb"], vb, va))
         m.d.comb += [to_w.addr.eq(_bits(bq["cb"], CB)), to_w.data.eq(va),
                      to_w.en.eq(bq["v"] & ~bq["emit"])]
         b2v, b2d, b2lt, b2l = Signal(), Signal(LW), Signal(), Signal()
@@ -816,14 +929,14 @@ class CubistMerge(wiring.Component):
         w2, slot_o, bank_o = env["w2"], env["slot_o"], env["bank_o"]
         h1o, w1o = env["h1o"], env["w1o"]
         hd_r, vd_r = env["hd_r_map"], env["vd_r_map"]
-        m.submodules.map_fifo = mfifo = StreamFIFO(map_layout(self.h_max, self.w_max),
-                                                   FIFO_DEPTH)
+        depth = 4 if self.area else FIFO_DEPTH  # (area: half the flip-flops)
+        m.submodules.map_fifo = mfifo = StreamFIFO(map_layout(self.h_max, self.w_max), depth)
         m.d.comb += [self.map.payload.eq(mfifo.o.payload), self.map.valid.eq(mfifo.o.valid),
                      mfifo.o.ready.eq(self.map.ready)]
         ip, jp, oidx = Signal(8), Signal(8), Signal(8)
         rm, dr = Signal(KH + 1), Signal(KH + 1)
-        used = Signal(range(FIFO_DEPTH + 1))  # FIFO level + entries in flight, as for `o`
-        credit = used < FIFO_DEPTH
+        used = Signal(range(depth + 1))  # FIFO level + entries in flight, as for `o`
+        credit = used < depth
         m.d.comb += hd_r.addr.eq(Cat(_bits(ip, HB), slot_o))
         issue = Signal()
         jodd = jp[0]
