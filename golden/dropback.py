@@ -33,7 +33,8 @@ sequence above (tests/test_dropback.py compares them step by step):
   low-16-bit histogram of the boundary bin), a fused mask + reset pass;
 * top-k mode, every other step: ONE fused pass on a threshold predicted from
   the last two steps (see "top-k with a threshold hint" below): tracked above
-  a narrow band, reset below it, the few elements in it listed and decided
+  a narrow band, reset below it (the new weight saved first when it cannot
+  be recomputed on a miss), the few elements in it listed and decided
   after the pass from the exact count above the band;
 * quantile mode: one pass per parameter, last chunk of 2048 elements to first:
   update + score + d32*w0 into L1 buffers, the estimator of
@@ -303,19 +304,20 @@ def _quantile_param(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b
 #   can then be recomputed exactly from w0 and the gradient if needed;
 # * anything else: pending (mask 2, the new weight kept); pending elements are
 #   listed by global index in index order, chunk by chunk, only where a chunk
-#   has one: those in the band (lo, hi] with their score bits, those below it
-#   (tracked after the previous step, now dropped: the usual churn) in a
-#   second list, reset after the pass on a hit; their new weight stays in
-#   place until then, so a miss has nothing to restore for them.
+#   has one: those in the band (lo, hi] with their score bits; those below it
+#   (tracked after the previous step, now dropped: the usual churn) have their
+#   new weight (and momentum) saved in a second list and are reset right
+#   there, while the chunk is in cache (resetting them after the pass, by
+#   index, cost ~1 ms per step in cache misses).
 #
 # It also counts the scores above hi and above lo. When count(> hi) < k <=
 # count(> lo) (a hit), the k-th largest score is among the pending elements
 # in (lo, hi]: the exact threshold and the tie cut (lower index first) come
-# from that list, :func:`_band_fix` marks or resets the band elements and
-# :func:`_reset_listed` resets the listed ones below the band. Elements reset
-# in the pass are all <= lo < threshold, so untracked anyway. Otherwise (a
-# miss: first step, large shift) :func:`_restore` recomputes the SGD step of
-# every element reset in the pass, and the scores go through the exact radix
+# from that list, and :func:`_band_fix` marks or resets the band elements.
+# Elements reset in the pass are all <= lo < threshold, so untracked anyway.
+# Otherwise (a miss: first step, large shift) :func:`_restore` recomputes the
+# SGD step of every element reset in the pass, :func:`_unsave` puts back the
+# saved ones, and the scores go through the exact radix
 # select below, as without the hint. Either way the weights, the momentum
 # buffers and the mask are bit-identical to the radix path (the same float32
 # operations on the same values; tests/test_dropback.py checks it step by step
@@ -352,7 +354,7 @@ def _sbits(x):
 
 @numba.njit(inline="always")
 def _spec_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, lo, hi,
-               m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, st):
+               m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st):
     p8 = pend.view(np.uint8)  # pending flags of the chunk, read back 8 per uint64
     nc, nl, nleft = st[0], st[1], st[2]
     n_hi = np.int64(0)
@@ -413,8 +415,14 @@ def _spec_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, 
                             nc += 1
                         else:
                             nleft += 1
-                    elif nl < lidx.shape[0]:  # below the band: reset after the pass
+                    elif nl < lidx.shape[0]:  # below the band: saved, then reset
                         lidx[nl] = off + start + jj
+                        lw[nl] = wv[jj]
+                        wv[jj] = d32 * w0v[jj]
+                        if mom != 0:
+                            lb[nl] = bv[jj]
+                            bv[jj] = np.float32(0)
+                        mv[jj] = np.uint8(0)
                         nl += 1
                     else:
                         nleft += 1
@@ -428,10 +436,11 @@ def _spec_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, 
 
 @numba.njit(cache=False)
 def _spec(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, lo, hi, m8, sbuf,
-          mb, w0c, pend, off, cidx, cbits, lidx, st):
+          mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st):
     """The hint pass over one parameter (global offset ``off``). Pending elements
-    in the band go to ``cidx``/``cbits``, those below it to ``lidx``; either
-    kind stays pending (mask 2, new weight kept) and is only counted in
+    in the band go to ``cidx``/``cbits``; those below it (not recoverable) have
+    their new weight and momentum saved to ``lidx``/``lw``/``lb`` and are reset;
+    either kind stays pending (mask 2, new weight kept) and is only counted in
     ``nleft`` when its list is full. ``sbuf``/``mb``/``pend``: chunk buffers.
     ``st``: [band listed, low listed, left pending, count > hi, count > lo],
     updated. Literal flags per variant as in :func:`_update_score`."""
@@ -442,28 +451,27 @@ def _spec(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, lo, h
     if counter:
         if plain:
             _spec_loop(w, g, buf, w0, seed, bound, True, neg_lr, z, z, d32, d32p, lo, hi,
-                       m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, st)
+                       m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st)
         else:
             _spec_loop(w, g, buf, w0, seed, bound, True, neg_lr, mom, wd, d32, d32p, lo, hi,
-                       m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, st)
+                       m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st)
     elif plain:
         _spec_loop(w, g, buf, w0, seed, bound, False, neg_lr, z, z, d32, d32p, lo, hi,
-                   m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, st)
+                   m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st)
     else:
         _spec_loop(w, g, buf, w0, seed, bound, False, neg_lr, mom, wd, d32, d32p, lo, hi,
-                   m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, st)
+                   m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st)
 
 
 @numba.njit(cache=False)
-def _reset_listed(w, buf, w0, seed, bound, counter, mom, d32, mask, idx):
-    """Hit path: reset the listed pending elements below the band (local
-    indices ``idx``): weight d32*w0, momentum 0, mask 0."""
+def _unsave(w, buf, mom, idx, lw, lb):
+    """Miss path: put back the saved new weights (and momentum) of the elements
+    below the band that the pass reset (local indices ``idx``), after
+    :func:`_restore` (which recomputed them as if they had been recoverable)."""
     for c in range(idx.shape[0]):
-        j = idx[c]
-        mask[j] = False
-        w[j] = d32 * _w0(w0, j, seed, bound, counter)
+        w[idx[c]] = lw[c]
         if mom != 0:
-            buf[j] = np.float32(0)
+            buf[idx[c]] = lb[c]
 
 
 @numba.njit(cache=False)
@@ -757,14 +765,15 @@ class Dropback(torch.optim.Optimizer):
             cc = max(cap_c, old.get("cidx", np.empty(0)).shape[0])
             cl = max(cap_l, old.get("lidx", np.empty(0)).shape[0])
             bf = dict(cidx=np.empty(cc, dtype=np.int64), cbits=np.empty(cc, dtype=np.int32),
-                      lidx=np.empty(cl, dtype=np.int64),
+                      lidx=np.empty(cl, dtype=np.int64), lw=np.empty(cl, dtype=np.float32),
+                      lb=np.empty(cl, dtype=np.float32),
                       sbuf=np.empty(_CHUNK, dtype=np.int32), mb=np.empty(_CHUNK, dtype=np.uint8),
                       w0c=np.empty(_CHUNK, dtype=np.float32),
                       pend=np.zeros(_CHUNK // 8, dtype=np.uint64), st=np.zeros(5, dtype=np.int64))
             self._bufs = bf
         bf["st"][:] = 0
-        return (bf["cidx"][:cap_c], bf["cbits"][:cap_c], bf["lidx"][:cap_l], bf["sbuf"],
-                bf["mb"], bf["w0c"], bf["pend"], bf["st"])
+        return (bf["cidx"][:cap_c], bf["cbits"][:cap_c], bf["lidx"][:cap_l], bf["lw"][:cap_l],
+                bf["lb"][:cap_l], bf["sbuf"], bf["mb"], bf["w0c"], bf["pend"], bf["st"])
 
     def _hint_topk(self, work, d32, k, pred):
         off = self._offsets
@@ -773,10 +782,11 @@ class Dropback(torch.optim.Optimizer):
         d32p = np.float32(self._d32_prev)
         cap_c = max(self._min_list, 2 * self._listed[0])
         cap_l = max(self._min_list, 2 * self._listed[1])
-        cidx, cbits, lidx, sbuf, mb, w0c, pend, st = self._buffers(cap_c, cap_l)
+        cidx, cbits, lidx, lw, lb, sbuf, mb, w0c, pend, st = self._buffers(cap_c, cap_l)
         for (i, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask) in work:
             _spec(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32, d32p, lo, hi,
-                  mask.view(np.uint8), sbuf, mb, w0c, pend, off[i], cidx, cbits, lidx, st)
+                  mask.view(np.uint8), sbuf, mb, w0c, pend, off[i], cidx, cbits, lidx, lw, lb,
+                  st)
         nc, nl, nleft, n_hi, n_lo = (int(x) for x in st)
         self._listed = (nc + nleft, nl + nleft)
         cut = [off[t[0]] for t in work] + [off[work[-1][0] + 1]]
@@ -784,9 +794,13 @@ class Dropback(torch.optim.Optimizer):
             self.hint_misses += 1
             if self._scores is None:
                 self._scores = np.empty(self.numel, dtype=np.float32)
-            for (i, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask) in work:
+            lcut = np.searchsorted(lidx[:nl], cut)
+            for n, (i, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask) in enumerate(
+                    work):
                 _restore(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32p,
                          mask.view(np.uint8))
+                a, b = lcut[n], lcut[n + 1]
+                _unsave(w, buf, mom, lidx[a:b] - off[i], lw[a:b], lb[a:b])
                 _score_only(w, w0, seed, bound, counter, d32, self._scores[off[i]:off[i + 1]])
             self._radix_topk(work, d32, k)
             self._errs = (self._errs + [abs(self.threshold / pred - 1.0)])[-3:]
@@ -795,20 +809,14 @@ class Dropback(torch.optim.Optimizer):
         self.hint_hits += 1
         if nleft:  # a list was full: collect every element still pending again
             # (band and below-band alike: _band_fix resets those below the band)
-            nc = nleft + nc + nl
+            nc = nleft + nc
             cidx, cbits = np.empty(nc, dtype=np.int64), np.empty(nc, dtype=np.int32)
             n = 0
             for (i, w, _, _, w0, seed, bound, counter, *_r, mask) in work:
                 n = _collect(w, w0, seed, bound, counter, d32, mask.view(np.uint8), off[i],
                              cidx, cbits, n)
-            nc, nl = n, 0
+            nc = n
         cidx, cbits = cidx[:nc], cbits[:nc]
-        if nl:  # the listed elements below the band: reset
-            lcut = np.searchsorted(lidx[:nl], cut)
-            for n, (i, w, _, buf, w0, seed, bound, counter, _, mom, _, mask) in enumerate(work):
-                if lcut[n] < lcut[n + 1]:
-                    _reset_listed(w, buf, w0, seed, bound, counter, mom, d32, mask,
-                                  lidx[lcut[n]:lcut[n + 1]] - off[i])
         r = k - n_hi  # tracked among the listed band elements (1 <= r <= nc)
         thr = np.partition(cbits, nc - r)[nc - r]
         need_eq = r - int(np.count_nonzero(cbits > thr))
