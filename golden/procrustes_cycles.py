@@ -13,9 +13,10 @@ count depends on the data, and adds the fixed latencies of the command decoder:
   flagged null in the cycle it is dropped). When the walk is one group long, a row's
   group is scanned once for all of its tiles in the range and replayed by the emitter
   (``bits·reps`` cycles). Issue is credit-based: at most ``fifo_depth`` groups are out
-  (issued and not yet popped or dropped); starting a range costs two setup cycles. The
-  phase ends when the slowest PE row has flushed its last result, so balancing shortens
-  it.
+  (issued and not yet popped or dropped); a range's bases are formed before the run, so
+  the first range issues in the cycle after the start and the second right after the
+  first. The phase ends when the slowest PE row has flushed its last result, so
+  balancing shortens it.
 * weight gradient: dense, ``ceil(M/rows)·ceil(K/cols)·N`` cycles plus latency; or
   (``WGRADX``) the forward walk with the activations as the sparse operand.
 * update: one element every three cycles (``3·M·K``: the quantile step's serial
@@ -50,8 +51,7 @@ __all__ = [
 
 # fixed latencies of the command decoder and pipelines (see the module docstring)
 _GEMM_FIXED = 8 + 1  # accept..CHECK (8, schedule checked there too); RUNSTART..RESP (1)
-_WALK_SETUP = 2  # SETUP, SETUP2 (row bases) before a range's first group
-_WALK_TAIL = 7  # end marker popped -> done flag visible
+_WALK_TAIL = 2  # end marker popped -> done flag visible (raised while G holds it)
 _WGRAD_FIXED = 16
 _UPDATE_FIXED = 28
 _UPDATE_II = 3  # cycles per element in the update pipeline (the quantile step's loop)
@@ -66,7 +66,7 @@ class ArrayParams:
     bm: int = 4
     bk: int = 4
     lanes: int = 4
-    fifo_depth: int = 4
+    fifo_depth: int = 16
 
     def __post_init__(self):
         for name in ("rows", "cols", "bm", "bk", "lanes"):
@@ -121,20 +121,16 @@ def _walk(counts, ranges, nt, depth):
     last_cost = 0
     d1 = -1  # S2 cycles of the two most recent dropped groups
     d2 = -1
-    nxt = _WALK_SETUP + 1  # IDLE at 0, SETUP, first ISSUE
-    any_range = False
+    # IDLE sees start at 0, the first issue (or the end marker) at 1: the ranges' bases
+    # are formed before the run, and the second range issues right after the first
+    nxt = 1
     ng = counts.shape[1]
     for h in range(3):
         if h < 2:
             a, b = ranges[h, 0], ranges[h, 1]
             if a == b:
                 continue
-            if any_range:
-                nxt += _WALK_SETUP  # SETUP between the two ranges
-            any_range = True
         else:
-            if not any_range:
-                nxt = 1  # END right after IDLE
             a, b = 0, 1  # the end marker
         j = a
         while j < b:

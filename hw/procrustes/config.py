@@ -46,7 +46,7 @@ class Config:
     x_depth: int = 512
     g_depth: int = 256
     y_depth: int = 256
-    fifo_depth: int = 4
+    fifo_depth: int = 16
 
     def __post_init__(self):
         check_pow2("rows", self.rows, 1, 16)

@@ -180,15 +180,23 @@ class PERow(wiring.Component):
         ng_m1, nt_m1, lim, gkl, xstride, blk_base = (Signal(16, name=n) for n in (
             "ng_m1", "nt_m1", "lim_r", "gkl_r", "xstride_r", "blk_base_r"))
         val_base = Signal(c.ptr_bits)
+        o0, t0, n0 = Signal(16), Signal(16), Signal(16)
         o1, t1, n1 = Signal(16), Signal(16), Signal(16)
+        nt_r = Signal(16)
         has1, one_group, gshift = Signal(), Signal(), Signal()
         m.d.sync += [
             mode_r.eq(self.mode), ng_m1.eq(self.ng - 1), nt_m1.eq(self.nt - 1),
+            nt_r.eq(self.nt),
             lim.eq(self.lim), gkl.eq(self.gkl), xstride.eq(self.xstride),
             blk_base.eq(self.blk_base), val_base.eq(self.val_base),
+            o0.eq(self.o0), t0.eq(self.t0), n0.eq(self.n0),
             o1.eq(self.o1), t1.eq(self.t1), n1.eq(self.n1),
-            has1.eq(self.n1 != 0), one_group.eq(self.ng == 1), gshift.eq(self.gshift),
+            has1.eq(self.n1 != 0), one_group.eq(self.ng == 1),
         ]
+        # the rounding is taken at the start and held: the last result of a walk is
+        # written after ``done`` (see D2), when the top level may hold the next command
+        with m.If(self.start):
+            m.d.sync += gshift.eq(self.gshift)
         mode_bwd = mode_r == MODE_BWD
         wgrad = mode_r == MODE_WGRAD
 
@@ -220,6 +228,50 @@ class PERow(wiring.Component):
         ]
 
 
+        # ---- range set-up, ahead of the run ----------------------------------------
+        # Both schedule ranges' starting state is formed continuously from the
+        # registered configuration, which the top level holds stable from the command's
+        # decode on (at least five cycles before ``start``): the block-row base, the
+        # operand base of the range's first job (a range may start inside an output
+        # row), the backward walk's per-bank column bases, and the job counts. So a range
+        # starts issuing in the cycle after ``start`` (or after the previous range's last
+        # issue) with no set-up cycle. The two products share one multiplier pair,
+        # alternating between the ranges (``ph``); every step is registered.
+        ph = Signal()
+        m.d.sync += ph.eq(~ph)
+        po, pt = Mux(ph, o1, o0), Mux(ph, t1, t0)
+        pbj = po >> c.log_bk
+        su_ph, su_rowmul, su_xb, su_bjw = Signal(), Signal(32), Signal(32), Signal(16)
+        su_lgv = [Signal(16, name=f"su_lgv{b}") for b in range(L)]
+        m.d.sync += [su_ph.eq(ph), su_rowmul.eq((po >> c.log_bm) * gkl),
+                     su_xb.eq(pt * xstride), su_bjw.eq(pbj >> c.log_lanes)]
+        for b in range(L):
+            lane = ((b - pbj) & (L - 1)) if L > 1 else Const(0)
+            with m.Switch(lane):
+                for l in range(L):
+                    with m.Case(l):
+                        m.d.sync += su_lgv[b].eq(gkl * l)
+        # per range: bases (rb: block-row base, xb0: operand base, cb: column bases) and
+        # job counts (reps0: jobs of the first issue, left0: jobs after it, lnt0: left0
+        # minus a full row of tiles, for the replayed walk's next row)
+        rb = [Signal(16, name=f"rb{h}") for h in range(2)]
+        xb0 = [Signal(16, name=f"xb0_{h}") for h in range(2)]
+        cb = [[Signal(16, name=f"cb{h}_{b}") for b in range(L)] for h in range(2)]
+        ntl = [Signal(16, name=f"ntl{h}") for h in range(2)]
+        reps0 = [Signal(16, name=f"reps0_{h}") for h in range(2)]
+        left0 = [Signal(16, name=f"left0_{h}") for h in range(2)]
+        lnt0 = [Signal(signed(18), name=f"lnt0_{h}") for h in range(2)]
+        for hh, (th, nh) in enumerate(((t0, n0), (t1, n1))):
+            with m.If(su_ph == hh):
+                m.d.sync += [rb[hh].eq(blk_base + su_rowmul), xb0[hh].eq(su_xb)]
+                m.d.sync += [cb[hh][b].eq(blk_base + su_bjw + su_lgv[b]) for b in range(L)]
+            m.d.sync += [
+                ntl[hh].eq(nt_r - th),
+                reps0[hh].eq(Mux(one_group, Mux(ntl[hh] < nh, ntl[hh], nh), 1)),
+                left0[hh].eq(nh - reps0[hh]),
+                lnt0[hh].eq(nh - reps0[hh] - nt_r),
+            ]
+
         # ---- S0: walk (output row, tile, group), address the banks ---------------
         # Issue is credit-based: a group is issued only while the FIFO has a slot for it
         # counting the groups in flight (S1, S2), so nothing after S0 ever stalls and the
@@ -233,13 +285,16 @@ class PERow(wiring.Component):
         rowbase = Signal(16)
         gbase = Signal(16)
         seen = Signal()
-        nrem = Signal(16)  # jobs left in the current range
+        # jobs of the current issue (a replayed row's tiles, else 1), jobs of the range
+        # after it, and that minus a full row of tiles (its sign picks the next row's
+        # reps without a compare on the issue path)
+        reps = Signal(16)
+        left = Signal(16)
+        lnt = Signal(signed(18))
         credits = Signal(range(c.fifo_depth + 1), init=c.fifo_depth)
-        rowmul = Signal(32)  # (o >> log_bm)·gkl, registered in SETUP
         # backward: bank b's word of the group is colb[b] + gbase, where
         # colb[b] = blk_base + (bj >> log_lanes) + gkl·((b - bj) mod lanes); kept by
-        # rotating when bj steps by one, set up in SETUP/SETUP2 at a range start
-        lgv = [Signal(16, name=f"lgv{b}") for b in range(L)]
+        # rotating when bj steps by one, loaded from the range's set-up at its start
         colb = [Signal(16, name=f"colb{b}") for b in range(L)]
 
         s1 = Signal(data.StructLayout({
@@ -258,49 +313,29 @@ class PERow(wiring.Component):
         last_g = g == ng_m1
         last_t = t == nt_m1
         o_next = o + 1
-        # a walk of one group per job (the reduction fits one group: fc3's backward): the
-        # row's slice is scanned once for all its tiles in the range, and the emitter
-        # replays it per tile (reps jobs)
-        ntl = nt_m1 + 1 - t
-        reps = Signal(16)
-        with m.If(~one_group):
-            m.d.comb += reps.eq(1)
-        with m.Elif(ntl < nrem):
-            m.d.comb += reps.eq(ntl)
-        with m.Else():
-            m.d.comb += reps.eq(nrem)
         log_sx_fwd, log_sx_bwd = c.log_bk, c.log_bm
         gl = g << c.log_lanes
+
+        def load_range(hh):
+            return [h.eq(hh), o.eq((o0, o1)[hh]), t.eq((t0, t1)[hh]),
+                    rowbase.eq(rb[hh]), xbase.eq(xb0[hh]), reps.eq(reps0[hh]),
+                    left.eq(left0[hh]), lnt.eq(lnt0[hh])] + \
+                [colb[b].eq(cb[hh][b]) for b in range(L)]
+
         m.d.sync += s1.valid.eq(0)
         m.d.sync += credits.eq(credits - issue + pop + drop)
         with m.FSM(name="walk"):
             with m.State("IDLE"):
                 with m.If(self.start & (self.mode != MODE_WGRAD)):
                     m.d.sync += [g.eq(0), gbase.eq(0), seen.eq(0), credits.eq(c.fifo_depth)]
-                    with m.If(self.n0 != 0):
-                        m.d.sync += [h.eq(0), o.eq(self.o0), t.eq(self.t0), nrem.eq(self.n0)]
-                        m.next = "SETUP"
-                    with m.Elif(self.n1 != 0):
-                        m.d.sync += [h.eq(1), o.eq(self.o1), t.eq(self.t1), nrem.eq(self.n1)]
-                        m.next = "SETUP"
+                    with m.If(n0 != 0):
+                        m.d.sync += load_range(0)
+                        m.next = "ISSUE"
+                    with m.Elif(has1):
+                        m.d.sync += load_range(1)
+                        m.next = "ISSUE"
                     with m.Else():
                         m.next = "END"
-            with m.State("SETUP"):
-                # a range may start inside an output row (job-granular schedule): its
-                # first tile's operand base; both products registered, once per range
-                m.d.sync += [rowmul.eq((o >> c.log_bm) * gkl), xbase.eq(t * xstride)]
-                for b in range(L):
-                    lane = ((b - bj) & (L - 1)) if L > 1 else Const(0)
-                    with m.Switch(lane):
-                        for l in range(L):
-                            with m.Case(l):
-                                m.d.sync += lgv[b].eq(gkl * l)
-                m.next = "SETUP2"
-            with m.State("SETUP2"):
-                m.d.sync += rowbase.eq(blk_base + rowmul)
-                for b in range(L):
-                    m.d.sync += colb[b].eq(blk_base + (bj >> c.log_lanes) + lgv[b])
-                m.next = "ISSUE"
             with m.State("ISSUE"):
                 m.d.comb += issue.eq(credits != 0)
                 with m.If(issue):
@@ -317,7 +352,7 @@ class PERow(wiring.Component):
                     with m.If(~last_g):
                         m.d.sync += [g.eq(g + 1), gbase.eq(gbase + (gkl << c.log_lanes))]
                     with m.Else():
-                        m.d.sync += [g.eq(0), gbase.eq(0), nrem.eq(nrem - reps)]
+                        m.d.sync += [g.eq(0), gbase.eq(0)]
                         with m.If(~last_t & ~one_group):
                             m.d.sync += [t.eq(t + 1), xbase.eq(xbase + xstride)]
                         with m.Else():
@@ -331,10 +366,16 @@ class PERow(wiring.Component):
                                     if L > 1 else Const(1)
                                 for b in range(L):
                                     m.d.sync += colb[b].eq(colb[(b - 1) % L] + carry)
-                        with m.If(nrem == reps):
+                        # the next issue's jobs: a replayed row takes min(nt, left) tiles
+                        with m.If(one_group):
+                            neg = lnt < 0
+                            m.d.sync += [reps.eq(Mux(neg, left, nt_r)),
+                                         left.eq(Mux(neg, 0, lnt)), lnt.eq(lnt - nt_r)]
+                        with m.Else():
+                            m.d.sync += left.eq(left - 1)
+                        with m.If(left == 0):
                             with m.If(~h & has1):
-                                m.d.sync += [h.eq(1), o.eq(o1), t.eq(t1), nrem.eq(n1)]
-                                m.next = "SETUP"
+                                m.d.sync += load_range(1)  # no gap between the ranges
                             with m.Else():
                                 m.next = "END"
             with m.State("END"):
@@ -511,8 +552,15 @@ class PERow(wiring.Component):
             for i in range(C):
                 base = Mux(D2.first, 0, accs[i])
                 m.d.sync += accs[i].eq(sat(m, base + prods[i], A_, f"accn{i}"))
-            with m.If(D2.end):
+            with m.If(D2.end & wgrad):
                 m.d.sync += self.done.eq(1)
+        # a walk's done rises when the emitter holds its end marker (G): the last
+        # result's remaining stages (E .. D2, the write) land while the top level
+        # responds and the next command is decoded and checked (at least nine cycles),
+        # and the last element reads its value and operand (A) in the cycle done shows,
+        # two cycles before the rows' read ports go back to the host
+        with m.If(gv & G.end & ~wgrad):
+            m.d.sync += self.done.eq(1)
         yw_en, yw_addr, yw_data = Signal(C), Signal(16), Signal(C * D)
         with m.If(pe_write):
             m.d.sync += [yw_en.eq((1 << C) - 1), yw_addr.eq(Mux(wgrad, wptr, cur)),
