@@ -48,6 +48,9 @@ from collections.abc import Iterable, Sequence
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 MULT = 0x9E3779B9
 ZERO_SUBST = 0x6D2B79F5
@@ -119,12 +122,46 @@ def prng_u32_nb(seed, j):
     return x
 
 
+@intrinsic
+def _prng_centered32(typingctx, seed, j):
+    """``int32(prng_u32(seed, j) XOR 0x80000000)``, i.e. ``x - 2**31``, built from
+    32-bit LLVM operations: numba widens every integer operation to 64 bits, and
+    the 64-bit lanes (and the masks that keep them to 32 bits) halve the vector
+    width of a loop that regenerates w0 (measured: 4.6 -> 3.2 ms per 11.7M w0
+    values). Only the low 32 bits of ``seed`` and ``j`` are used, as in
+    :func:`prng_u32`."""
+    if not (isinstance(seed, types.Integer) and isinstance(j, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+
+        def low32(v, ty):
+            return builder.trunc(v, i32) if ty.bitwidth > 32 else builder.zext(v, i32) \
+                if ty.bitwidth < 32 else v
+
+        x = builder.xor(builder.mul(low32(args[1], j), ir.Constant(i32, MULT)),
+                        low32(args[0], seed))
+        x = builder.select(builder.icmp_unsigned("==", x, ir.Constant(i32, 0)),
+                           ir.Constant(i32, ZERO_SUBST), x)
+        for _ in range(ROUNDS):
+            x = builder.xor(x, builder.shl(x, ir.Constant(i32, 13)))
+            x = builder.xor(x, builder.lshr(x, ir.Constant(i32, 17)))
+            x = builder.xor(x, builder.shl(x, ir.Constant(i32, 5)))
+        return builder.xor(x, ir.Constant(i32, 0x80000000))
+
+    return types.int32(seed, j), codegen
+
+
 @numba.njit(inline="always")
 def w0_nb(seed, j, bound):
-    """numba form of one initial weight: ``float32(bound * (x * 2**-31 - 1))``."""
-    x = prng_u32_nb(seed, j)
-    # x < 2**32: the signed conversion is exact and vectorizes (uint64 -> float does not)
-    return np.float32(bound * (np.float64(np.int64(x)) * _TWO_M31 - 1.0))
+    """numba form of one initial weight: ``float32(bound * (x * 2**-31 - 1))``.
+    ``x * 2**-31 - 1 == (x - 2**31) * 2**-31`` exactly, ``x - 2**31`` is the int32
+    :func:`_prng_centered32` returns (int32 -> float64 vectorizes), and
+    ``bound * ((x - 2**31) * 2**-31)`` rounds exactly as ``(bound * 2**-31) *
+    (x - 2**31)`` (scaling by a power of two commutes with rounding away from
+    the subnormal range; the loop-invariant ``bound * 2**-31`` is hoisted)."""
+    return np.float32((bound * _TWO_M31) * np.float64(_prng_centered32(seed, j)))
 
 
 @numba.njit(cache=False)

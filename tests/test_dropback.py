@@ -73,6 +73,36 @@ def test_full_budget_equals_sgd_with_momentum_and_weight_decay():
             assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[r]["momentum_buffer"])
 
 
+def test_sgd_step_is_one_fused_rounding_like_torch():
+    # lr*g = (3*2**23 + 1) * 2**-28 lies exactly halfway between two float32 values
+    # and w = 2**-100 is far below half an ulp of float64: the fused multiply-add
+    # (one rounding, what torch's add_(g, alpha=-lr) does) rounds up; rounding
+    # to float64 first and then to float32 (a former emulation) lands on the
+    # midpoint and rounds to even, one ulp lower. 67 elements: vector body and
+    # scalar tail.
+    lr = 1006633 * 2.0**-24
+    n = 67
+    for hint in (True, False):
+        p = torch.full((n,), 2.0**-100, requires_grad=True)
+        q = (torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 0.01
+             ).requires_grad_(True)
+        opt = Dropback([p, q], lr=lr, track_size=100)
+        opt.use_hint = hint
+        gen = torch.Generator().manual_seed(1)
+        for t in range(5):
+            p.grad = torch.full((n,), -25 / 16 if t == 4 else 0.0)
+            q.grad = torch.randn(1000, generator=gen) * 1e-3
+            opt.step()
+        ref = torch.full((n,), 2.0**-100, requires_grad=True)
+        ref.grad = torch.full((n,), -25 / 16)
+        torch.optim.SGD([ref], lr=lr).step()
+        assert torch.equal(p.detach().view(torch.int32), ref.detach().view(torch.int32))
+        assert bool((p.detach() == 12582913 * 2.0**-27).all()) and bool(opt.mask[0].all())
+        # hint on: steps 2-5 ran the fused hint pass (hit or miss, the new weights
+        # come from it); off: the plain update pass
+        assert opt.hint_hits + opt.hint_misses == (4 if hint else 0)
+
+
 def test_tracked_weights_follow_sgd_and_untracked_momentum_is_reset():
     ps = _params()
     opt = Dropback(ps, lr=0.1, track_size=500, momentum=0.9)

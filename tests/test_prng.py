@@ -88,3 +88,22 @@ def test_apply_and_cross_process_reproducibility():
     mine = torch.cat([p.detach().view(-1) for p in m.parameters()])
     assert [float(v) for v in out.split(",")] == mine.tolist()
     assert mine[:40].abs().max() <= 1 / math.sqrt(8)
+
+
+@pytest.mark.parametrize("seed", [0, 0xFFFFFFFF, (5 * 0x9E3779B9) % 2**32, 0x12345678])
+def test_compiled_w0_matches_spec_on_many_indices_and_the_zero_state(seed):
+    # The compiled w0 runs the generator on 32-bit lanes (golden.prng._prng_centered32);
+    # it must give the spec's bits everywhere, including the one index whose state
+    # is 0 before the substitution (j = 5 for the third seed, j = 0 for seed 0).
+    from golden.prng import _w0_fill
+    n = 20000
+    bound = 1 / math.sqrt(27)
+    out = np.empty(n, dtype=np.float32)
+    _w0_fill(np.uint64(seed), bound, out)
+    x = prng_u32(seed, torch.arange(n, dtype=torch.int64)).to(torch.float64)
+    ref = (bound * (x * 2.0**-31 - 1.0)).to(torch.float32).numpy()
+    assert np.array_equal(out.view(np.int32), ref.view(np.int32))
+    zero = [j for j in range(n) if (seed ^ ((j * 0x9E3779B9) % 2**32)) == 0]
+    for j in zero:
+        assert out[j] == np.float32(bound * (_scalar_spec(seed, j) * 2.0**-31 - 1.0))
+    assert zero == {0: [0], (5 * 0x9E3779B9) % 2**32: [5]}.get(seed, [])
