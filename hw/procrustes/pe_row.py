@@ -97,20 +97,27 @@ def round_sat(m: Module, acc, shifts: tuple[int, int], sel, bits: int, name: str
     return out
 
 
+def abits(depth: int) -> int:
+    """Address bits of a memory of ``depth`` words (at least one)."""
+    return max(1, (depth - 1).bit_length())
+
+
 def entry_layout(c: Config) -> data.StructLayout:
-    """A group in the walker FIFO."""
+    """A group in the walker FIFO (operand addresses and result positions are only as
+    wide as their memories' addresses; ``reps`` counts up to ``y_depth`` jobs)."""
+    xb, yb = abits(c.x_depth), abits(c.y_depth)
     return data.StructLayout({
         "bits": c.lanes * c.slice_bits,
         "masks": c.lanes * c.nb,
         "ptrs": c.lanes * c.ptr_bits,
         "sub": 3,
-        "opbase": 16,
-        "xbase": 16,
+        "opbase": xb,
+        "xbase": xb,
         "first": 1,
         "null": 1,
         "end": 1,
-        "pos": 16,
-        "reps": 16,
+        "pos": yb,
+        "reps": yb + 1,
     })
 
 
@@ -163,13 +170,17 @@ class PERow(wiring.Component):
         m = Module()
         D, A_, C, L, S, NB, PB = (c.data_bits, c.acc_bits, c.cols, c.lanes, c.slice_bits,
                                  c.nb, c.ptr_bits)
+        # address widths: block banks, operand buffer, result bank (address arithmetic
+        # wraps like the memories' ports); job counts reach y_depth (one more bit)
+        BB, XB, YB = abits(c.blk_depth), abits(c.x_depth), abits(c.y_depth)
         # The phase configuration is held stable by the top level from before ``start``
         # to the end of the run: registered copies keep its decoding (and the wires
         # from the top level) off the walker's paths. ``mode`` is used through its copy
         # from the cycle after ``start`` on.
         mode_r = Signal(2)
-        ng_m1, nt_m1, lim, gkl, xstride, blk_base = (Signal(16, name=n) for n in (
-            "ng_m1", "nt_m1", "lim_r", "gkl_r", "xstride_r", "blk_base_r"))
+        ng_m1, nt_m1, lim = (Signal(16, name=n) for n in ("ng_m1", "nt_m1", "lim_r"))
+        gkl, blk_base = Signal(BB, name="gkl_r"), Signal(BB, name="blk_base_r")
+        xstride = Signal(XB, name="xstride_r")
         val_base = Signal(c.ptr_bits)
         o0, t0, n0 = Signal(16), Signal(16), Signal(16)
         o1, t1, n1 = Signal(16), Signal(16), Signal(16)
@@ -232,8 +243,8 @@ class PERow(wiring.Component):
         m.d.sync += ph.eq(~ph)
         po, pt = Mux(ph, o1, o0), Mux(ph, t1, t0)
         pbj = po >> c.log_bk
-        su_ph, su_rowmul, su_xb, su_bjw = Signal(), Signal(32), Signal(32), Signal(16)
-        su_lgv = [Signal(16, name=f"su_lgv{b}") for b in range(L)]
+        su_ph, su_rowmul, su_xb, su_bjw = Signal(), Signal(BB), Signal(XB), Signal(BB)
+        su_lgv = [Signal(BB, name=f"su_lgv{b}") for b in range(L)]
         m.d.sync += [su_ph.eq(ph), su_rowmul.eq((po >> c.log_bm) * gkl),
                      su_xb.eq(pt * xstride), su_bjw.eq(pbj >> c.log_lanes)]
         for b in range(L):
@@ -245,9 +256,9 @@ class PERow(wiring.Component):
         # per range: bases (rb: block-row base, xb0: operand base, cb: column bases) and
         # job counts (reps0: jobs of the first issue, left0: jobs after it, lnt0: left0
         # minus a full row of tiles, for the replayed walk's next row)
-        rb = [Signal(16, name=f"rb{h}") for h in range(2)]
-        xb0 = [Signal(16, name=f"xb0_{h}") for h in range(2)]
-        cb = [[Signal(16, name=f"cb{h}_{b}") for b in range(L)] for h in range(2)]
+        rb = [Signal(BB, name=f"rb{h}") for h in range(2)]
+        xb0 = [Signal(XB, name=f"xb0_{h}") for h in range(2)]
+        cb = [[Signal(BB, name=f"cb{h}_{b}") for b in range(L)] for h in range(2)]
         ntl = [Signal(16, name=f"ntl{h}") for h in range(2)]
         reps0 = [Signal(16, name=f"reps0_{h}") for h in range(2)]
         left0 = [Signal(16, name=f"left0_{h}") for h in range(2)]
@@ -272,9 +283,9 @@ class PERow(wiring.Component):
         o = Signal(16)
         t = Signal(16)
         g = Signal(16)
-        xbase = Signal(16)
-        rowbase = Signal(16)
-        gbase = Signal(16)
+        xbase = Signal(XB)
+        rowbase = Signal(BB)
+        gbase = Signal(BB)
         seen = Signal()
         # jobs of the current issue (a replayed row's tiles, else 1), jobs of the range
         # after it, and that minus a full row of tiles (its sign picks the next row's
@@ -286,11 +297,11 @@ class PERow(wiring.Component):
         # backward: bank b's word of the group is colb[b] + gbase, where
         # colb[b] = blk_base + (bj >> log_lanes) + gkl·((b - bj) mod lanes); kept by
         # rotating when bj steps by one, loaded from the range's set-up at its start
-        colb = [Signal(16, name=f"colb{b}") for b in range(L)]
+        colb = [Signal(BB, name=f"colb{b}") for b in range(L)]
 
         s1 = Signal(data.StructLayout({
             "valid": 1, "end": 1, "rot": max(1, c.log_lanes), "sub": 3, "lvalid": L,
-            "last_g": 1, "opbase": 16, "xbase": 16, "reps": 16}))
+            "last_g": 1, "opbase": XB, "xbase": XB, "reps": YB + 1}))
         issue = Signal()
         pop, drop = Signal(), Signal()  # credits returned this cycle
 
@@ -418,7 +429,7 @@ class PERow(wiring.Component):
         # a job without any non-zero is not pushed and costs the emitter nothing; its
         # result positions (reps of them for a replayed row) are never written in the
         # run, which is what makes them read back as zero (see the null flags)
-        posc = Signal(16)  # result position (job number in this PE row) of S3's job
+        posc = Signal(YB + 1)  # result position (job number in this PE row) of S3's job
         m.d.comb += [
             need_push.eq(s3.valid & (s3.end | nonempty)),
             drop.eq(s3.valid & ~need_push),
@@ -463,7 +474,7 @@ class PERow(wiring.Component):
 
         E = Signal(data.StructLayout({
             "valid": 1, "null": 1, "first": 1, "end": 1, "ptr": PB, "mask": NB,
-            "t": max(1, (NB - 1).bit_length()), "opidx": 16, "xbase": 16, "pos": 16}))
+            "t": max(1, (NB - 1).bit_length()), "opidx": XB, "xbase": XB, "pos": YB}))
         last_rep = G.reps[1:] == 0  # reps <= 1
         load_next = ~gv | G.null | ((remaining == 0) & last_rep)
         m.d.comb += pop.eq(load_next & q.r_rdy)  # one assignment: no X in Icarus
@@ -486,8 +497,8 @@ class PERow(wiring.Component):
             m.d.sync += [G.bits.eq(remaining), G.first.eq(0)]
 
         # ---- E: addresses, registered (A) before they reach the memories -------------
-        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1, "pos": 16})
-        A = Signal(data.StructLayout({"ctl": ctl, "vaddr": PB, "xaddr": 16}))
+        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1, "pos": YB})
+        A = Signal(data.StructLayout({"ctl": ctl, "vaddr": PB, "xaddr": XB}))
         below = Cat(*[E.mask[i] & (i < E.t) for i in range(NB)])
         popc = sum(below[i] for i in range(NB))
         m.d.sync += [
@@ -529,8 +540,8 @@ class PERow(wiring.Component):
         # register stage -------------------------------------------------------------
         accs = [Signal(signed(A_), name=f"acc{i}") for i in range(C)]
         have = Signal()
-        wptr = Signal(16)  # weight gradient: results in sequence
-        cur = Signal(16)  # forward/backward: result position of the job in D2
+        wptr = Signal(YB)  # weight gradient: results in sequence
+        cur = Signal(YB)  # forward/backward: result position of the job in D2
         # the result word: rounded by w_frac (forward/backward) or by the weight
         # gradient's shift (WGRAD, WGRADX), one increment per lane
         wg_round = Signal()
@@ -556,7 +567,7 @@ class PERow(wiring.Component):
         # two cycles before the rows' read ports go back to the host
         with m.If(gv & G.end & ~wgrad):
             m.d.sync += self.done.eq(1)
-        yw_en, yw_addr, yw_data = Signal(C), Signal(16), Signal(C * D)
+        yw_en, yw_addr, yw_data = Signal(C), Signal(YB), Signal(C * D)
         with m.If(pe_write):
             m.d.sync += [yw_en.eq((1 << C) - 1), yw_addr.eq(Mux(wgrad, wptr, cur)),
                          yw_data.eq(Cat(*[v.as_unsigned()[:D] for v in outs]))]
