@@ -48,6 +48,10 @@ figure against torch's ``add_`` on the same arrays, ~2.0 ms, under a load of
   with ascending loops defeated the hardware prefetchers: 2x slower), on
   unsigned indices (numba's negative-index test on ``m-1-i`` stopped
   vectorization) and in chunks of 512 (buffers in L1): ~4.8 ms alone.
+  Session 4 (load ~6): quantile 10.50x -> 5.58x SGD, quantile with
+  CounterInit 6.52x -> 4.31x (the same tracked counts: same semantics). What
+  is left is mostly that walk (one dependency chain through theta's bits,
+  ~15-20 cycles per tracked element) and the PRNG with CounterInit.
 """
 
 from __future__ import annotations
