@@ -28,7 +28,7 @@ from sim.tbutil import params, report_metric, start_clock_and_reset
 
 CFG_KEYS = ("rows", "cols", "data_bits", "acc_bits", "w_frac", "x_frac", "g_frac", "bm",
             "bk", "lanes", "blk_depth", "val_depth", "x_depth", "g_depth", "y_depth",
-            "fifo_depth")
+            "fifo_depth", "area")
 
 
 def config_from_params(p: dict) -> Config:
