@@ -20,6 +20,21 @@ __all__ = ["Procrustes"]
 _M32 = 0xFFFFFFFF
 
 
+def _cneg(v, neg):
+    """``-v`` if ``neg`` else ``v``, as ``(v ^ neg...) + neg`` on ``v``'s bits: the
+    inversion folds into the adder's LUTs (one LUT per bit, no multiplexer)."""
+    w = len(v)
+    return (v.as_unsigned() ^ neg.replicate(w)) + neg
+
+
+def _round_bit(p, s: int, neg):
+    """The carry of the contract's rounding into ``p >> s``, for the magnitude ``p`` of a
+    product of sign ``neg``: ``rshift(±p, s) = ±((p >> s) + _round_bit(p, s, neg))``.
+    Half rounds up for a positive product (``p + 2^(s-1)``) and toward zero for a
+    negative one (``p + 2^(s-1) - 1``: ties go toward +inf)."""
+    return p[s - 1] & (~neg | p[:s - 1].any())
+
+
 class Procrustes(wiring.Component):
     """The accelerator top level.
 
@@ -655,10 +670,17 @@ class Procrustes(wiring.Component):
         # unload: the address is presented in UADDR and held until ULATCH (same counters)
         # every source's output registered before the multiplier (like the result banks'
         # in the PE rows): all of them are there in ULATCH
-        u_b, u_v, u_x, u_g = (Signal.like(v, name=n) for v, n in (
-            (row0.bdata, "u_b"), (row0.vdata, "u_v"), (row0.xdata, "u_x"), (grd.data, "u_g")))
-        m.d.sync += [u_b.eq(row0.bdata), u_v.eq(row0.vdata), u_x.eq(row0.xdata),
-                     u_g.eq(grd.data)]
+        if not c.area:
+            u_b, u_v, u_x, u_g = (Signal.like(v, name=n) for v, n in (
+                (row0.bdata, "u_b"), (row0.vdata, "u_v"), (row0.xdata, "u_x"),
+                (grd.data, "u_g")))
+            m.d.sync += [u_b.eq(row0.bdata), u_v.eq(row0.vdata), u_x.eq(row0.xdata),
+                         u_g.eq(grd.data)]
+        else:
+            # the area configuration leaves these timing registers out: the addresses are
+            # held from UADDR to ULATCH, so the memories' outputs are still valid there
+            # (read one cycle after the registered address, as in UWAIT2)
+            u_b, u_v, u_x, u_g = row0.bdata, row0.vdata, row0.xdata, grd.data
         with m.If(unloading):
             with m.Switch(cmd.sel):
                 with m.Case(Buf.BLOCKS):
@@ -751,7 +773,7 @@ class Procrustes(wiring.Component):
         with m.If(st[1]):
             neg = ~E.uhi[15]
             m.d.sync += [E.neg.eq(neg), am_b.eq(regs[Reg.BOUND]),
-                         am_a.eq(Mux(neg, 0x8000 - E.uhi[:15], E.uhi[:15]))]
+                         am_a.eq(_cneg(E.uhi[:15], neg))]  # 2^15 - uhi if negative
         # step 2: the bank word
         with m.If(st[2]):
             bword = Signal(c.mbw, name="ubword")
@@ -764,7 +786,7 @@ class Procrustes(wiring.Component):
         # below the bit; the dW word's lane
         with m.If(st[3]):
             w0mag = Signal(16, name="uw0mag")
-            m.d.comb += w0mag.eq((am_p + (1 << 14) - E.neg) >> 15)
+            m.d.comb += w0mag.eq((am_p >> 15) + _round_bit(am_p, 15, E.neg))
             below = Cat(*[E.bmask[i] & (i < E.t) for i in range(NB)])
             yword = ydata[E.ybank]
             dw_lane = Signal(signed(D), name="udw_lane")
@@ -778,20 +800,19 @@ class Procrustes(wiring.Component):
         # step 4: value address (read at u+5, data at u+6); lr·|dW|
         with m.If(st[4]):
             m.d.comb += ext_vaddr.eq(cmd.arg + E.bptr + E.popc)
-            m.d.sync += [am_a.eq(regs[Reg.LR]),
-                         am_b.eq(Mux(E.dw < 0, -E.dw, E.dw)[:16])]
+            m.d.sync += [am_a.eq(regs[Reg.LR]), am_b.eq(_cneg(E.dw, E.dw < 0)[:16])]
         # step 5: dw0 = rshift(decay·w0, 16), decay = decay[15:0] + decay[16]·2^16
         with m.If(st[5]):
             dmag = Signal(17, name="udw0mag")
-            m.d.comb += dmag.eq((am_p + Mux(regs[Reg.DECAY][16], E.w0mag << 16, 0)
-                                 + (1 << 15) - E.neg) >> 16)
-            m.d.sync += E.dw0.eq(Mux(E.neg, -dmag, dmag))
+            m.d.comb += dmag.eq((am_p >> 16) + Mux(regs[Reg.DECAY][16], E.w0mag, 0)
+                                + _round_bit(am_p, 16, E.neg))
+            m.d.sync += E.dw0.eq(_cneg(dmag, E.neg))
         # step 6: step = rshift(lr·dW, 16); W (zero if the bit is clear)
         with m.If(st[6]):
             sneg = E.dw < 0
             smag = Signal(17, name="ustepmag")
-            m.d.comb += smag.eq((am_p + (1 << 15) - sneg) >> 16)
-            m.d.sync += [E.step.eq(Mux(sneg, -smag, smag)),
+            m.d.comb += smag.eq((am_p >> 16) + _round_bit(am_p, 16, sneg))
+            m.d.sync += [E.step.eq(_cneg(smag, sneg)),
                          E.wold.eq(Mux(E.set, row0.vdata.as_signed(), 0))]
         # step 7: w1
         with m.If(st[7]):
@@ -801,7 +822,7 @@ class Procrustes(wiring.Component):
         with m.If(st[8]):
             diff = Signal(signed(D + 3), name="udiff")
             score = Signal(D + 2, name="uscore")
-            m.d.comb += [diff.eq(E.w1 - E.dw0), score.eq(Mux(diff < 0, -diff, diff))]
+            m.d.comb += [diff.eq(E.w1 - E.dw0), score.eq(_cneg(diff, diff < 0))]
             m.d.sync += E.tracked.eq(theta < (score << 16))
         # steps 9..12: theta·c as four partial products (lo·lo, lo·hi, hi·lo, hi·hi)
         cq = Mux(E.tracked, regs[Reg.UP], regs[Reg.DN])
@@ -814,18 +835,20 @@ class Procrustes(wiring.Component):
         with m.If(st[12] | st[13]):
             m.d.sync += acc.eq(acc + am_p)
         # step 14: the new theta, W' in place of dW
+        # theta ± hi as one adder: theta + (hi ^ ~tracked) + ~tracked (the conditional
+        # negation folds into the adder's LUTs); a carry out of an increase saturates
         hi = Signal(33, name="uhi_sum")
-        up_sum = Signal(34, name="uup_sum")
-        m.d.comb += [hi.eq(am_p + (acc >> 16)), up_sum.eq(theta + hi)]
+        dn = ~E.tracked
+        nsum = Signal(34, name="unsum")
+        m.d.comb += [hi.eq(am_p + (acc >> 16)),
+                     nsum.eq(theta + (hi ^ dn.replicate(33)) + dn)]
         wnew = Mux(E.tracked, E.w1, E.dw0)
         for r, pr in enumerate(rows):
             with m.If(st[14] & (E.ybank == r)):
                 m.d.comb += [pr.y_wen.eq(Const(1, C) << E.lane), pr.y_waddr.eq(E.yaddr),
                              pr.y_wdata.eq(Cat(*[wnew[:D]] * C))]
         with m.If(st[14]):
+            m.d.sync += theta.eq(Mux(E.tracked & nsum[32:].any(), _M32, nsum[:32]))
             with m.If(E.tracked):
-                m.d.sync += [theta.eq(Mux(up_sum > _M32, _M32, up_sum)),
-                             regs[Reg.TRACKED].eq(regs[Reg.TRACKED] + 1)]
-            with m.Else():
-                m.d.sync += theta.eq(theta - hi)
+                m.d.sync += regs[Reg.TRACKED].eq(regs[Reg.TRACKED] + 1)
         return st[1:].any()
