@@ -16,6 +16,7 @@ JSON through the file named by ``PROCUBE_METRICS``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -219,17 +220,27 @@ def simulate(
     }
     with _environment(simulator):
         runner = get_runner(simulator)
-        with _quiet(quiet, build_dir / "build.log"):
-            if simulator == "icarus" or not marker.exists():
-                runner.build(
-                    sources=[vfile],
-                    hdl_toplevel=name,
-                    build_dir=build_dir,
-                    timescale=("1ns", "1ps"),
-                    build_args=build_args,
-                    waves=waves,
-                )
-                marker.touch()
+        # Another process (a second pytest, a bench) may build the same key at the same
+        # time: the build is serialized by a lock on the build directory, and the marker
+        # is checked under it, so a finished Verilator build is reused, not overwritten.
+        # Icarus rebuilds on every run (its build is the run's input), so its lock is held
+        # until its run has finished.
+        lock = _build_lock(build_dir)
+        try:
+            with _quiet(quiet, build_dir / "build.log"):
+                if simulator == "icarus" or not marker.exists():
+                    runner.build(
+                        sources=[vfile],
+                        hdl_toplevel=name,
+                        build_dir=build_dir,
+                        timescale=("1ns", "1ps"),
+                        build_args=build_args,
+                        waves=waves,
+                    )
+                    marker.touch()
+        finally:
+            if simulator != "icarus":
+                lock.close()
         try:
             with _quiet(quiet, log_file):
                 runner.test(
@@ -247,6 +258,8 @@ def simulate(
                 )
         except SystemExit:
             pass  # the simulator itself failed; the results file (if any) says more
+        finally:
+            lock.close()  # a second close (Verilator) is a no-op
     tests, failures = _results(results_xml)
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     wave = None
@@ -263,6 +276,14 @@ def simulate(
         waves=wave,
         log=log_file if log_file.exists() else None,
     )
+
+
+def _build_lock(build_dir: Path):
+    """An exclusive ``flock`` on ``build_dir/.lock``, released when the returned file is
+    closed (or its process exits)."""
+    f = open(build_dir / ".lock", "a")  # noqa: SIM115 -- closed by the caller
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
 
 
 @contextlib.contextmanager

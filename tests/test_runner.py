@@ -44,3 +44,42 @@ def test_missing_simulator_is_reported(monkeypatch):
     assert "Icarus Verilog is not installed" in simulator_unavailable_reason("icarus")
     with pytest.raises(SimulatorUnavailable, match="icarus"):
         simulate(SkidBuffer(8), test_module="sim.tb.tb_stream_fifo", simulator="icarus")
+
+
+def test_build_lock_excludes_a_second_holder(tmp_path):
+    import threading
+
+    from sim.runner import _build_lock
+
+    first = _build_lock(tmp_path)
+    got = threading.Event()
+
+    def second():
+        _build_lock(tmp_path).close()
+        got.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert not got.wait(0.5)  # blocked while the first lock is held
+    first.close()
+    assert got.wait(10)
+    t.join()
+
+
+def _simulate_skid(args):
+    simulator, root, count = args
+    r = simulate(SkidBuffer(8), test_module="sim.tb.tb_stream_fifo", simulator=simulator,
+                 params=dict(width=8, count=count), build_root=root)
+    return r.passed, r.metrics.get("transfers"), str(r.build_dir)
+
+
+def test_two_processes_can_run_one_design_at_once(simulator, tmp_path):
+    """Two processes that build and run the same configuration at the same time (two
+    pytest sessions, a bench beside a test) share one build directory; both pass."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        out = pool.map(_simulate_skid, [(simulator, tmp_path, 40), (simulator, tmp_path, 41)])
+    assert [o[:2] for o in out] == [(True, 40), (True, 41)]
+    assert out[0][2] == out[1][2]
