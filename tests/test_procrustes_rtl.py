@@ -75,6 +75,11 @@ def test_area_configuration_is_bit_exact_and_its_update_cycles_match_the_model(s
         assert rec["update"] > 15 * M * K  # fifteen cycles per element
         assert rec["fwd"] == predict_forward(mask, N, ap, bal)
         assert rec["bwd"] == predict_backward(mask, N, ap, bal)
+    # the range checks share the set-up multiplier with the serial update here
+    r = simulate(Procrustes(cfg), test_module=TB, simulator=simulator, name="procrustes",
+                 testcase="test_bad_commands", params=dict(stall=0.1, **AREA))
+    assert r.passed, r.log.read_text()[-4000:] if r.log else r
+    assert r.metrics["bad_commands"] >= 11
 
 
 def test_area_configuration_takes_one_multiplier_for_the_update():

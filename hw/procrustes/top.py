@@ -107,8 +107,15 @@ class Procrustes(wiring.Component):
         ck_a, ck_b, ck_add, ck_lim = Signal(16), Signal(16), Signal(32), Signal(32)
         ck_v, ck_v2, ck_p, ck_add2, ck_lim2 = Signal(), Signal(), Signal(32), Signal(32), \
             Signal(32)
-        m.d.sync += [ck_v.eq(0), ck_v2.eq(ck_v), ck_p.eq(ck_a * ck_b), ck_add2.eq(ck_add),
-                     ck_lim2.eq(ck_lim)]
+        if not c.area:
+            m.d.sync += [ck_v.eq(0), ck_v2.eq(ck_v), ck_p.eq(ck_a * ck_b), ck_add2.eq(ck_add),
+                         ck_lim2.eq(ck_lim)]
+        else:
+            # the area configuration's checks run on the first set-up multiplier (ma·mb,
+            # the same timing: operands registered at issue, product two cycles later),
+            # which the serial update shares too; the command states never overlap
+            m.d.sync += [ck_v.eq(0), ck_v2.eq(ck_v), ck_add2.eq(ck_add), ck_lim2.eq(ck_lim)]
+            ck_a, ck_b, ck_p = ma, mb, mul1
         ck_bad = Signal()
         m.d.comb += ck_bad.eq(ck_v2 & ((ck_p + ck_add2) > ck_lim2))
 
@@ -294,7 +301,7 @@ class Procrustes(wiring.Component):
         else:
             upd_busy = self._serial_update(m, rows, row0, regs, ydata, prng, u_issue, um, uk,
                                            hx, cmd, ext_baddr, y_raddr, ext_vaddr, ubrow,
-                                           yrow)
+                                           yrow, (ma, mb, mul1))
 
         # ---- encoder pipeline -------------------------------------------------------
         # issue (ENC): result-bank address; EN1: at the memories; EN3: the word arrives
@@ -706,7 +713,7 @@ class Procrustes(wiring.Component):
         return m
 
     def _serial_update(self, m, rows, row0, regs, ydata, prng, u_issue, um, uk, hx, cmd,
-                       ext_baddr, y_raddr, ext_vaddr, ubrow, yrow):
+                       ext_baddr, y_raddr, ext_vaddr, ubrow, yrow, mul):
         """The area configuration's weight update: one element at a time, every product
         on one shared 16x16 unsigned multiplier (operands and product registered), so the
         update takes one DSP instead of twelve and no pipeline registers per stage.
@@ -740,9 +747,9 @@ class Procrustes(wiring.Component):
         m.d.comb += st[0].eq(u_issue)
         m.d.sync += st[1:].eq(st[:-1])
 
-        # the shared multiplier: operands set in step k, product read in step k + 2
-        am_a, am_b, am_p = Signal(16), Signal(16), Signal(32)
-        m.d.sync += am_p.eq(am_a * am_b)
+        # the shared multiplier (the set-up and range checks' first one, idle during the
+        # elements): operands set in step k, product read in step k + 2
+        am_a, am_b, am_p = mul
 
         E = Signal(data.StructLayout({
             "t": max(1, (NB - 1).bit_length()), "bank": max(1, c.log_lanes),
