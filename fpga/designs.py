@@ -19,7 +19,7 @@ DESIGNS = ("linktest", "cubist", "procrustes")
 # Procrustes: 8x8 PEs on the ULX3S-85F; on the iCEBreaker the smallest array with small
 # buffers in the area configuration (issue #6): a 2-deep walker FIFO (the UP5K has no
 # LUT-RAM, a 16-deep one was 2925 FFs), one mask lane, the serial weight update on one
-# shared multiplier (area=1, 15 cycles per element). 7 of 8 DSPs, but still 7640 LC out of
+# shared multiplier (area=1, 15 cycles per element). 5 of 8 DSPs, but still 7685 LC out of
 # context against 5280 (hw/procrustes/README.md, "On the boards"): it does not fit yet.
 BOARD_DEFAULTS = {
     "icebreaker": {"cubist": {"unmerge": 0, "buffers": 1, "serial_mul": 1, "shared_keys": 1,
