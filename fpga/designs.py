@@ -17,12 +17,15 @@ DESIGNS = ("linktest", "cubist", "procrustes")
 # the iCEBreaker in its area configuration (hw/cubist/README.md, "Area configuration"),
 # which fits the UP5K alone but not beside the UART link.
 # Procrustes: 8x8 PEs on the ULX3S-85F; on the iCEBreaker the smallest array with small
-# buffers, which still does not fit the UP5K (hw/procrustes/README.md, "On the boards").
+# buffers in the area configuration (issue #6): a 2-deep walker FIFO (the UP5K has no
+# LUT-RAM, a 16-deep one was 2925 FFs), one mask lane, the serial weight update on one
+# shared multiplier (area=1, 15 cycles per element). 5 of 8 DSPs, but still 7685 LC out of
+# context against 5280 (hw/procrustes/README.md, "On the boards"): it does not fit yet.
 BOARD_DEFAULTS = {
     "icebreaker": {"cubist": {"unmerge": 0, "buffers": 1, "serial_mul": 1, "shared_keys": 1,
                               "area": 1},
                    "procrustes": {"rows": 1, "cols": 1, "val_depth": 256, "x_depth": 64,
-                                  "y_depth": 64}},
+                                  "y_depth": 64, "fifo_depth": 2, "lanes": 1, "area": 1}},
     "ulx3s": {"cubist": {"unmerge": 0}, "procrustes": {"rows": 8, "cols": 8}},
 }
 

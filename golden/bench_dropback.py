@@ -37,10 +37,21 @@ figure against torch's ``add_`` on the same arrays, ~2.0 ms, under a load of
   ~3.2 ms per 11.7M values by itself, 1.6x an SGD step.
 * quantile: in this benchmark, with stored w0, theta settles ON an edge of the
   estimator's integer regions (float32 rounding of the factors; the fraction
-  tracked, 9.3%, sits between the 1/11 and 1/10 that the step sizes on either
-  side balance), so ~90% of the blocks straddle two step sizes and run the
-  serial chain. With CounterInit (other weight scale) theta settles inside a
-  region (8.3-10% tracked) and ~95% of the blocks are decided in bulk.
+  tracked, 9.3%, sits between the fractions that the step sizes on either
+  side balance), so ~90% of the blocks straddle two step sizes. Those blocks
+  are now decided in bulk too (golden.quantile._edge_bulk: the decisions are
+  known, and theta's end bits follow from a closed form per run of untracked
+  elements, O(tracked elements) per block): on 11.7M such scores the
+  estimator went from ~17 ms (serial chain) to ~12 ms, its per-up walk being
+  latency-bound (~8 ns per tracked element). The update/score/write-back
+  loops walk each parameter from its last element down (descending chunks
+  with ascending loops defeated the hardware prefetchers: 2x slower), on
+  unsigned indices (numba's negative-index test on ``m-1-i`` stopped
+  vectorization) and in chunks of 512 (buffers in L1): ~4.8 ms alone.
+  Session 4 (load ~6): quantile 10.50x -> 5.58x SGD, quantile with
+  CounterInit 6.52x -> 4.31x (the same tracked counts: same semantics). What
+  is left is mostly that walk (one dependency chain through theta's bits,
+  ~15-20 cycles per tracked element) and the PRNG with CounterInit.
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ count depends on the data, and adds the fixed latencies of the command decoder:
   (``WGRADX``) the forward walk with the activations as the sparse operand.
 * update: one element every three cycles (``3·M·K``: the quantile step's serial
   dependence is pipelined over three cycles) in the update pipeline, then one element per
-  cycle of the padded block grid (``GM·GK·bm·bk``) in the encoder, plus latency.
+  cycle of the padded block grid (``GM·GK·bm·bk``) in the encoder, plus latency. In the
+  area configuration (``area=1``, the iCE40) the update runs one element at a time on one
+  shared multiplier, 15 cycles each (``15·M·K``); its last element is done 14 cycles after
+  its issue instead of 10, which leaves the fixed part 8 cycles shorter (``+ 20``).
 
 ``predict_*`` take a boolean mask (or a ``BlockSparse``) and a ``golden.balance``
 schedule. :func:`projection` uses the same model on large layers.
@@ -56,11 +59,18 @@ _PUSH_LAT = 3  # issue (S0) -> push or drop (S3): bank words in S1, slice in S2
 _WGRAD_FIXED = 16
 _UPDATE_FIXED = 28
 _UPDATE_II = 3  # cycles per element in the update pipeline (the quantile step's loop)
+# area configuration: 15 cycles per element (7 products on one multiplier: 3 for the
+# element, then the quantile step's 4 partial products after the compare). The last
+# element is done 14 cycles after its issue (10 in the pipeline), and the element slot is
+# 15 cycles instead of 3, so the fixed part is 28 - (15 - 3) + (14 - 10) = 20
+_UPDATE_FIXED_AREA = 20
+_UPDATE_II_AREA = 15
 
 
 @dataclass(frozen=True)
 class ArrayParams:
-    """What the cycle count depends on: array size, block size, mask lanes, FIFO depth."""
+    """What the cycle count depends on: array size, block size, mask lanes, FIFO depth
+    and the area configuration (``area``: 0 or 1, the update's serial datapath)."""
 
     rows: int = 4
     cols: int = 4
@@ -68,6 +78,7 @@ class ArrayParams:
     bk: int = 4
     lanes: int = 4
     fifo_depth: int = 16
+    area: int = 0
 
     def __post_init__(self):
         for name in ("rows", "cols", "bm", "bk", "lanes"):
@@ -77,11 +88,14 @@ class ArrayParams:
                 raise ValueError(f"{name} must be a power of two >= 1, got {v!r}")
         if not 2 <= self.fifo_depth <= 16:
             raise ValueError(f"fifo_depth must be in [2, 16], got {self.fifo_depth}")
+        if self.area not in (0, 1) or isinstance(self.area, bool):
+            raise ValueError(f"area must be 0 or 1, got {self.area!r}")
 
     @classmethod
     def of(cls, cfg) -> ArrayParams:
         """From an ``hw.procrustes.Config`` (or anything with these attributes)."""
-        return cls(cfg.rows, cfg.cols, cfg.bm, cfg.bk, cfg.lanes, cfg.fifo_depth)
+        return cls(cfg.rows, cfg.cols, cfg.bm, cfg.bk, cfg.lanes, cfg.fifo_depth,
+                   getattr(cfg, "area", 0))
 
 
 def _mask_of(w) -> np.ndarray:
@@ -226,4 +240,6 @@ def predict_weight_grad_sparse(x_mask, M: int, p: ArrayParams, balanced: bool = 
 
 def predict_update(M: int, K: int, p: ArrayParams) -> int:
     gm, gk = -(-M // p.bm), -(-K // p.bk)
+    if p.area:
+        return _UPDATE_II_AREA * M * K + gm * gk * p.bm * p.bk + _UPDATE_FIXED_AREA
     return _UPDATE_II * M * K + gm * gk * p.bm * p.bk + _UPDATE_FIXED

@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 
 def check_quantile_args(q: float, q_init: float, q_step: float) -> None:
@@ -132,8 +135,11 @@ _NREG = 4  # regions kept by :func:`_region_cached`
 
 
 def _region_cache():
-    """Empty region cache: rows (lo, hi, inc, dec), lo > hi; last row: next slot."""
-    rc = np.zeros((_NREG + 1, 4), dtype=np.int64)
+    """Empty region cache: rows (lo, hi, inc, dec), lo > hi; then a row whose
+    first entry is the next slot; then three rows holding the last edge pieces
+    of :func:`_edge_pieces_cached` (empty: lb > ha)."""
+    rc = np.zeros((_NREG + 4, 4), dtype=np.int64)
+    rc[_NREG + 1, 0] = 1
     rc[:_NREG, 0] = 1
     return rc
 
@@ -215,19 +221,13 @@ def _region_at(x, u, d, rc):
 
 
 @numba.njit(inline="always")
-def _edge_steps(key, i, b, u, d, up, down, mask, off, rc, lo, hi, inc, dec):
-    """Steps from ``key[i]`` down while theta is near the edge between two
-    regions (or on the single tie pattern between them, which belongs to no
-    region): the chain's two-element loop needs a margin of one step inside a
-    region, and theta often settles right at an edge (the float32 rounding of
-    the factors pins it there: a fraction tracked between those that the step
-    sizes on either side balance). Below the edge (bits <= hb) the steps are
-    those of region B, above (bits >= la) those of region A, and on a tie
-    pattern between them those computed once in float32; every step is still
-    exactly the float32 step.
-    Leaves when theta is more than ``win`` bits from the edge or outside
-    [lb, ha]; falls back to one float32 step when the edge has no such form.
-    Returns (i, b)."""
+def _edge_pieces(b, u, d, up, down, rc, lo, hi, inc, dec):
+    """The two regions on either side of the region edge nearest ``b`` and the
+    tie pattern between them, if any: (ok, lb, hb, ib, db, tp, it, dt, la, ha,
+    ia, da). Below the edge ([lb, hb]) theta steps by +ib / -db, on the tie
+    pattern ``tp`` (-1 if none; it belongs to no region) by +it / -dt, above
+    ([la, ha]) by +ia / -da. ``ok`` is False when ``b`` is not in [lb, ha] or
+    the edge has no such form (subnormal or huge theta, a binade edge)."""
     # [lo, hi] (steps inc, dec) is the region _region gave for b; it need not hold
     # b when b is a tie pattern, but its steps hold on all of [lo, hi]
     if lo <= hi and (b > hi or (b >= lo and b > hi - (hi - lo) // 2)):  # edge above hi
@@ -250,15 +250,53 @@ def _edge_steps(key, i, b, u, d, up, down, mask, off, rc, lo, hi, inc, dec):
         tp = np.int64(-1)
     ok = (lb <= hb and la <= ha and lb <= b and b <= ha
           and (la == hb + 1 or (la == hb + 2 and tp == hb + 1)))
+    it, dt = ib, db
+    if tp >= 0:
+        bu, bd = _float_step(tp, up, down)
+        it, dt = bu - tp, tp - bd
+    return ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da
+
+
+@numba.njit(inline="always")
+def _edge_pieces_cached(b, u, d, up, down, rc, lo, hi, inc, dec):
+    """:func:`_edge_pieces` through a one-entry cache in rows _NREG+1.._NREG+3 of
+    the region cache: the pieces describe their bit intervals exactly, so they
+    hold for any ``b`` in [lb, ha] (theta hovering at one edge asks for the same
+    pieces block after block; computing them costs several region look-ups)."""
+    c = rc[_NREG + 1:_NREG + 4]
+    if c[0, 0] <= b and b <= c[2, 0]:
+        return (True, c[0, 0], c[0, 1], c[0, 2], c[0, 3], c[1, 0], c[1, 1], c[1, 2],
+                c[1, 3], c[2, 0], c[2, 1], c[2, 2])
+    ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da = _edge_pieces(
+        b, u, d, up, down, rc, lo, hi, inc, dec)
+    if ok:
+        c[0, 0], c[0, 1], c[0, 2], c[0, 3] = lb, hb, ib, db
+        c[1, 0], c[1, 1], c[1, 2], c[1, 3] = tp, it, dt, la
+        c[2, 0], c[2, 1], c[2, 2] = ha, ia, da
+    return ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da
+
+
+@numba.njit(inline="always")
+def _edge_steps(key, i, b, u, d, up, down, mask, off, rc, lo, hi, inc, dec):
+    """Steps from ``key[i]`` down while theta is near the edge between two
+    regions (or on the single tie pattern between them, which belongs to no
+    region): the chain's two-element loop needs a margin of one step inside a
+    region, and theta often settles right at an edge (the float32 rounding of
+    the factors pins it there: a fraction tracked between those that the step
+    sizes on either side balance). Below the edge (bits <= hb) the steps are
+    those of region B, above (bits >= la) those of region A, and on a tie
+    pattern between them those computed once in float32; every step is still
+    exactly the float32 step.
+    Leaves when theta is more than ``win`` bits from the edge or outside
+    [lb, ha]; falls back to one float32 step when the edge has no such form.
+    Returns (i, b)."""
+    ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da = _edge_pieces(
+        b, u, d, up, down, rc, lo, hi, inc, dec)
     if not ok:  # one float32 step
         t = b < key[np.uint64(i)]
         mask[np.uint64(off + i)] = t
         bu, bd = _float_step(b, up, down)
         return i - 1, (bu if t else bd)
-    it, dt = ib, db
-    if tp >= 0:
-        bu, bd = _float_step(tp, up, down)
-        it, dt = bu - tp, tp - bd
     win = 64 + 4 * (max(ia, ib, it) + max(da, db, dt))
     wlo = max(lb, hb - win)
     span = np.uint64(min(ha, la + win) - wlo)
@@ -318,12 +356,130 @@ def _bulk_count(key, blo, bhi):
     return nb, nu
 
 
+# --- bulk steps over a block that straddles a region edge ---------------------
+#
+# theta often settles ON a region edge (the float32 rounding of the factors pins
+# it there, see _edge_steps), where a block's band reaches both regions and the
+# bulk step above does not apply. With the pieces of _edge_pieces the chain is
+# still exact integer steps: +ib/-db at or below hb, +it/-dt on the tie pattern
+# tp, +ia/-da from la up. If every step of a block of m stays in [lb, ha]
+# (b - m*dmax >= lb, b + m*imax <= ha) and no key is in the band (b -
+# (m-1)*dmax, b + (m-1)*imax], the decisions are known as in the plain bulk
+# step; the end bits depend on the order, but a run of L downs from x has a
+# closed form (da-steps while x >= la, then at most one step from tp, then
+# db-steps), so the block costs O(tracked elements): the tracked flags of 64
+# keys at a time come as a bit mask from one vector compare, walked from the
+# highest index down with count-leading-zeros.
+
+_EDGE_MAXSTEP = 4096  # steps up to this many ulps: the floor division below is exact
+
+
+@intrinsic
+def _ctlz(typingctx, x):
+    """Leading zero bits of a nonzero uint64 (LLVM ``ctlz``)."""
+    if not (isinstance(x, types.Integer) and x.bitwidth == 64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return types.uint64(x), codegen
+
+
+@intrinsic
+def _gt_bits64(typingctx, arr, i, thr):
+    """uint64 whose bit ``t`` is ``arr[i + t] > thr`` for t < 64 (``arr`` a
+    contiguous 1-D int32 array, ``i + 64 <= len(arr)`` unchecked): one load of
+    <64 x i32>, a compare and a bitcast of the <64 x i1> (vector compares into
+    mask registers; numba's own loop for it did not vectorize)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int32 and arr.ndim == 1
+            and arr.layout == "C" and isinstance(i, types.Integer)
+            and thr == types.int32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        idx = args[1]
+        if signature.args[1].bitwidth != 64:
+            idx = builder.sext(idx, ir.IntType(64))
+        ptr = builder.gep(a.data, [idx])
+        vty = ir.VectorType(ir.IntType(32), 64)
+        v = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
+        t = builder.insert_element(ir.VectorType(ir.IntType(32), 64)(ir.Undefined),
+                                   args[2], ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(t, ir.VectorType(ir.IntType(32), 64)(ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), 64), [0] * 64))
+        c = builder.icmp_signed(">", v, splat)
+        return builder.bitcast(c, ir.IntType(64))
+
+    return types.uint64(arr, i, thr), codegen
+
+
+@numba.njit(inline="always")
+def _downs(x, n, hb, db, tp, dt, la, da, mag):
+    """Bits after ``n`` down steps from ``x`` (closed form, see above). ``mag`` =
+    ceil(2**32 / da): floor(v / da) == (v * mag) >> 32 for 0 <= v < 2**20 and
+    da < 2**12 (the error term v * (mag*da - 2**32) / (da * 2**32) < 1/da).
+    Needs da >= 1 and, with a tie pattern, dt >= 1 (theta leaves A and tp)."""
+    # branch-free (whether a run crosses the edge is data-dependent: branches on
+    # it mispredicted about half the time); n*da < 2**20 bounds v as required
+    in_a = x >= la
+    v = min(x - la, n * da)
+    k = min(n, ((v * mag) >> 32) + 1)  # steps until x < la (all n if it stays)
+    k = k if in_a else np.int64(0)
+    # then one step from tp if theta lands on it with steps left, the rest by db;
+    # written as x - n*db - k*(da-db) - (dt-db) to keep the chain on x short
+    on_t = (n > k) & (x - k * da == tp)
+    return x - n * db - k * (da - db) - ((dt - db) if on_t else np.int64(0))
+
+
+@numba.njit(inline="always")
+def _edge_bulk(key, start, end, b, hb, ib, db, tp, it, dt, la, ia, da, imax, dmax,
+               mask, off):
+    """The straddling bulk step of the block ``key[start:end]`` (visited from
+    end-1 down) from bits ``b``, when no key is in the band; returns (done, bits)."""
+    m = end - start
+    blo = np.int32(b - (m - 1) * dmax)
+    bhi = np.int32(b + (m - 1) * imax)
+    kv = key[start:end]
+    nb, nu = _bulk_count(kv, blo, bhi)
+    if nb != 0:
+        return False, b
+    mv = mask[off + start:off + end]
+    for jj in range(m):
+        mv[jj] = kv[jj] > bhi
+    mag = np.int64(0) if da == 0 else ((np.int64(1) << 32) + da - 1) // da
+    x = b
+    pos = np.int64(0)  # visit position of the next element (element end-1-pos)
+    if nu == 0:
+        return True, _downs(x, m, hb, db, tp, dt, la, da, mag)
+    top = m  # words of 64 keys kv[top-64:top], from the last; bit i = kv[top-64+i]
+    while top > 0:
+        lo64 = max(0, top - 64)
+        if top - lo64 == 64:
+            wd = _gt_bits64(kv, lo64, bhi)
+        else:
+            wd = np.uint64(0)
+            for i in range(top - lo64):
+                wd |= np.uint64(kv[lo64 + i] > bhi) << np.uint64(i)
+        while wd != 0:  # tracked elements, highest index first
+            bit = np.int64(63) - np.int64(_ctlz(wd))
+            wd = wd ^ (np.uint64(1) << np.uint64(bit))
+            p = m - 1 - (lo64 + bit)
+            x = _downs(x, p - pos, hb, db, tp, dt, la, da, mag)
+            x += ib if x <= hb else (it if x == tp else ia)  # the tracked element
+            pos = p + 1
+        top = lo64
+    return True, _downs(x, m - pos, hb, db, tp, dt, la, da, mag)
+
+
 @numba.njit(inline="always")
 def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats):
     """The pass over ``key[n-1] .. key[0]`` (mask index ``off + i``) from theta
     bits ``b`` in bulk blocks of :data:`_SUB`; ``rc`` is the region cache
     (:func:`_region_cache`, kept between calls), ``stats`` counts [bulk,
-    chained] blocks. Returns the new bits."""
+    chained, straddling bulk] blocks (the last also counted as bulk). Returns
+    the new bits."""
     end = n
     while end > 0:
         start = max(0, end - _SUB)
@@ -331,10 +487,24 @@ def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats):
         lo, hi, inc, dec = _region_cached(b, u, d, rc)
         done = False
         if not _bulk_ok(b, m, lo, hi, inc, dec):
-            # theta near a region edge (where it often settles): chain a longer
-            # run at once, the edge steps pay their set-up once for it
-            start = max(0, end - 4 * _SUB)
-            m = end - start
+            # theta near a region edge (where it often settles): the straddling
+            # bulk step if it applies, else chain a longer run at once (the edge
+            # steps pay their set-up once for it)
+            ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da = _edge_pieces_cached(
+                b, u, d, up, down, rc, lo, hi, inc, dec)
+            imax = max(ib, it, ia)
+            dmax = max(db, dt, da)
+            if (ok and imax < _EDGE_MAXSTEP and dmax < _EDGE_MAXSTEP and da >= 1
+                    and (tp < 0 or dt >= 1)
+                    and lb + m * dmax <= b and b + m * imax <= ha):
+                done, b = _edge_bulk(key, start, end, b, hb, ib, db, tp, it, dt, la, ia,
+                                     da, imax, dmax, mask, off)
+                if done:
+                    stats[0] += 1
+                    stats[2] += 1
+            elif not done:
+                start = max(0, end - 4 * _SUB)
+                m = end - start
         else:
             blo = np.int32(b - (m - 1) * dec)  # in (0, 2**31): inside the region
             bhi = np.int32(b + (m - 1) * inc)  # (int32 compares vectorize 2x wider)
@@ -364,7 +534,8 @@ def _pass(s, theta, up, down, mask, stats, rc):
     while end > 0:
         start = max(0, end - _BLOCK)
         sv = s[start:end]
-        for j in range(end - start):
+        for jj in range(end - start):  # descending, as the chunks (prefetchers);
+            j = np.uint64(end - start - 1 - jj)  # unsigned: no wraparound test, vectorizes
             key[j] = _key(sv[j])
         b = _blocks(key, end - start, b, u, d, up, down, mask, start, rc, stats)
         end = start
@@ -392,13 +563,17 @@ def quantile_pass(scores, theta: float, q: float, q_step: float, *, stats=None,
                   bulk: bool = True):
     """Compiled pass, bit-identical to :func:`quantile_pass_reference`.
 
-    ``stats``: an optional int64 array of 2, incremented by the number of bulk
-    and of chained blocks. ``bulk=False`` runs the serial chain only."""
+    ``stats``: an optional int64 array of 3, incremented by the number of bulk
+    blocks, of chained blocks and of the bulk blocks that straddled a region
+    edge. ``bulk=False`` runs the serial chain only."""
     up, down = factors(q, q_step)
     s = np.ascontiguousarray(scores, dtype=np.float32).reshape(-1)
     mask = np.empty(s.shape[0], dtype=bool)
+    if stats is not None and (not isinstance(stats, np.ndarray) or stats.dtype != np.int64
+                              or stats.shape != (3,)):
+        raise ValueError("stats must be None or an int64 numpy array of shape (3,)")
     if bulk:
-        st = np.zeros(2, dtype=np.int64) if stats is None else stats
+        st = np.zeros(3, dtype=np.int64) if stats is None else stats
         theta = _pass(s, np.float32(theta), up, down, mask, st, _region_cache())
     else:
         theta = _pass_chain(s, np.float32(theta), up, down, mask, _region_cache())

@@ -112,9 +112,15 @@ register(Design(
         Param("data_bits", 16, "signed width of weights, activations, gradients (4..24)"),
         Param("acc_bits", 32, "signed accumulator width (data_bits..48)"),
         Param("lanes", 4, "blocks whose masks a format walker reads per cycle (1..8)"),
+        Param("bm", 4, "block rows of the weight format (1, 2, 4 or 8)"),
+        Param("bk", 4, "block columns of the weight format (1, 2, 4 or 8)"),
         Param("val_depth", 2048, "weight values held on chip"),
         Param("x_depth", 512, "operand buffer words (cols lanes each)"),
         Param("y_depth", 256, "result bank words per PE row"),
+        Param("fifo_depth", 16, "groups in each PE row's walker FIFO (2..16; iCE40: small, "
+                                "the FIFO is flip-flops there)"),
+        Param("area", 0, "1: area configuration for the iCE40 (serial weight update on one "
+                         "shared multiplier, 15 cycles per element; data_bits <= 16)"),
     ),
 ))
 

@@ -36,6 +36,10 @@ def test_subcommand_help(args):
     (["verilog", "fifo", "--depth", "x"], "invalid int value: 'x'"),
     (["verilog", "nosuch"], "invalid choice: 'nosuch'"),
     (["sim", "fifo", "--set", "novalue"], "--set takes KEY=VALUE"),
+    (["verilog", "procrustes", "--area", "2"], "area must be in 0..1, not 2"),
+    (["verilog", "procrustes", "--fifo-depth", "1"], "fifo_depth must be in 2..16, not 1"),
+    (["verilog", "procrustes", "--area", "1", "--data-bits", "20"],
+     "data_bits must be in 4..16 with area=1"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, text):
     r = run_cli(*args)
@@ -65,3 +69,15 @@ def test_sim_runs_the_testbench(capsys):
     assert procube.main(["sim", "fifo", "--kind", "skid", "--set", "count=200"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "transfers: 200" in out
+
+
+def test_verilog_procrustes_takes_the_ice40_parameters(tmp_path):
+    # issue #6: the area configuration is reachable from the command line and recorded
+    assert procube.main(["verilog", "procrustes", "--rows", "1", "--cols", "1", "--lanes",
+                         "1", "--fifo-depth", "2", "--area", "1", "--bm", "2", "--bk", "2",
+                         "-o", str(tmp_path)]) == 0
+    manifest = json.loads((tmp_path / "procrustes.json").read_text())
+    assert {k: manifest["params"][k] for k in ("fifo_depth", "area", "bm", "bk", "lanes")} \
+        == {"fifo_depth": 2, "area": 1, "bm": 2, "bk": 2, "lanes": 1}
+    text = (tmp_path / "procrustes.v").read_text()
+    assert "module procrustes(" in text and "qstep" not in text

@@ -337,3 +337,48 @@ def test_hint_path_lists_overflow(momentum):
     runs = _run_pair(10, momentum=momentum, grad_fn=grads)
     _assert_same(runs)
     assert runs[0][0].hint_misses >= 1 and runs[0][0].hint_hits >= 5
+
+
+@pytest.mark.parametrize("counter", [False, True])
+def test_quantile_mode_with_momentum_and_weight_decay_matches_reference(counter):
+    # Parameters of several chunks of the quantile pass (512 elements, visited last
+    # to first), momentum and weight decay, stored or regenerated w0: weights,
+    # momentum buffers, mask and theta equal torch.optim.SGD's step followed by the
+    # reference estimator pass and the reset (untracked: d32*w0, momentum 0).
+    from golden.quantile import quantile_pass_reference
+    ps, ref = _params(3), _params(3)
+    init = CounterInit(4) if counter else None
+    if counter:
+        CounterInit(4).apply_(ps)
+        CounterInit(4).apply_(ref)
+    n = sum(p.numel() for p in ps)
+    q = 1 - 200 / n
+    opt = Dropback(ps, lr=0.2, track_size=200, quantile=q, q_init=0.05, q_step=2e-3,
+                   init_decay=0.8, momentum=0.9, weight_decay=1e-2, init=init)
+    sgd = torch.optim.SGD(ref, lr=0.2, momentum=0.9, weight_decay=1e-2)
+    w0 = [opt.w0(p).clone() for p in ps]
+    theta = np.float32(0.05)
+    decay = 1.0
+    for t in range(5):
+        _grads(ps, t)
+        _grads(ref, t)
+        opt.step()
+        sgd.step()
+        decay = decay * 0.8 if t else 1.0
+        d32 = np.float32(decay)
+        with torch.no_grad():
+            scores = _flat([(r - d32 * w).abs() for r, w in zip(ref, w0)])
+            mask, theta = quantile_pass_reference(scores.numpy(), theta, q, 2e-3)
+            mask = torch.from_numpy(mask)
+            off = 0
+            for r, w in zip(ref, w0):
+                mk = mask[off:off + r.numel()].view(r.shape)
+                r[~mk] = (d32 * w)[~mk]
+                sgd.state[r]["momentum_buffer"][~mk] = 0
+                off += r.numel()
+        assert 0 < int(mask.sum()) < n
+        assert torch.equal(_flat(opt.mask), mask)
+        assert opt.threshold == float(theta)
+        for p, r in zip(ps, ref):
+            assert torch.equal(p, r)
+            assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[r]["momentum_buffer"])

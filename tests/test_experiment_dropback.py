@@ -156,6 +156,7 @@ def test_verdict_uses_paired_mean_difference_to_dense():
     assert v["delta_10x"] == pytest.approx(-1.05) and not v["target_10x_met"]
     assert v["best_ratio_within_1pt"] == 5
     assert v["delta_10x_std"] == pytest.approx(math.sqrt(0.125))
+    assert v["delta_10x_sem"] == pytest.approx(math.sqrt(0.125) / math.sqrt(2))  # 0.25
     assert v["achieved_reduction_10x"] == pytest.approx(9.0)
     res = _fake_results([98.0, 96.0], {2: [98.0, 96.0], 5: [97.5, 95.5], 10: [97.2, 95.0],
                                        20: [90.0, 90.0]})
@@ -163,6 +164,33 @@ def test_verdict_uses_paired_mean_difference_to_dense():
     assert v["target_10x_met"] and v["best_ratio_within_1pt"] == 10
     md = E.to_markdown(res, E.verdicts(res))
     assert "97.20 (-0.80; 9.00x / 9.00x)" in md and "-0.90 ± 0.14" in md
+    assert "-0.90 ± 0.14 points (paired, mean ± std over seeds; standard error of the mean " \
+           "0.10)" in md
+
+
+def test_run_defaults_to_four_tuning_carves_and_ten_final_seeds(tmp_path, monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_tune(*, seed, seeds, quick, jobs, models):
+        seen["tune"] = seeds
+        return dict(seeds=list(range(seeds)), val_images=270, checkpoints=[1], trials=[],
+                    best={})
+
+    def fake_run_experiment(hparams, *, seed, seeds, quick, jobs, models):
+        seen["final"] = seeds
+        raise Stop
+
+    monkeypatch.setattr(E, "tune", fake_tune)
+    monkeypatch.setattr(E, "run_experiment", fake_run_experiment)
+    for argv, want in (((), (4, 10)), (("--quick",), (1, 1)),
+                       (("--tune-seeds", "3", "--seeds", "7"), (3, 7))):
+        with pytest.raises(Stop):
+            E.run(_args(*argv, "--out", str(tmp_path)))
+        assert (seen["tune"], seen["final"]) == want
+    assert (E.TUNE_SEEDS, E.FINAL_SEEDS) == (4, 10)
 
 
 def test_train_one_budget_masks_and_checkpoints():

@@ -80,3 +80,15 @@ def test_cli_options():
     a = p.parse_args(["--design", "cubist", "--param", "h=8", "--seed", "2", "--seed", "3"])
     assert (a.design, a.param, a.seed, a.board) == ("cubist", [("h", 8)], [2, 3], "ulx3s")
     assert "LFSR" in p.format_help()
+
+
+def test_procrustes_area_parameters_reach_the_design_and_are_checked(tmp_path):
+    # --param area=... / fifo_depth=... are the design's own parameters, checked by its
+    # constructor before any tool runs; the iCEBreaker's defaults carry the area mode
+    with pytest.raises(ValueError, match=r"area must be in 0\.\.1, not 3"):
+        ooc.measure("procrustes", {"area": 3}, board="icebreaker", out=tmp_path)
+    with pytest.raises(ValueError, match=r"fifo_depth must be in 2\.\.16, not 17"):
+        ooc.measure("procrustes", {"fifo_depth": 17}, board="icebreaker", out=tmp_path)
+    from fpga.designs import board_params
+    assert board_params("icebreaker", "procrustes")["area"] == 1
+    assert board_params("ulx3s", "procrustes").get("area", 0) == 0

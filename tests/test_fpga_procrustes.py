@@ -34,6 +34,24 @@ def test_training_step_through_the_simulated_board_matches_the_golden_model():
     assert m["beats_in"] > 0 and m["beats_out"] > 0 and m["cycles"] > 0
 
 
+@needs_icarus
+@pytest.mark.slow
+def test_icebreaker_area_configuration_trains_through_the_simulated_board():
+    # the iCEBreaker's defaults (1x1, 2-deep walker FIFO, one mask lane, area=1: the
+    # serial update) behind the UART link, every tensor against the golden step
+    params = board_params("icebreaker", "procrustes")
+    assert params["area"] == 1
+    core = sim_core("procrustes", params)
+    app_args = {"steps": 1, "sizes": [4, 6, 3], "batch": 3, "lr": 0.3, "seed": 2}
+    r = simulate(core, test_module="sim.tb.tb_fpga_link", simulator="icarus",
+                 name="fpga_procrustes", testcase="test_host_driver",
+                 params={"divisor": core.link.divisor,
+                         "timeout_cycles": core.link.timeout_cycles,
+                         "app": "procrustes", "app_args": app_args})
+    assert r.passed, r.log.read_text()[-3000:] if r.log else r
+    assert r.metrics["items"] == 2 + 1 + 2 + 4 * 3 + 1 and r.metrics["mismatches"] == 0
+
+
 def _board(**params):
     p = {**SMALL, "data_bits": 16, "acc_bits": 32, "lanes": 4, **params}
     return SimpleNamespace(design="procrustes", info={"params": p})

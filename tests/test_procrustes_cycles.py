@@ -148,3 +148,18 @@ def test_sparse_weight_gradient_skips_zero_activations():
     full = predict_weight_grad_sparse(np.ones((K, N), dtype=bool), M, ap)
     assert 0.45 * dense <= half <= 0.6 * dense
     assert 0.95 * dense <= full <= 1.05 * dense
+
+
+def test_area_update_is_fifteen_cycles_per_element_and_the_encoder_is_unchanged():
+    # area mode (iCE40): one element at a time; the encoder's GM·GK·bm·bk is the same
+    dflt, area = ArrayParams(rows=1, cols=1), ArrayParams(rows=1, cols=1, area=1)
+    for M, K in ((1, 1), (9, 11), (64, 100)):
+        enc = -(-M // 4) * -(-K // 4) * 16
+        assert predict_update(M, K, dflt) == 3 * M * K + enc + 28
+        assert predict_update(M, K, area) == 15 * M * K + enc + 20
+    assert ArrayParams.of(Config(area=1)).area == 1
+
+
+def test_area_parameter_of_the_model_is_checked():
+    with pytest.raises(ValueError, match=r"area must be 0 or 1, got 2"):
+        ArrayParams(area=2)

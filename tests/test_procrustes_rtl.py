@@ -7,6 +7,12 @@ import pytest
 from amaranth.hdl import Module, Signal, signed
 from amaranth.sim import Simulator
 
+from golden.procrustes_cycles import (
+    ArrayParams,
+    predict_backward,
+    predict_forward,
+    predict_update,
+)
 from golden.procrustes_ref import FixedConfig, _narrow
 from hw.designs import build
 from hw.procrustes import Config, Procrustes
@@ -44,6 +50,50 @@ def test_twenty_digits_steps_bit_exact_and_the_loss_decreases():
     assert r.metrics["loss_last"] < r.metrics["loss_first"]
 
 
+# the area configuration (the iCE40's): serial update on one shared multiplier, shallow
+# walker FIFO; 2x2 so that the update's result-bank row and lane selects are exercised
+AREA = dict(rows=2, cols=2, lanes=2, fifo_depth=2, area=1, val_depth=512, x_depth=128,
+            y_depth=128)
+
+
+@pytest.mark.slow
+def test_area_configuration_is_bit_exact_and_its_update_cycles_match_the_model(simulator):
+    # every phase against golden.procrustes_ref with random stalls on every stream; the
+    # update regenerates w0 from the PRNG (decay 1.0 exercises decay's bit 16, 0.0 and
+    # extreme values the roundings' signs); cycles against golden.procrustes_cycles
+    cfg = Config(**AREA)
+    r = simulate(Procrustes(cfg), test_module=TB, simulator=simulator, name="procrustes",
+                 testcase="test_phases",
+                 params=dict(cases=6 if simulator == "verilator" else 3, max_dim=11,
+                             stall=0.25, seed=7, **AREA))
+    assert r.passed, r.log.read_text()[-4000:] if r.log else r
+    ap = ArrayParams.of(cfg)
+    assert ap.area == 1
+    for rec in r.metrics["records"]:
+        M, K, N, bal = rec["M"], rec["K"], rec["N"], rec["balanced"]
+        mask = np.array([[ch == "1" for ch in row] for row in rec["mask"]], dtype=bool)
+        assert rec["update"] == predict_update(M, K, ap), (M, K)
+        assert rec["update"] > 15 * M * K  # fifteen cycles per element
+        assert rec["fwd"] == predict_forward(mask, N, ap, bal)
+        assert rec["bwd"] == predict_backward(mask, N, ap, bal)
+    # the range checks share the set-up multiplier with the serial update here
+    r = simulate(Procrustes(cfg), test_module=TB, simulator=simulator, name="procrustes",
+                 testcase="test_bad_commands", params=dict(stall=0.1, **AREA))
+    assert r.passed, r.log.read_text()[-4000:] if r.log else r
+    assert r.metrics["bad_commands"] >= 11
+
+
+def test_area_configuration_takes_one_multiplier_for_the_update():
+    # the area mode's update has no quantile-step unit and one 16x16 product; the default
+    # keeps its pipelined unit (eight partial products)
+    from amaranth.back import rtlil
+
+    area = rtlil.convert(Procrustes(Config(rows=1, cols=1, area=1)), name="p")
+    dflt = rtlil.convert(Procrustes(Config(rows=1, cols=1)), name="p")
+    assert "qstep" not in area and "qstep" in dflt
+    assert area.count("cell $mul") < dflt.count("cell $mul") - 8
+
+
 def test_bad_commands_set_an_error_and_the_next_command_runs(simulator):
     r = _run(simulator, "test_bad_commands", stall=0.1)
     assert r.metrics["bad_commands"] >= 11  # 8 commands and 3 schedule tables
@@ -56,6 +106,8 @@ def test_bad_commands_set_an_error_and_the_next_command_runs(simulator):
     (dict(acc_bits=8), r"acc_bits must be in 16\.\.48, not 8"),
     (dict(w_frac=12, x_frac=0, g_frac=0), r"g_frac \+ x_frac must be >= w_frac"),
     (dict(fifo_depth=1), r"fifo_depth must be in 2\.\.16, not 1"),
+    (dict(area=2), r"area must be in 0\.\.1, not 2"),
+    (dict(area=1, data_bits=20), r"data_bits must be in 4\.\.16 with area=1"),
 ])
 def test_bad_parameters_are_refused(kwargs, msg):
     with pytest.raises(ValueError, match=msg):

@@ -130,7 +130,7 @@ def test_bulk_blocks_match_reference_on_adversarial_streams(theta, q, q_step, ne
     s[rng.random(n) < 0.002] = -theta
     s[5 * 256 + 3] = np.float32(theta)  # exactly theta, inside a bulk-looking block
     m1, t1 = quantile_pass_reference(s, theta, q, q_step)
-    stats = np.zeros(2, dtype=np.int64)
+    stats = np.zeros(3, dtype=np.int64)
     m2, t2 = quantile_pass(s, theta, q, q_step, stats=stats)
     m3, t3 = quantile_pass(s, theta, q, q_step, bulk=False)
     assert np.array_equal(m1, m2) and np.array_equal(m1, m3)
@@ -144,7 +144,7 @@ def test_bulk_matches_chain_on_long_converging_stream():
     rng = np.random.default_rng(3)
     s = np.abs(rng.standard_normal(300_000) * 1e-4).astype(np.float32)
     ta = tb = np.float32(1e-2)
-    stats = np.zeros(2, dtype=np.int64)
+    stats = np.zeros(3, dtype=np.int64)
     for _ in range(6):
         ma, ta = quantile_pass(s, ta, 0.9, 1e-5, stats=stats)
         mb, tb = quantile_pass(s, tb, 0.9, 1e-5, bulk=False)
@@ -173,3 +173,49 @@ def test_theta_pinned_on_a_region_edge_matches_reference(theta, frac, q, q_step)
         m2, t_fast = quantile_pass(s, t_fast, q, q_step)
         assert np.array_equal(m1, m2)
         assert t_ref.tobytes() == t_fast.tobytes()
+
+
+def test_stats_argument_checked():
+    with pytest.raises(ValueError, match=r"stats must be None or an int64 numpy array of shape"):
+        quantile_pass([1.0], 0.5, 0.5, 0.1, stats=np.zeros(2, dtype=np.int64))
+
+
+# Region edges of the benchmark's factors (q = 0.9, q_step = 1e-6: up = 1 + 8*2**-23,
+# down = 1 - 2*2**-24), with theta's significand m: the down step round(m*2/2**24)
+# changes from 1 to 2 at m = 1.5*2**23 (an exact tie there, rounded to even: a tie
+# pattern that belongs to no region), the up step round(m*8/2**23) from 11 to 12 at
+# m = 1.4375*2**23 (also a tie); with q = 0.5, q_step = 3e-6 (down = 1 - 25*2**-24)
+# the down step's edges fall between two patterns (no tie); 2**-6 is a binade edge.
+_EDGES = [(1.5 * 2**-6, 0.9, 1e-6), (1.4375 * 2**-6, 0.9, 1e-6),
+          (0.0234373, 0.5, 3e-6), (2.0**-6, 0.9, 1e-6)]
+
+
+@pytest.mark.parametrize("edge,q,q_step", _EDGES)
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_straddling_bulk_blocks_match_reference(edge, q, q_step, offset):
+    # theta starts exactly at, one ulp below or above an edge; the scores are far
+    # from theta (decisions known) in blocks of every kind: all tracked, none
+    # tracked, the fraction tracked that pins theta on the edge; and a few blocks
+    # with scores equal to the starting theta or within a few ulps of it (the
+    # serial chain, when theta is still near them).
+    # The straddling bulk step (golden.quantile._edge_bulk) must give the float32
+    # reference bits, mask and theta, after every block.
+    rng = np.random.default_rng(abs(hash((edge, q, offset))) % 2**32)
+    theta = _from_bits(int(_bits(edge)) + offset)[()]
+    n = 24 * 256 + 100
+    frac = np.repeat(rng.choice([0.0, 1.0, 0.093, 0.093, 0.093, 0.3], n // 256 + 1), 256)[:n]
+    s = np.where(rng.random(n) < frac, theta * (2 + rng.random(n)),
+                 theta * 1e-3 * rng.random(n)).astype(np.float32)
+    blk = np.arange(n) // 256
+    near = (blk % 7 == 3) & (blk < 20)  # not among the first blocks visited (the last)
+    s[near] = _from_bits(int(_bits(theta)) + rng.integers(-3, 4, int(near.sum())))
+    s[7 * 256 + 5] = theta
+    stats = np.zeros(3, dtype=np.int64)
+    t_ref = t_fast = theta
+    for _ in range(2):
+        m1, t_ref = quantile_pass_reference(s, t_ref, q, q_step)
+        m2, t_fast = quantile_pass(s, t_fast, q, q_step, stats=stats)
+        assert np.array_equal(m1, m2)
+        assert t_ref.tobytes() == t_fast.tobytes()
+    if edge != 2.0**-6:  # a binade edge has no integer form below it: the chain
+        assert stats[2] > 0  # the straddling bulk step ran

@@ -39,12 +39,43 @@ learning-rate schedule (with and without warm-up), 200 epochs and weight decay 1
 were tried on the same carves and did not shrink the gap, so the lr stays constant
 (and the epoch count a tuned checkpoint).
 
+Untracked weights and noise (MLP, 10x; session 4, six validation carves unless
+said). Dropback keeps 90% of the weights at their random w0 (no decay), but these are
+not noise the tracked weights must cancel: they act as fixed random features the
+network relies on. Their share of the pre-activation is 0.55-0.65 of the tracked
+weights' share in fc1 and fc2 (0.13 in fc3), and zeroing them after training drops
+the validation accuracy from 98.15 to 96.17 (three carves). Scaling the initializer
+(the ``CounterInit`` bound, for every method, w0 and the Procrustes regeneration
+alike) by 0.25/0.5/1/2/2.45 gave Dropback 97.84/97.59/98.02/97.78/97.41 (dense
+98.64/98.77/98.83/98.64/98.27, Procrustes 96.91/97.35/97.96/97.84/97.84; best of
+50/100/150 epochs, lr 0.2, batch 32): the default scale is best for all three. The
+budget splits 12% of fc1, 6-7% of fc2, 29-32% of fc3 (and most of its bias); the
+three training pixels that are always 0 (0, 32, 39; constant -0.81 after
+normalization) hold only 6-7 of the 1,761 tracked weights. All three methods fit the
+training images exactly (100% by epoch 150), so the gap is one of generalization.
+Nothing else moved it beyond the noise: label smoothing 0.2/0.3 (Dropback
+97.78/97.59), batch 64/128 at lr 0.4 (98.09/97.84, dense 98.89/98.64), lr 0.1/0.4/0.8
+at batch 32 (97.84/98.27/97.04), up to 300 epochs (no gain after 150), weight decay
+5e-4 (98.02 against 98.27 without, at lr 0.4), per-pixel standardization (97.16,
+dense 98.15), +-1 pixel shifted copies of the training images (95.49 after as many
+steps). The best Dropback settings stand 0.5-0.6 points behind dense on validation,
+while the earlier test figure was -1.38 +- 0.55: one validation carve of 270 images
+moves by 0.37 points per image and a test run by 0.22, so a 2-carve tuning that picks
+the best of 36 noisy (setting, epochs) points, and 5 seeds on one split, cannot
+resolve a 1-point margin reliably. Hence the defaults of 4 tuning carves
+(``TUNE_SEEDS``, 1,080 validation images per setting) and 10 final seeds
+(``FINAL_SEEDS``), and the standard error of the paired mean in the verdict.
+With them (session 4, MLP) validation put Dropback 0.55 and Procrustes 0.74 behind
+dense, but on the test images the paired 10x gaps are -1.11 +- 0.46 (standard error
+0.14) and -1.27 +- 0.98 (0.31): the target is not met by either, and the earlier
+-0.94 (5 seeds) for Procrustes was within the noise of this figure.
+
 Protocol (no hyper-parameter sees the test images):
 
 1. Data. One fixed split (``load_digits_split(0)``): 449 test images, used only for
    the final numbers, and 1348 training images.
 2. Tuning. For each model and method (sparse ones at 10x), the same budget of 12
-   training runs x ``--tune-seeds`` seeds (2), each evaluated at epochs 50, 100
+   training runs x ``--tune-seeds`` seeds (4), each evaluated at epochs 50, 100
    and 150 (so the epoch count is tuned too): dense and Dropback over lr x batch
    (``LRS`` x ``BATCHES``), Procrustes over lr x init_decay (``LRS`` x
    ``INIT_DECAYS``, batch 32). Each tuning seed trains on 80% of the 1348 training
@@ -52,10 +83,11 @@ Protocol (no hyper-parameter sees the test images):
    setting with the best mean validation accuracy wins (ties: first in grid order,
    then fewer epochs). The 2x/5x/20x runs reuse the 10x setting of their method.
 3. Final. Every configuration is trained on all 1348 training images with its tuned
-   setting for ``--seeds`` seeds (5; a seed sets the initial weights,
+   setting for ``--seeds`` seeds (10; a seed sets the initial weights,
    ``golden.prng.CounterInit(seed)``, and the minibatch order, shared by all methods)
    and scored on the 449 test images: mean +- std over seeds, and the per-seed
-   difference to dense (paired: same seed, same init, same batches).
+   difference to dense (paired: same seed, same init, same batches) with its
+   standard error. One test image is 0.22 points.
 
 ``procrustes-fixed`` (MLP at 10x only): the same Procrustes run in 16-bit fixed
 point through ``golden.procrustes_ref`` (every GEMM and weight update bit-exact to
@@ -118,6 +150,8 @@ INIT_DECAYS = (0.98, 0.99, 0.995)  # Procrustes (batch 32); 0.995**2100 < 3e-5 a
 CHECKPOINTS = (50, 100, 150)  # epochs at which every tuning run is scored
 QUICK_CHECKPOINTS = (1, 2)
 QUICK_TRAIN_LIMIT = 512
+TUNE_SEEDS = 4  # validation carves per tuning trial (module docstring: noise)
+FINAL_SEEDS = 10  # final runs per configuration
 LABEL_SMOOTHING = 0.1  # the loss of every method, dense included (module docstring)
 FIXED = "procrustes-fixed"  # fixed-point Procrustes (golden.procrustes_ref), MLP at 10x
 FIXED_RATIO = 10
@@ -332,7 +366,7 @@ def _train_all(tasks, jobs: int, bar: tqdm) -> list[dict]:
         return out
 
 
-def tune(*, seed: int = 0, seeds: int = 2, quick: bool = False, jobs: int = 1,
+def tune(*, seed: int = 0, seeds: int = TUNE_SEEDS, quick: bool = False, jobs: int = 1,
          show_progress: bool = True, models: Sequence[str] = MODELS) -> dict:
     """Validation tuning (module docstring, step 2). Returns ``trials`` (every grid
     point with its per-seed validation curves and their mean) and ``best``
@@ -385,7 +419,7 @@ def select(trials: list[dict], checkpoints: Sequence[int]) -> dict:
     return best
 
 
-def run_experiment(hparams: dict, *, seed: int = 0, seeds: int = 5, quick: bool = False,
+def run_experiment(hparams: dict, *, seed: int = 0, seeds: int = FINAL_SEEDS, quick: bool = False,
                    jobs: int = 1, show_progress: bool = True,
                    models: Sequence[str] = MODELS) -> list[dict]:
     """Every configuration with its tuned setting (``hparams["<model>/<method>"]``:
@@ -469,10 +503,11 @@ def verdicts(results) -> dict:
             deltas = {r: paired_deltas(results, model, method, r) for r in RATIOS}
             ok = [r for r in RATIOS if statistics.fmean(deltas[r]) >= -1]
             d10 = deltas[10]
+            sd10 = statistics.stdev(d10) if len(d10) > 1 else 0.0
             out[f"{model}/{method}"] = dict(
                 dense=dense, best_ratio_within_1pt=max(ok) if ok else None,
                 target_10x_met=10 in ok, delta_10x=statistics.fmean(d10),
-                delta_10x_std=statistics.stdev(d10) if len(d10) > 1 else 0.0,
+                delta_10x_std=sd10, delta_10x_sem=sd10 / math.sqrt(len(d10)),
                 achieved_reduction_10x=_mean(results, model, method, 10,
                                              "achieved_reduction"))
     return out
@@ -553,7 +588,8 @@ def to_markdown(results, verdict, hparams=None) -> str:
         met = "met" if v["target_10x_met"] else "NOT met"
         best = f"{v['best_ratio_within_1pt']}x" if v["best_ratio_within_1pt"] else "none"
         lines.append(f"- {key}: 10x vs dense {v['delta_10x']:+.2f} ± {v['delta_10x_std']:.2f} "
-                     f"points (paired, mean ± std over seeds) at "
+                     f"points (paired, mean ± std over seeds; standard error of the mean "
+                     f"{v['delta_10x_sem']:.2f}) at "
                      f"{v['achieved_reduction_10x']:.1f}x achieved; largest reduction within "
                      f"1 point of dense = {best}; target (>= 10x within 1 point) {met}")
     fv = fixed_verdict(results)
@@ -629,9 +665,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="first seed (initial weights, batch order; validation carve)")
     parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds of the final runs (default 5, or 1 with --quick)")
+                        help=f"seeds of the final runs (default {FINAL_SEEDS}, or 1 with --quick)")
     parser.add_argument("--tune-seeds", type=int, default=None,
-                        help="seeds per tuning trial (default 2, or 1 with --quick)")
+                        help=f"seeds per tuning trial (default {TUNE_SEEDS}, or 1 with --quick)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes, one torch thread each (default 1)")
     parser.add_argument("--models", default=",".join(MODELS),
@@ -654,8 +690,9 @@ def _load_tuning(path: Path) -> dict:
 
 
 def run(args) -> int:
-    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
-    tune_seeds = args.tune_seeds if args.tune_seeds is not None else (1 if args.quick else 2)
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else FINAL_SEEDS)
+    tune_seeds = (args.tune_seeds if args.tune_seeds is not None
+                  else 1 if args.quick else TUNE_SEEDS)
     _check_seeds(args.seed, seeds)
     _check_seeds(args.seed, tune_seeds, "tune seeds")
     _check_jobs(args.jobs)

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 from ..common import check_int, check_pow2
 
-__all__ = ["Config"]
+__all__ = ["UPDATE_II_AREA", "Config"]
+
+# cycles per element of the area configuration's serial update (hw/procrustes/top.py)
+UPDATE_II_AREA = 15
 
 
 def _log2(v: int) -> int:
@@ -29,6 +32,10 @@ class Config:
     Depths: ``blk_depth`` words per mask/pointer bank, ``val_depth`` weight values,
     ``x_depth`` words of the operand buffer (``cols`` lanes), ``g_depth`` words of the
     gradient buffer (``rows`` lanes), ``y_depth`` words of each PE row's result bank.
+    ``fifo_depth`` groups fit in each walker's FIFO (2..16).
+    ``area`` = 1 selects the area configuration for small FPGAs (the iCE40UP5K): the weight
+    update runs one element at a time on one shared 16x16 multiplier (``UPDATE_II_AREA``
+    cycles per element instead of 3; needs ``data_bits <= 16``); results are bit-identical.
     """
 
     rows: int = 4
@@ -47,6 +54,7 @@ class Config:
     g_depth: int = 256
     y_depth: int = 256
     fifo_depth: int = 16
+    area: int = 0
 
     def __post_init__(self):
         check_pow2("rows", self.rows, 1, 16)
@@ -67,6 +75,15 @@ class Config:
         check_int("g_depth", self.g_depth, 1, 65535)
         check_int("y_depth", self.y_depth, 1, 65535)
         check_int("fifo_depth", self.fifo_depth, 2, 16)
+        check_int("area", self.area, 0, 1)
+        if self.area and self.data_bits > 16:
+            raise ValueError(f"data_bits must be in 4..16 with area=1 (the update's "
+                             f"shared multiplier is 16x16), not {self.data_bits}")
+
+    @property
+    def update_ii(self) -> int:
+        """Cycles per element of the weight update."""
+        return UPDATE_II_AREA if self.area else 3
 
     # ---- derived -------------------------------------------------------------------
     @property

@@ -17,6 +17,23 @@ from .units import MULT, Prng, QuantileStep
 
 __all__ = ["Procrustes"]
 
+_M32 = 0xFFFFFFFF
+
+
+def _cneg(v, neg):
+    """``-v`` if ``neg`` else ``v``, as ``(v ^ neg...) + neg`` on ``v``'s bits: the
+    inversion folds into the adder's LUTs (one LUT per bit, no multiplexer)."""
+    w = len(v)
+    return (v.as_unsigned() ^ neg.replicate(w)) + neg
+
+
+def _round_bit(p, s: int, neg):
+    """The carry of the contract's rounding into ``p >> s``, for the magnitude ``p`` of a
+    product of sign ``neg``: ``rshift(±p, s) = ±((p >> s) + _round_bit(p, s, neg))``.
+    Half rounds up for a positive product (``p + 2^(s-1)``) and toward zero for a
+    negative one (``p + 2^(s-1) - 1``: ties go toward +inf)."""
+    return p[s - 1] & (~neg | p[:s - 1].any())
+
 
 class Procrustes(wiring.Component):
     """The accelerator top level.
@@ -90,8 +107,15 @@ class Procrustes(wiring.Component):
         ck_a, ck_b, ck_add, ck_lim = Signal(16), Signal(16), Signal(32), Signal(32)
         ck_v, ck_v2, ck_p, ck_add2, ck_lim2 = Signal(), Signal(), Signal(32), Signal(32), \
             Signal(32)
-        m.d.sync += [ck_v.eq(0), ck_v2.eq(ck_v), ck_p.eq(ck_a * ck_b), ck_add2.eq(ck_add),
-                     ck_lim2.eq(ck_lim)]
+        if not c.area:
+            m.d.sync += [ck_v.eq(0), ck_v2.eq(ck_v), ck_p.eq(ck_a * ck_b), ck_add2.eq(ck_add),
+                         ck_lim2.eq(ck_lim)]
+        else:
+            # the area configuration's checks run on the first set-up multiplier (ma·mb,
+            # the same timing: operands registered at issue, product two cycles later),
+            # which the serial update shares too; the command states never overlap
+            m.d.sync += [ck_v.eq(0), ck_v2.eq(ck_v), ck_add2.eq(ck_add), ck_lim2.eq(ck_lim)]
+            ck_a, ck_b, ck_p = ma, mb, mul1
         ck_bad = Signal()
         m.d.comb += ck_bad.eq(ck_v2 & ((ck_p + ck_add2) > ck_lim2))
 
@@ -177,98 +201,107 @@ class Procrustes(wiring.Component):
         #   u+7 P7  w1 = sat(W - step)
         #   u+8 P8  score |w1 - dw0| into the quantile step; done at u+10 (Q2)
         m.submodules.prng = prng = Prng()
-        m.submodules.qstep = qstep = QuantileStep(D + 2)
+        if not c.area:
+            m.submodules.qstep = qstep = QuantileStep(D + 2)
         u_issue = Signal()
         um, uk = Signal(16), Signal(16)
         uidx = Signal(32)
         hx = Signal(32)  # uidx·MULT mod 2^32, stepped down by MULT per element
-        uph = Signal(2)  # issue phase in UPD (0: issue)
-        ulay = data.StructLayout({
-            "valid": 1, "t": max(1, (NB - 1).bit_length()), "bank": max(1, c.log_lanes),
-            "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16, "u": 32,
-            "bmask": NB, "bptr": PB, "popc": NB.bit_length(), "set": 1, "dw": signed(D),
-            "w0": signed(D + 1), "step": signed(D + 1), "dw0": signed(D + 1),
-            "wold": signed(D), "w1": signed(D)})
-        P = [None] + [Signal(ulay, name=f"P{k}") for k in range(1, 9)]
-        m.d.sync += P[1].valid.eq(0)
-        for k in range(1, 8):
-            m.d.sync += P[k + 1].eq(P[k])
+        if not c.area:
+            uph = Signal(2)  # issue phase in UPD (0: issue)
+        else:
+            uph = Signal(range(c.update_ii))
+        if not c.area:
+            ulay = data.StructLayout({
+                "valid": 1, "t": max(1, (NB - 1).bit_length()), "bank": max(1, c.log_lanes),
+                "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16, "u": 32,
+                "bmask": NB, "bptr": PB, "popc": NB.bit_length(), "set": 1, "dw": signed(D),
+                "w0": signed(D + 1), "step": signed(D + 1), "dw0": signed(D + 1),
+                "wold": signed(D), "w1": signed(D)})
+            P = [None] + [Signal(ulay, name=f"P{k}") for k in range(1, 9)]
+            m.d.sync += P[1].valid.eq(0)
+            for k in range(1, 8):
+                m.d.sync += P[k + 1].eq(P[k])
 
-        # issue: addresses of W[m, k] (block store) and dW[m, k] (result bank m mod R)
-        u_bi, u_bj = um >> c.log_bm, uk >> c.log_bk
-        with m.If(u_issue):
-            m.d.comb += [
-                ext_baddr.eq(cmd.addr + ubrow + (u_bj >> c.log_lanes)),
-                y_raddr.eq(yrow + (uk >> c.log_cols)),
-            ]
+            # issue: addresses of W[m, k] (block store) and dW[m, k] (result bank m mod R)
+            u_bi, u_bj = um >> c.log_bm, uk >> c.log_bk
+            with m.If(u_issue):
+                m.d.comb += [
+                    ext_baddr.eq(cmd.addr + ubrow + (u_bj >> c.log_lanes)),
+                    y_raddr.eq(yrow + (uk >> c.log_cols)),
+                ]
+                m.d.sync += [
+                    P[1].valid.eq(1),
+                    P[1].t.eq(((um & (c.bm - 1)) << c.log_bk) | (uk & (c.bk - 1))),
+                    P[1].bank.eq((u_bi + u_bj) & (L - 1)),
+                    P[1].ybank.eq(um & (R - 1)), P[1].lane.eq(uk & (C - 1)),
+                    P[1].yaddr.eq(yrow + (uk >> c.log_cols)),
+                    P[1].u.eq(prng.u),  # the PRNG runs in the issue cycle
+                    hx.eq(hx - MULT),  # idx·MULT for the next (one lower) index: no multiplier
+                ]
+            m.d.comb += [prng.hx.eq(hx), prng.seed.eq(regs[Reg.SEED])]
+            # P1: w0 = rshift(s·bound, 15), s = (u >> 16) - 2^15
+            s16 = Signal(signed(17))
+            m.d.comb += s16.eq(P[1].u[16:32] - 32768)
+            m.d.sync += P[2].w0.eq((s16 * regs[Reg.BOUND] + (1 << 14)) >> 15)
+            # P2: the bank word of W[m, k] and the dW lane, registered
+            bword = Signal(c.mbw)
+            with m.Switch(P[2].bank):
+                for b in range(L):
+                    with m.Case(b):
+                        m.d.comb += bword.eq(row0.bdata[b * c.mbw:(b + 1) * c.mbw])
+            m.d.sync += [P[3].bmask.eq(bword[:NB]), P[3].bptr.eq(bword[NB:])]
+            # P3: popcount below the element's bit; decayed w0; the dW word (the result
+            # bank's output is registered in the PE row) and its lane, registered
+            below = Cat(*[P[3].bmask[i] & (i < P[3].t) for i in range(NB)])
+            yword = ydata[P[3].ybank]
+            dw_lane = Signal(signed(D))
+            with m.Switch(P[3].lane):
+                for i in range(C):
+                    with m.Case(i):
+                        m.d.comb += dw_lane.eq(yword[i * D:(i + 1) * D].as_signed())
             m.d.sync += [
-                P[1].valid.eq(1),
-                P[1].t.eq(((um & (c.bm - 1)) << c.log_bk) | (uk & (c.bk - 1))),
-                P[1].bank.eq((u_bi + u_bj) & (L - 1)),
-                P[1].ybank.eq(um & (R - 1)), P[1].lane.eq(uk & (C - 1)),
-                P[1].yaddr.eq(yrow + (uk >> c.log_cols)),
-                P[1].u.eq(prng.u),  # the PRNG runs in the issue cycle
-                hx.eq(hx - MULT),  # idx·MULT for the next (one lower) index: no multiplier
+                P[4].popc.eq(sum(below[i] for i in range(NB))),
+                P[4].set.eq(P[3].bmask.bit_select(P[3].t, 1)),
+                P[4].dw0.eq((regs[Reg.DECAY] * P[3].w0 + (1 << 15)) >> 16),
+                P[4].dw.eq(dw_lane),
             ]
-        m.d.comb += [prng.hx.eq(hx), prng.seed.eq(regs[Reg.SEED])]
-        # P1: w0 = rshift(s·bound, 15), s = (u >> 16) - 2^15
-        s16 = Signal(signed(17))
-        m.d.comb += s16.eq(P[1].u[16:32] - 32768)
-        m.d.sync += P[2].w0.eq((s16 * regs[Reg.BOUND] + (1 << 14)) >> 15)
-        # P2: the bank word of W[m, k] and the dW lane, registered
-        bword = Signal(c.mbw)
-        with m.Switch(P[2].bank):
-            for b in range(L):
-                with m.Case(b):
-                    m.d.comb += bword.eq(row0.bdata[b * c.mbw:(b + 1) * c.mbw])
-        m.d.sync += [P[3].bmask.eq(bword[:NB]), P[3].bptr.eq(bword[NB:])]
-        # P3: popcount below the element's bit; decayed w0; the dW word (the result
-        # bank's output is registered in the PE row) and its lane, registered
-        below = Cat(*[P[3].bmask[i] & (i < P[3].t) for i in range(NB)])
-        yword = ydata[P[3].ybank]
-        dw_lane = Signal(signed(D))
-        with m.Switch(P[3].lane):
-            for i in range(C):
-                with m.Case(i):
-                    m.d.comb += dw_lane.eq(yword[i * D:(i + 1) * D].as_signed())
-        m.d.sync += [
-            P[4].popc.eq(sum(below[i] for i in range(NB))),
-            P[4].set.eq(P[3].bmask.bit_select(P[3].t, 1)),
-            P[4].dw0.eq((regs[Reg.DECAY] * P[3].w0 + (1 << 15)) >> 16),
-            P[4].dw.eq(dw_lane),
-        ]
-        # P4: the SGD step
-        m.d.sync += P[5].step.eq((regs[Reg.LR] * P[4].dw + (1 << 15)) >> 16)
-        # P4: the value address (registered on the bus, read at P5, data at P6)
-        with m.If(P[4].valid):
-            m.d.comb += ext_vaddr.eq(cmd.arg + P[4].bptr + P[4].popc)
-        # P6: W (zero if the bit is clear), registered
-        m.d.sync += P[7].wold.eq(Mux(P[6].set, row0.vdata.as_signed(), 0))
-        # P7: w1 = sat(W - step)
-        m.d.sync += P[8].w1.eq(sat(m, P[7].wold - P[7].step, D, "w1"))
-        # P8: score, threshold (three cycles; Q1 and Q2 carry the element meanwhile),
-        # write W' in place of dW
-        U3 = P[8]
-        diff = Signal(signed(D + 3))
-        m.d.comb += [
-            diff.eq(U3.w1 - U3.dw0),
-            qstep.start.eq(U3.valid),
-            qstep.theta.eq(regs[Reg.THETA]), qstep.up.eq(regs[Reg.UP]),
-            qstep.dn.eq(regs[Reg.DN]),
-            qstep.score.eq(Mux(diff < 0, -diff, diff)),
-        ]
-        Q1, Q2 = Signal(ulay, name="Q1"), Signal(ulay, name="Q2")
-        m.d.sync += [Q1.eq(U3), Q2.eq(Q1)]
-        wnew = Mux(qstep.tracked, Q2.w1, Q2.dw0)
-        for r, pr in enumerate(rows):
-            with m.If(qstep.done & (Q2.ybank == r)):
-                m.d.comb += [pr.y_wen.eq(Const(1, C) << Q2.lane), pr.y_waddr.eq(Q2.yaddr),
-                             pr.y_wdata.eq(Cat(*[wnew[:D]] * C))]
-        with m.If(qstep.done):
-            m.d.sync += regs[Reg.THETA].eq(qstep.theta_next)
-            with m.If(qstep.tracked):
-                m.d.sync += regs[Reg.TRACKED].eq(regs[Reg.TRACKED] + 1)
-        upd_busy = Cat(*[P[k].valid for k in range(1, 9)], Q1.valid, Q2.valid).any()
+            # P4: the SGD step
+            m.d.sync += P[5].step.eq((regs[Reg.LR] * P[4].dw + (1 << 15)) >> 16)
+            # P4: the value address (registered on the bus, read at P5, data at P6)
+            with m.If(P[4].valid):
+                m.d.comb += ext_vaddr.eq(cmd.arg + P[4].bptr + P[4].popc)
+            # P6: W (zero if the bit is clear), registered
+            m.d.sync += P[7].wold.eq(Mux(P[6].set, row0.vdata.as_signed(), 0))
+            # P7: w1 = sat(W - step)
+            m.d.sync += P[8].w1.eq(sat(m, P[7].wold - P[7].step, D, "w1"))
+            # P8: score, threshold (three cycles; Q1 and Q2 carry the element meanwhile),
+            # write W' in place of dW
+            U3 = P[8]
+            diff = Signal(signed(D + 3))
+            m.d.comb += [
+                diff.eq(U3.w1 - U3.dw0),
+                qstep.start.eq(U3.valid),
+                qstep.theta.eq(regs[Reg.THETA]), qstep.up.eq(regs[Reg.UP]),
+                qstep.dn.eq(regs[Reg.DN]),
+                qstep.score.eq(Mux(diff < 0, -diff, diff)),
+            ]
+            Q1, Q2 = Signal(ulay, name="Q1"), Signal(ulay, name="Q2")
+            m.d.sync += [Q1.eq(U3), Q2.eq(Q1)]
+            wnew = Mux(qstep.tracked, Q2.w1, Q2.dw0)
+            for r, pr in enumerate(rows):
+                with m.If(qstep.done & (Q2.ybank == r)):
+                    m.d.comb += [pr.y_wen.eq(Const(1, C) << Q2.lane), pr.y_waddr.eq(Q2.yaddr),
+                                 pr.y_wdata.eq(Cat(*[wnew[:D]] * C))]
+            with m.If(qstep.done):
+                m.d.sync += regs[Reg.THETA].eq(qstep.theta_next)
+                with m.If(qstep.tracked):
+                    m.d.sync += regs[Reg.TRACKED].eq(regs[Reg.TRACKED] + 1)
+            upd_busy = Cat(*[P[k].valid for k in range(1, 9)], Q1.valid, Q2.valid).any()
+        else:
+            upd_busy = self._serial_update(m, rows, row0, regs, ydata, prng, u_issue, um, uk,
+                                           hx, cmd, ext_baddr, y_raddr, ext_vaddr, ubrow,
+                                           yrow, (ma, mb, mul1))
 
         # ---- encoder pipeline -------------------------------------------------------
         # issue (ENC): result-bank address; EN1: at the memories; EN3: the word arrives
@@ -595,7 +628,7 @@ class Procrustes(wiring.Component):
                 m.next = "UPD"
             with m.State("UPD"):
                 # one element every three cycles: the quantile step's serial dependence
-                m.d.sync += uph.eq(Mux(uph == 2, 0, uph + 1))
+                m.d.sync += uph.eq(Mux(uph == c.update_ii - 1, 0, uph + 1))
                 with m.If(uph == 0):
                     m.d.comb += u_issue.eq(1)
                     m.d.sync += [uidx.eq(uidx - 1), uk.eq(uk - 1)]
@@ -644,10 +677,17 @@ class Procrustes(wiring.Component):
         # unload: the address is presented in UADDR and held until ULATCH (same counters)
         # every source's output registered before the multiplier (like the result banks'
         # in the PE rows): all of them are there in ULATCH
-        u_b, u_v, u_x, u_g = (Signal.like(v, name=n) for v, n in (
-            (row0.bdata, "u_b"), (row0.vdata, "u_v"), (row0.xdata, "u_x"), (grd.data, "u_g")))
-        m.d.sync += [u_b.eq(row0.bdata), u_v.eq(row0.vdata), u_x.eq(row0.xdata),
-                     u_g.eq(grd.data)]
+        if not c.area:
+            u_b, u_v, u_x, u_g = (Signal.like(v, name=n) for v, n in (
+                (row0.bdata, "u_b"), (row0.vdata, "u_v"), (row0.xdata, "u_x"),
+                (grd.data, "u_g")))
+            m.d.sync += [u_b.eq(row0.bdata), u_v.eq(row0.vdata), u_x.eq(row0.xdata),
+                         u_g.eq(grd.data)]
+        else:
+            # the area configuration leaves these timing registers out: the addresses are
+            # held from UADDR to ULATCH, so the memories' outputs are still valid there
+            # (read one cycle after the registered address, as in UWAIT2)
+            u_b, u_v, u_x, u_g = row0.bdata, row0.vdata, row0.xdata, grd.data
         with m.If(unloading):
             with m.Switch(cmd.sel):
                 with m.Case(Buf.BLOCKS):
@@ -671,3 +711,151 @@ class Procrustes(wiring.Component):
                                  uword.eq(ydata[cmd.arg[:max(1, c.log_rows)]])]
         m.d.comb += grd.addr.eq(Mux(running, sq_gaddr, gaddr_unload))
         return m
+
+    def _serial_update(self, m, rows, row0, regs, ydata, prng, u_issue, um, uk, hx, cmd,
+                       ext_baddr, y_raddr, ext_vaddr, ubrow, yrow, mul):
+        """The area configuration's weight update: one element at a time, every product
+        on one shared 16x16 unsigned multiplier (operands and product registered), so the
+        update takes one DSP instead of twelve and no pipeline registers per stage.
+
+        Signed products are formed from magnitudes: ``rshift(-p, s)`` is
+        ``-((p + 2^(s-1) - 1) >> s)`` (the contract's ties round toward +inf), so each
+        rounding is one add on the magnitude and a conditional negation. Steps of an
+        element issued at ``u`` (``st[k]`` is high at ``u + k``; the memory reads are timed
+        as in the pipelined update):
+
+        ======  ==============================================================
+        u       addresses of W[m, k] and dW[m, k] (as the pipelined issue); ``u``
+        u+1     multiply ``|s|·bound`` (``s = (u >> 16) - 2^15``)
+        u+2     the bank word arrives, registered
+        u+3     ``|w0|``; multiply ``|w0|·decay[15:0]``; popcount, bit; the dW word
+        u+4     value address; multiply ``lr·|dW|``
+        u+5     ``dw0`` (``decay[16]`` adds ``|w0| << 16``)
+        u+6     ``step``; the value arrives (W, zero if the bit is clear)
+        u+7     ``w1 = sat(W - step)``
+        u+8     ``tracked = theta < |w1 - dw0| << 16``
+        u+9..12 multiply the four 16x16 partial products of ``theta·c`` (c = up or dn)
+        u+11..13 sum ``(p00 >> 16) + p01 + p10``
+        u+14    the new theta (``theta ± (p11 + (mid >> 16))``), W' written, done
+        ======  ==============================================================
+        """
+        c = self.cfg
+        R, C, L, D, NB, PB = c.rows, c.cols, c.lanes, c.data_bits, c.nb, c.ptr_bits
+        NS = c.update_ii
+        assert NS == 15, "the step table below is 15 cycles long"
+        st = Signal(NS, name="ust")  # one-hot: the element's step (bit 0 is the issue)
+        m.d.comb += st[0].eq(u_issue)
+        m.d.sync += st[1:].eq(st[:-1])
+
+        # the shared multiplier (the set-up and range checks' first one, idle during the
+        # elements): operands set in step k, product read in step k + 2
+        am_a, am_b, am_p = mul
+
+        E = Signal(data.StructLayout({
+            "t": max(1, (NB - 1).bit_length()), "bank": max(1, c.log_lanes),
+            "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16,
+            "uhi": 16, "neg": 1, "w0mag": 16, "bmask": NB, "bptr": PB,
+            "popc": NB.bit_length(), "set": 1, "dw": signed(D), "dw0": signed(D + 1),
+            "step": signed(D + 1), "wold": signed(D), "w1": signed(D), "tracked": 1}),
+            name="UE")
+        acc = Signal(34, name="uacc")
+
+        # step 0: issue (the addresses as in the pipelined update)
+        u_bi, u_bj = um >> c.log_bm, uk >> c.log_bk
+        with m.If(st[0]):
+            m.d.comb += [
+                ext_baddr.eq(cmd.addr + ubrow + (u_bj >> c.log_lanes)),
+                y_raddr.eq(yrow + (uk >> c.log_cols)),
+            ]
+            m.d.sync += [
+                E.t.eq(((um & (c.bm - 1)) << c.log_bk) | (uk & (c.bk - 1))),
+                E.bank.eq((u_bi + u_bj) & (L - 1)),
+                E.ybank.eq(um & (R - 1)), E.lane.eq(uk & (C - 1)),
+                E.yaddr.eq(yrow + (uk >> c.log_cols)),
+                E.uhi.eq(prng.u[16:32]),
+                hx.eq(hx - MULT),
+            ]
+        m.d.comb += [prng.hx.eq(hx), prng.seed.eq(regs[Reg.SEED])]
+        # step 1: |s|·bound; s = uhi - 2^15 is negative when uhi's MSB is clear
+        with m.If(st[1]):
+            neg = ~E.uhi[15]
+            m.d.sync += [E.neg.eq(neg), am_b.eq(regs[Reg.BOUND]),
+                         am_a.eq(_cneg(E.uhi[:15], neg))]  # 2^15 - uhi if negative
+        # step 2: the bank word
+        with m.If(st[2]):
+            bword = Signal(c.mbw, name="ubword")
+            with m.Switch(E.bank):
+                for b in range(L):
+                    with m.Case(b):
+                        m.d.comb += bword.eq(row0.bdata[b * c.mbw:(b + 1) * c.mbw])
+            m.d.sync += [E.bmask.eq(bword[:NB]), E.bptr.eq(bword[NB:])]
+        # step 3: |w0| = rshift(|s|·bound, 15) on the magnitude; |w0|·decay; popcount
+        # below the bit; the dW word's lane
+        with m.If(st[3]):
+            w0mag = Signal(16, name="uw0mag")
+            m.d.comb += w0mag.eq((am_p >> 15) + _round_bit(am_p, 15, E.neg))
+            below = Cat(*[E.bmask[i] & (i < E.t) for i in range(NB)])
+            yword = ydata[E.ybank]
+            dw_lane = Signal(signed(D), name="udw_lane")
+            with m.Switch(E.lane):
+                for i in range(C):
+                    with m.Case(i):
+                        m.d.comb += dw_lane.eq(yword[i * D:(i + 1) * D].as_signed())
+            m.d.sync += [E.w0mag.eq(w0mag), am_a.eq(w0mag), am_b.eq(regs[Reg.DECAY][:16]),
+                         E.popc.eq(sum(below[i] for i in range(NB))),
+                         E.set.eq(E.bmask.bit_select(E.t, 1)), E.dw.eq(dw_lane)]
+        # step 4: value address (read at u+5, data at u+6); lr·|dW|
+        with m.If(st[4]):
+            m.d.comb += ext_vaddr.eq(cmd.arg + E.bptr + E.popc)
+            m.d.sync += [am_a.eq(regs[Reg.LR]), am_b.eq(_cneg(E.dw, E.dw < 0)[:16])]
+        # step 5: dw0 = rshift(decay·w0, 16), decay = decay[15:0] + decay[16]·2^16
+        with m.If(st[5]):
+            dmag = Signal(17, name="udw0mag")
+            m.d.comb += dmag.eq((am_p >> 16) + Mux(regs[Reg.DECAY][16], E.w0mag, 0)
+                                + _round_bit(am_p, 16, E.neg))
+            m.d.sync += E.dw0.eq(_cneg(dmag, E.neg))
+        # step 6: step = rshift(lr·dW, 16); W (zero if the bit is clear)
+        with m.If(st[6]):
+            sneg = E.dw < 0
+            smag = Signal(17, name="ustepmag")
+            m.d.comb += smag.eq((am_p >> 16) + _round_bit(am_p, 16, sneg))
+            m.d.sync += [E.step.eq(_cneg(smag, sneg)),
+                         E.wold.eq(Mux(E.set, row0.vdata.as_signed(), 0))]
+        # step 7: w1
+        with m.If(st[7]):
+            m.d.sync += E.w1.eq(sat(m, E.wold - E.step, D, "uw1"))
+        # step 8: the score and the compare
+        theta = regs[Reg.THETA]
+        with m.If(st[8]):
+            diff = Signal(signed(D + 3), name="udiff")
+            score = Signal(D + 2, name="uscore")
+            m.d.comb += [diff.eq(E.w1 - E.dw0), score.eq(_cneg(diff, diff < 0))]
+            m.d.sync += E.tracked.eq(theta < (score << 16))
+        # steps 9..12: theta·c as four partial products (lo·lo, lo·hi, hi·lo, hi·hi)
+        cq = Mux(E.tracked, regs[Reg.UP], regs[Reg.DN])
+        for k, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            with m.If(st[9 + k]):
+                m.d.sync += [am_a.eq(theta[16 * i:16 * i + 16]),
+                             am_b.eq(cq[16 * j:16 * j + 16])]
+        with m.If(st[11]):
+            m.d.sync += acc.eq(am_p >> 16)
+        with m.If(st[12] | st[13]):
+            m.d.sync += acc.eq(acc + am_p)
+        # step 14: the new theta, W' in place of dW
+        # theta ± hi as one adder: theta + (hi ^ ~tracked) + ~tracked (the conditional
+        # negation folds into the adder's LUTs); a carry out of an increase saturates
+        hi = Signal(33, name="uhi_sum")
+        dn = ~E.tracked
+        nsum = Signal(34, name="unsum")
+        m.d.comb += [hi.eq(am_p + (acc >> 16)),
+                     nsum.eq(theta + (hi ^ dn.replicate(33)) + dn)]
+        wnew = Mux(E.tracked, E.w1, E.dw0)
+        for r, pr in enumerate(rows):
+            with m.If(st[14] & (E.ybank == r)):
+                m.d.comb += [pr.y_wen.eq(Const(1, C) << E.lane), pr.y_waddr.eq(E.yaddr),
+                             pr.y_wdata.eq(Cat(*[wnew[:D]] * C))]
+        with m.If(st[14]):
+            m.d.sync += theta.eq(Mux(E.tracked & nsum[32:].any(), _M32, nsum[:32]))
+            with m.If(E.tracked):
+                m.d.sync += regs[Reg.TRACKED].eq(regs[Reg.TRACKED] + 1)
+        return st[1:].any()

@@ -28,7 +28,7 @@ from sim.tbutil import params, report_metric, start_clock_and_reset
 
 CFG_KEYS = ("rows", "cols", "data_bits", "acc_bits", "w_frac", "x_frac", "g_frac", "bm",
             "bk", "lanes", "blk_depth", "val_depth", "x_depth", "g_depth", "y_depth",
-            "fifo_depth")
+            "fifo_depth", "area")
 
 
 def config_from_params(p: dict) -> Config:
@@ -260,12 +260,13 @@ async def test_bad_commands(dut):
         X = random_matrix(rng, (9, 3), 1.0, cfg.data_bits, False)
         bs = BlockSparse.encode(W, (cfg.bm, cfg.bk))
         assert_equal(await host.forward(bs, X), ref.forward(bs, X, fc), "after bad command")
-    # schedule tables the array must refuse (FWD of a 7x9 weight, N = 3: 7 rows, 1 tile);
+    # schedule tables the array must refuse (FWD of a 7x9 weight, N = 3: 7 rows,
+    # ceil(3 / cols) tiles);
     # per PE row and range: (row, tile, jobs)
     empty = [(0, 0, 0), (0, 0, 0)]
     bad_tables = [
         [[(7, 0, 1), (0, 0, 0)]] + [empty] * (cfg.rows - 1),  # row outside the output rows
-        [[(0, 1, 1), (0, 0, 0)]] + [empty] * (cfg.rows - 1),  # tile outside the tiles
+        [[(0, -(-3 // cfg.cols), 1), (0, 0, 0)]] + [empty] * (cfg.rows - 1),  # tile outside
         [[(0, 0, cfg.y_depth), (1, 0, 1)]] + [empty] * (cfg.rows - 1),  # bank overflow
     ]
     for table in bad_tables:
