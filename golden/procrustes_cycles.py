@@ -8,9 +8,9 @@ count depends on the data, and adds the fixed latencies of the command decoder:
   columns; the schedule (``golden.balance`` with ``nt`` = tiles) gives each PE row two
   ranges of jobs. Per PE row, the walker issues one *group* (``lanes`` blocks along the
   walk) per cycle; a group with ``b`` set bits in the walked slice is pushed into a FIFO
-  of ``fifo_depth`` entries two cycles later and costs the emitter ``b`` cycles; empty
+  of ``fifo_depth`` entries three cycles later and costs the emitter ``b`` cycles; empty
   groups are dropped, and a job without any non-zero pushes nothing (its results are
-  flagged null in the cycle it is dropped). When the walk is one group long, a row's
+  read back as zero: they are never written). When the walk is one group long, a row's
   group is scanned once for all of its tiles in the range and replayed by the emitter
   (``bits·reps`` cycles). Issue is credit-based: at most ``fifo_depth`` groups are out
   (issued and not yet popped or dropped); a range's bases are formed before the run, so
@@ -55,6 +55,7 @@ __all__ = [
 # fixed latencies of the command decoder and pipelines (see the module docstring)
 _GEMM_FIXED = 8 + 1  # accept..CHECK (8, schedule checked there too); RUNSTART..RESP (1)
 _WALK_TAIL = 2  # end marker popped -> done flag visible (raised while G holds it)
+_PUSH_LAT = 3  # issue (S0) -> push or drop (S3): bank words in S1, slice in S2
 _WGRAD_FIXED = 16
 _UPDATE_FIXED = 28
 _UPDATE_II = 3  # cycles per element in the update pipeline (the quantile step's loop)
@@ -126,15 +127,16 @@ def _walk(counts, ranges, nt, depth):
 
     The walker issues a group only while it holds a credit (``depth`` of them): a pushed
     group returns its credit in the cycle the emitter pops it, a dropped one (an empty
-    group, or a null job) in its S2 cycle (issue + 2); a credit returned in cycle c can
+    group, or a null job) in its S3 cycle (issue + 3); a credit returned in cycle c can
     be used from c + 1.
     """
     pops = np.zeros(depth, dtype=np.int64)  # pop cycles of the last `depth` pushes
     npush = 0
     last_pop = -1
     last_cost = 0
-    d1 = -1  # S2 cycles of the two most recent dropped groups
-    d2 = -1
+    # S3 cycles of the most recent dropped groups (at most _PUSH_LAT are still out)
+    drops = np.full(_PUSH_LAT, -1, dtype=np.int64)
+    ndrop = 0
     # IDLE sees start at 0, the first issue (or the end marker) at 1: the ranges' bases
     # are formed before the run, and the second range issues right after the first
     nxt = 1
@@ -155,8 +157,14 @@ def _walk(counts, ranges, nt, depth):
                 # earliest cycle >= nxt with fewer than `depth` credits out
                 i = nxt
                 while True:
-                    out = (d1 >= i) + (d2 >= i)
+                    out = 0
                     lo = -1
+                    for q in range(_PUSH_LAT):
+                        dq = drops[q]
+                        if dq >= i:
+                            out += 1
+                            if lo < 0 or dq < lo:
+                                lo = dq
                     for q in range(min(npush, depth)):
                         pq = pops[q]
                         if pq >= i:
@@ -168,27 +176,23 @@ def _walk(counts, ranges, nt, depth):
                     nl = i + 1
                     if lo >= 0:
                         nl = lo + 1
-                    if d1 >= i and d1 + 1 < nl:
-                        nl = d1 + 1
-                    if d2 >= i and d2 + 1 < nl:
-                        nl = d2 + 1
                     i = max(i + 1, nl)
                 if h == 2:
                     bits = 0
                     push = True
                 else:
                     bits = counts[o, g]
-                    push = bits > 0  # a null job is dropped (its results flagged)
-                s2 = i + 2
+                    push = bits > 0  # a null job is dropped (its results never written)
+                s3 = i + _PUSH_LAT
                 if push:
-                    pop = s2 + 1 if npush == 0 else max(last_pop + last_cost, s2 + 1)
+                    pop = s3 + 1 if npush == 0 else max(last_pop + last_cost, s3 + 1)
                     pops[npush % depth] = pop
                     npush += 1
                     last_pop = pop
                     last_cost = bits * reps
                 else:
-                    d2 = d1
-                    d1 = s2
+                    drops[ndrop % _PUSH_LAT] = s3
+                    ndrop += 1
                 nxt = i + 1
             j += reps
     return last_pop + _WALK_TAIL

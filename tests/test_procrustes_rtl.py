@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Module, Signal, signed
 from amaranth.sim import Simulator
 
 from golden.procrustes_cycles import (
@@ -13,9 +13,10 @@ from golden.procrustes_cycles import (
     predict_forward,
     predict_update,
 )
+from golden.procrustes_ref import FixedConfig, _narrow
 from hw.designs import build
 from hw.procrustes import Config, Procrustes
-from hw.procrustes.pe_row import thermometer
+from hw.procrustes.pe_row import round_sat
 from sim.runner import simulate
 
 TB = "sim.tb.tb_procrustes"
@@ -120,25 +121,42 @@ def test_registry_factory_checks_rows_and_builds_16x16():
     assert (top.cfg.rows, top.cfg.cols) == (16, 16)
 
 
-@pytest.mark.parametrize("n", [3, 8])
-def test_null_flag_range_is_exactly_the_null_jobs_positions(n):
-    # the walker flags a null row's results posc .. posc + reps - 1 in one cycle as the
-    # difference of two thermometer codes; every (start, stop) including stop = 2^n
+@pytest.mark.parametrize("acc_bits, data_bits, shifts", [
+    (32, 16, (12, 8)),   # the default: FWD/BWD by w_frac, WGRAD by g_frac + x_frac - w_frac
+    (20, 16, (0, 6)),    # no rounding on one side; v can be narrower than data_bits
+    (16, 16, (15, 1)),
+    (24, 16, (4, 0)),    # v wider than data_bits on both sides, no rounding on one
+])
+def test_result_rounding_equals_the_contracts_narrow(acc_bits, data_bits, shifts):
+    # the result word is rounded and saturated by a shift-first multiplexer and a
+    # data_bits increment; it must equal sat(rshift(acc, s), data_bits) for both shifts,
+    # at the saturation edges and on random accumulators
     m = Module()
-    lo, hi = Signal(n + 1), Signal(n + 1)
-    rng = thermometer(m, lo, n, "a") & ~thermometer(m, hi, n, "b")
-    out = Signal(1 << n)
-    m.d.comb += out.eq(rng)
+    acc, sel = Signal(signed(acc_bits)), Signal()
+    out = round_sat(m, acc, shifts, sel, data_bits, "y")
+    cfg = FixedConfig(data_bits=data_bits, acc_bits=acc_bits)
+    lo, hi = -(1 << (acc_bits - 1)), (1 << (acc_bits - 1)) - 1
+    rng = np.random.default_rng(1)
+    vals = {lo, hi, 0, -1, 1}
+    for s in shifts:
+        for edge in (cfg.data_max, cfg.data_min):
+            for d in range(-3, 4):
+                v = (edge << s) + d * max(1, 1 << max(s - 1, 0)) + (d % 2)
+                vals.add(min(max(v, lo), hi))
+    vals |= {int(v) for v in rng.integers(lo, hi, 400, endpoint=True)}
+    vals |= {int(v) for v in rng.integers(-(4 << data_bits), 4 << data_bits, 400)
+             if lo <= v <= hi}
+    vals = sorted(vals)
     bad = []
 
     async def bench(ctx):
-        for a in range((1 << n) + 1):
-            for b in range(a, (1 << n) + 1):
-                ctx.set(lo, a)
-                ctx.set(hi, b)
-                want = sum(1 << i for i in range(a, b))
-                if ctx.get(out) != want:
-                    bad.append((a, b, ctx.get(out)))
+        for k, s in enumerate(shifts):
+            ctx.set(sel, k)
+            want = _narrow(np.array(vals, dtype=np.int64), s, cfg)
+            for v, w in zip(vals, want):
+                ctx.set(acc, v)
+                if ctx.get(out) != int(w):
+                    bad.append((s, v, ctx.get(out), int(w)))
 
     sim = Simulator(m)
     sim.add_testbench(bench)

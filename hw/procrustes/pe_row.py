@@ -16,10 +16,11 @@ Pipeline:
   most ``fifo_depth`` groups out), so nothing after ``S0`` stalls. A one-group walk
   issues one entry per output row for all its tiles in the range (``reps`` jobs).
 * ``S1`` registers the bank words in lane order.
-* ``S2`` cuts the row slice (forward) or column slice (backward) out of each block mask,
-  drops groups without a set bit, and pushes the rest into a small FIFO with their result
-  position. A job without any non-zero is dropped too and its results are flagged null
-  (read back as zero).
+* ``S2`` cuts the row slice (forward) or column slice (backward) out of each block mask;
+  ``S3`` (the slice and its any-bit OR registered) drops groups without a set bit and
+  pushes the rest into a small FIFO with their result position. A job without any
+  non-zero is dropped too: its results are never written in the run, and a result word
+  below the run's last position that was not written since the start reads as zero.
 * the emitter pops groups and emits one set bit per cycle (lowest first: the contract's
   order), replaying a group ``reps`` times (one tile each); it moves to the next group in
   the cycle it emits the last bit of this one.
@@ -43,7 +44,7 @@ from amaranth.lib.wiring import In, Out
 
 from .config import Config
 
-__all__ = ["MODE_BWD", "MODE_FWD", "MODE_WGRAD", "PERow", "narrow", "sat"]
+__all__ = ["MODE_BWD", "MODE_FWD", "MODE_WGRAD", "PERow", "round_sat", "sat"]
 
 MODE_FWD, MODE_BWD, MODE_WGRAD = 0, 1, 2
 
@@ -61,65 +62,62 @@ def sat(m: Module, v, bits: int, name: str):
     return out
 
 
-def rshift(v, s: int):
-    """The contract's ``rshift``: arithmetic, round half up."""
-    return v if s == 0 else (v + (1 << (s - 1))) >> s
+def round_sat(m: Module, acc, shifts: tuple[int, int], sel, bits: int, name: str):
+    """The contract's ``sat(rshift(acc, s), bits)`` for ``s = shifts[sel]`` (``rshift``:
+    arithmetic, round half up), without a full-width adder.
 
-
-def narrow(m: Module, acc, shift: int, bits: int, name: str):
-    return sat(m, rshift(acc, shift), bits, name)
-
-
-def decoder(m: Module, sel, name: str):
-    """One-hot ``1 << sel`` (``2^len(sel)`` bits) from two predecoded halves."""
-    n = len(sel)
-    lo_bits = min(4, n)
-    lo, hi = sel[:lo_bits], sel[lo_bits:]
-    dlo = Signal(1 << lo_bits, name=f"{name}_lo")
-    m.d.comb += dlo.eq(Cat(*[lo == j for j in range(1 << lo_bits)]))
-    if n == lo_bits:
-        return dlo
-    dhi = Signal(1 << (n - lo_bits), name=f"{name}_hi")
-    m.d.comb += dhi.eq(Cat(*[hi == j for j in range(1 << (n - lo_bits))]))
-    out = Signal(1 << n, name=name)
-    m.d.comb += out.eq(Cat(*[dhi[i >> lo_bits] & dlo[i & ((1 << lo_bits) - 1)]
-                             for i in range(1 << n)]))
+    ``(acc + 2^(s-1)) >> s`` is ``v + r`` with ``v = acc >> s`` and ``r = acc[s-1]``; and
+    ``sat(v + r)`` is ``v + r`` when ``v`` fits ``bits`` signed bits (saturated at the
+    top when ``v`` is the largest value and ``r`` is set), else the bound on ``v``'s
+    side. So the shift is chosen first (a multiplexer over the bits) and only a
+    ``bits``-wide increment remains, with an all-equal test of the bits above.
+    """
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    vs, rs, fits = [], [], []
+    for s in shifts:
+        v = acc.as_signed() >> s
+        vb = Signal(signed(bits), name=f"{name}_v{s}")
+        m.d.comb += vb.eq(v)
+        vs.append(vb)
+        rs.append(acc[s - 1] if s > 0 else Const(0))
+        top = v[bits - 1:] if len(v) > bits else None
+        fits.append(Const(1) if top is None else
+                    ((top == 0) | (top == (1 << len(top)) - 1)))
+    v = Signal(signed(bits), name=f"{name}_v")
+    r, ok = Signal(name=f"{name}_r"), Signal(name=f"{name}_ok")
+    m.d.comb += [v.eq(Mux(sel, vs[1], vs[0])), r.eq(Mux(sel, rs[1], rs[0])),
+                 ok.eq(Mux(sel, fits[1], fits[0]))]
+    out = Signal(signed(bits), name=name)
+    with m.If(~ok):
+        m.d.comb += out.eq(Mux(acc[-1], lo, hi))
+    with m.Elif(r & (v == hi)):
+        m.d.comb += out.eq(hi)
+    with m.Else():
+        m.d.comb += out.eq(v + r)
     return out
 
 
-def thermometer(m: Module, x, n: int, name: str):
-    """``2^n`` bits, bit ``i`` set when ``i >= x`` (``x`` has ``n + 1`` bits, so
-    ``x = 2^n`` gives none), from two predecoded halves: one LUT per bit."""
-    lo_bits = min(4, n)
-    lo, hi = x[:lo_bits], x[lo_bits:n + 1]
-    ge_lo = Signal(1 << lo_bits, name=f"{name}_lo")  # lo_i >= lo(x)
-    m.d.comb += ge_lo.eq(Cat(*[lo <= j for j in range(1 << lo_bits)]))
-    nh = 1 << (n - lo_bits)
-    gt_hi = Signal(nh, name=f"{name}_gt")  # hi_i > hi(x)
-    eq_hi = Signal(nh, name=f"{name}_eq")  # hi_i == hi(x)
-    m.d.comb += [gt_hi.eq(Cat(*[hi < k for k in range(nh)])),
-                 eq_hi.eq(Cat(*[hi == k for k in range(nh)]))]
-    out = Signal(1 << n, name=name)
-    m.d.comb += out.eq(Cat(*[gt_hi[i >> lo_bits]
-                             | (eq_hi[i >> lo_bits] & ge_lo[i & ((1 << lo_bits) - 1)])
-                             for i in range(1 << n)]))
-    return out
+def abits(depth: int) -> int:
+    """Address bits of a memory of ``depth`` words (at least one)."""
+    return max(1, (depth - 1).bit_length())
 
 
 def entry_layout(c: Config) -> data.StructLayout:
-    """A group in the walker FIFO."""
+    """A group in the walker FIFO (operand addresses and result positions are only as
+    wide as their memories' addresses; ``reps`` counts up to ``y_depth`` jobs)."""
+    xb, yb = abits(c.x_depth), abits(c.y_depth)
     return data.StructLayout({
         "bits": c.lanes * c.slice_bits,
         "masks": c.lanes * c.nb,
         "ptrs": c.lanes * c.ptr_bits,
         "sub": 3,
-        "opbase": 16,
-        "xbase": 16,
+        "opbase": xb,
+        "xbase": xb,
         "first": 1,
         "null": 1,
         "end": 1,
-        "pos": 16,
-        "reps": 16,
+        "pos": yb,
+        "reps": yb + 1,
     })
 
 
@@ -172,13 +170,17 @@ class PERow(wiring.Component):
         m = Module()
         D, A_, C, L, S, NB, PB = (c.data_bits, c.acc_bits, c.cols, c.lanes, c.slice_bits,
                                  c.nb, c.ptr_bits)
+        # address widths: block banks, operand buffer, result bank (address arithmetic
+        # wraps like the memories' ports); job counts reach y_depth (one more bit)
+        BB, XB, YB = abits(c.blk_depth), abits(c.x_depth), abits(c.y_depth)
         # The phase configuration is held stable by the top level from before ``start``
         # to the end of the run: registered copies keep its decoding (and the wires
         # from the top level) off the walker's paths. ``mode`` is used through its copy
         # from the cycle after ``start`` on.
         mode_r = Signal(2)
-        ng_m1, nt_m1, lim, gkl, xstride, blk_base = (Signal(16, name=n) for n in (
-            "ng_m1", "nt_m1", "lim_r", "gkl_r", "xstride_r", "blk_base_r"))
+        ng_m1, nt_m1, lim = (Signal(16, name=n) for n in ("ng_m1", "nt_m1", "lim_r"))
+        gkl, blk_base = Signal(BB, name="gkl_r"), Signal(BB, name="blk_base_r")
+        xstride = Signal(XB, name="xstride_r")
         val_base = Signal(c.ptr_bits)
         o0, t0, n0 = Signal(16), Signal(16), Signal(16)
         o1, t1, n1 = Signal(16), Signal(16), Signal(16)
@@ -241,8 +243,8 @@ class PERow(wiring.Component):
         m.d.sync += ph.eq(~ph)
         po, pt = Mux(ph, o1, o0), Mux(ph, t1, t0)
         pbj = po >> c.log_bk
-        su_ph, su_rowmul, su_xb, su_bjw = Signal(), Signal(32), Signal(32), Signal(16)
-        su_lgv = [Signal(16, name=f"su_lgv{b}") for b in range(L)]
+        su_ph, su_rowmul, su_xb, su_bjw = Signal(), Signal(BB), Signal(XB), Signal(BB)
+        su_lgv = [Signal(BB, name=f"su_lgv{b}") for b in range(L)]
         m.d.sync += [su_ph.eq(ph), su_rowmul.eq((po >> c.log_bm) * gkl),
                      su_xb.eq(pt * xstride), su_bjw.eq(pbj >> c.log_lanes)]
         for b in range(L):
@@ -254,9 +256,9 @@ class PERow(wiring.Component):
         # per range: bases (rb: block-row base, xb0: operand base, cb: column bases) and
         # job counts (reps0: jobs of the first issue, left0: jobs after it, lnt0: left0
         # minus a full row of tiles, for the replayed walk's next row)
-        rb = [Signal(16, name=f"rb{h}") for h in range(2)]
-        xb0 = [Signal(16, name=f"xb0_{h}") for h in range(2)]
-        cb = [[Signal(16, name=f"cb{h}_{b}") for b in range(L)] for h in range(2)]
+        rb = [Signal(BB, name=f"rb{h}") for h in range(2)]
+        xb0 = [Signal(XB, name=f"xb0_{h}") for h in range(2)]
+        cb = [[Signal(BB, name=f"cb{h}_{b}") for b in range(L)] for h in range(2)]
         ntl = [Signal(16, name=f"ntl{h}") for h in range(2)]
         reps0 = [Signal(16, name=f"reps0_{h}") for h in range(2)]
         left0 = [Signal(16, name=f"left0_{h}") for h in range(2)]
@@ -274,16 +276,16 @@ class PERow(wiring.Component):
 
         # ---- S0: walk (output row, tile, group), address the banks ---------------
         # Issue is credit-based: a group is issued only while the FIFO has a slot for it
-        # counting the groups in flight (S1, S2), so nothing after S0 ever stalls and the
+        # counting the groups in flight (S1, S2, S3), so nothing after S0 ever stalls and the
         # issue decision depends on one register (no path from the mask banks back into
-        # S0). A credit returns when its group is popped by the emitter or dropped in S2.
+        # S0). A credit returns when its group is popped by the emitter or dropped in S3.
         h = Signal()
         o = Signal(16)
         t = Signal(16)
         g = Signal(16)
-        xbase = Signal(16)
-        rowbase = Signal(16)
-        gbase = Signal(16)
+        xbase = Signal(XB)
+        rowbase = Signal(BB)
+        gbase = Signal(BB)
         seen = Signal()
         # jobs of the current issue (a replayed row's tiles, else 1), jobs of the range
         # after it, and that minus a full row of tiles (its sign picks the next row's
@@ -295,11 +297,11 @@ class PERow(wiring.Component):
         # backward: bank b's word of the group is colb[b] + gbase, where
         # colb[b] = blk_base + (bj >> log_lanes) + gkl·((b - bj) mod lanes); kept by
         # rotating when bj steps by one, loaded from the range's set-up at its start
-        colb = [Signal(16, name=f"colb{b}") for b in range(L)]
+        colb = [Signal(BB, name=f"colb{b}") for b in range(L)]
 
         s1 = Signal(data.StructLayout({
             "valid": 1, "end": 1, "rot": max(1, c.log_lanes), "sub": 3, "lvalid": L,
-            "last_g": 1, "opbase": 16, "xbase": 16, "reps": 16}))
+            "last_g": 1, "opbase": XB, "xbase": XB, "reps": YB + 1}))
         issue = Signal()
         pop, drop = Signal(), Signal()  # credits returned this cycle
 
@@ -402,46 +404,49 @@ class PERow(wiring.Component):
             else:
                 m.d.sync += s2w[l].eq(bank_words[0])
 
-        # ---- S2: slice the masks, drop empty groups, push (never stalls) -----------
+        # ---- S2: slice the masks (registered with their any-bit OR in S3) -----------
         q = fifo.SyncFIFO(width=entry_layout(c).size, depth=c.fifo_depth)
         m.submodules.fifo = q
         ent = Signal(entry_layout(c))
-        lane_words = s2w
         bits = []
         for l in range(L):
-            mask = lane_words[l][:NB]
+            mask = s2w[l][:NB]
             lvalid = s2.lvalid[l]
             for s in range(S):
                 fb = Const(0) if s >= c.bk else mask.bit_select((s2.sub << c.log_bk) + s, 1)
                 bb = Const(0) if s >= c.bm else mask.bit_select((s << c.log_bk) + s2.sub, 1)
                 bits.append(lvalid & Mux(mode_bwd, bb, fb))
-        bitvec = Signal(L * S)
-        m.d.comb += bitvec.eq(Cat(*bits))
-        nonempty = bitvec.any()
+        # ---- S3: drop empty groups, push the rest (never stalls) --------------------
+        # the push decision is a register away from the walk direction's slice
+        # multiplexer (one more cycle in flight per group: the FIFO's credits cover it)
+        s3 = Signal(s1.shape(), name="s3")
+        s3w = [Signal(c.mbw, name=f"s3w{l}") for l in range(L)]
+        s3bits = Signal(L * S)
+        nonempty = Signal()
+        m.d.sync += [s3.eq(s2), s3bits.eq(Cat(*bits)), nonempty.eq(Cat(*bits).any())]
+        m.d.sync += [s3w[l].eq(s2w[l]) for l in range(L)]
         need_push = Signal()
-        # a job without any non-zero is not pushed: its result positions (reps of them
-        # for a replayed row) are flagged null in this cycle (read back as zero) and it
-        # costs the emitter nothing
-        null_job = Signal()
-        posc = Signal(16)  # result position (job number in this PE row) of S2's job
+        # a job without any non-zero is not pushed and costs the emitter nothing; its
+        # result positions (reps of them for a replayed row) are never written in the
+        # run, which is what makes them read back as zero (see the null flags)
+        posc = Signal(YB + 1)  # result position (job number in this PE row) of S3's job
         m.d.comb += [
-            need_push.eq(s2.valid & (s2.end | nonempty)),
-            null_job.eq(s2.valid & ~s2.end & s2.last_g & ~seen & ~nonempty),
-            drop.eq(s2.valid & ~need_push),
-            ent.bits.eq(Mux(s2.end, 0, bitvec)),
-            ent.masks.eq(Cat(*[w[:NB] for w in lane_words])),
-            ent.ptrs.eq(Cat(*[w[NB:] for w in lane_words])),
-            ent.sub.eq(s2.sub), ent.opbase.eq(s2.opbase), ent.xbase.eq(s2.xbase),
-            ent.first.eq(s2.end | ~seen),
-            ent.null.eq(s2.end),
-            ent.end.eq(s2.end),
-            ent.pos.eq(posc), ent.reps.eq(s2.reps),
+            need_push.eq(s3.valid & (s3.end | nonempty)),
+            drop.eq(s3.valid & ~need_push),
+            ent.bits.eq(Mux(s3.end, 0, s3bits)),
+            ent.masks.eq(Cat(*[w[:NB] for w in s3w])),
+            ent.ptrs.eq(Cat(*[w[NB:] for w in s3w])),
+            ent.sub.eq(s3.sub), ent.opbase.eq(s3.opbase), ent.xbase.eq(s3.xbase),
+            ent.first.eq(s3.end | ~seen),
+            ent.null.eq(s3.end),
+            ent.end.eq(s3.end),
+            ent.pos.eq(posc), ent.reps.eq(s3.reps),
             q.w_data.eq(ent.as_value()),
             q.w_en.eq(need_push),
         ]
-        with m.If(s2.valid & ~s2.end):
-            with m.If(s2.last_g):
-                m.d.sync += [seen.eq(0), posc.eq(posc + s2.reps)]
+        with m.If(s3.valid & ~s3.end):
+            with m.If(s3.last_g):
+                m.d.sync += [seen.eq(0), posc.eq(posc + s3.reps)]
             with m.Elif(nonempty):
                 m.d.sync += seen.eq(1)
 
@@ -469,7 +474,7 @@ class PERow(wiring.Component):
 
         E = Signal(data.StructLayout({
             "valid": 1, "null": 1, "first": 1, "end": 1, "ptr": PB, "mask": NB,
-            "t": max(1, (NB - 1).bit_length()), "opidx": 16, "xbase": 16, "pos": 16}))
+            "t": max(1, (NB - 1).bit_length()), "opidx": XB, "xbase": XB, "pos": YB}))
         last_rep = G.reps[1:] == 0  # reps <= 1
         load_next = ~gv | G.null | ((remaining == 0) & last_rep)
         m.d.comb += pop.eq(load_next & q.r_rdy)  # one assignment: no X in Icarus
@@ -492,8 +497,8 @@ class PERow(wiring.Component):
             m.d.sync += [G.bits.eq(remaining), G.first.eq(0)]
 
         # ---- E: addresses, registered (A) before they reach the memories -------------
-        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1, "pos": 16})
-        A = Signal(data.StructLayout({"ctl": ctl, "vaddr": PB, "xaddr": 16}))
+        ctl = data.StructLayout({"valid": 1, "null": 1, "first": 1, "end": 1, "pos": YB})
+        A = Signal(data.StructLayout({"ctl": ctl, "vaddr": PB, "xaddr": XB}))
         below = Cat(*[E.mask[i] & (i < E.t) for i in range(NB)])
         popc = sum(below[i] for i in range(NB))
         m.d.sync += [
@@ -535,13 +540,14 @@ class PERow(wiring.Component):
         # register stage -------------------------------------------------------------
         accs = [Signal(signed(A_), name=f"acc{i}") for i in range(C)]
         have = Signal()
-        wptr = Signal(16)  # weight gradient: results in sequence
-        cur = Signal(16)  # forward/backward: result position of the job in D2
-        outs = []
-        for i in range(C):
-            fw = narrow(m, accs[i], c.w_frac, D, f"yfb{i}")
-            wg = narrow(m, accs[i], c.wgrad_shift, D, f"ywg{i}")
-            outs.append(Mux(wgrad | gshift, wg, fw))
+        wptr = Signal(YB)  # weight gradient: results in sequence
+        cur = Signal(YB)  # forward/backward: result position of the job in D2
+        # the result word: rounded by w_frac (forward/backward) or by the weight
+        # gradient's shift (WGRAD, WGRADX), one increment per lane
+        wg_round = Signal()
+        m.d.comb += wg_round.eq(wgrad | gshift)
+        outs = [round_sat(m, accs[i], (c.w_frac, c.wgrad_shift), wg_round, D, f"y{i}")
+                for i in range(C)]
         pe_write = Signal()
         with m.If(D2.valid):
             with m.If(D2.first | D2.end):
@@ -561,7 +567,7 @@ class PERow(wiring.Component):
         # two cycles before the rows' read ports go back to the host
         with m.If(gv & G.end & ~wgrad):
             m.d.sync += self.done.eq(1)
-        yw_en, yw_addr, yw_data = Signal(C), Signal(16), Signal(C * D)
+        yw_en, yw_addr, yw_data = Signal(C), Signal(YB), Signal(C * D)
         with m.If(pe_write):
             m.d.sync += [yw_en.eq((1 << C) - 1), yw_addr.eq(Mux(wgrad, wptr, cur)),
                          yw_data.eq(Cat(*[v.as_unsigned()[:D] for v in outs]))]
@@ -572,25 +578,41 @@ class PERow(wiring.Component):
         with m.If(self.start):
             m.d.sync += [self.done.eq(0), have.eq(0), wptr.eq(0), posc.eq(0)]
 
-        # ---- null results: one flag per result word -----------------------------------
-        # set for the jobs of a null job (positions posc .. posc + reps - 1, one cycle:
-        # S2 never stalls), cleared by any write of the word and by a run's start; a
-        # flagged word reads as zero. The range is two thermometer codes from predecoded
-        # halves (no variable shifts or per-bit adders).
+        # ---- null results ---------------------------------------------------------
+        # A run covers this row's result positions 0 .. posc - 1 in order, each either
+        # written by D2 (a job with a non-zero) or never (a null job). So a word reads as
+        # zero when it is below posc and has not been written since the run's start.
+        # The written flags are LUT-RAM rows of 16 (read-modify-write of one row per
+        # write, a second copy for the read side) with a valid bit per row, so a run's
+        # start clears them all at once.
         lg = max(1, (c.y_depth - 1).bit_length())
-        ynull = Signal(1 << lg)
-        ynull_q = Signal()
-        ge_lo = thermometer(m, posc[:lg + 1], lg, "nlo")
-        ge_hi = thermometer(m, (posc + s2.reps)[:lg + 1], lg, "nhi")
-        set_mask = Mux(null_job, ge_lo & ~ge_hi, 0)
-        clr_mask = Mux(ywr.en.any(), decoder(m, ywr.addr[:lg], "nclr"), 0)
+        wb = min(4, lg - 1)  # word bits of a flag row (at least two rows)
+        nrows = 1 << (lg - wb)
+        wflag = Memory(shape=unsigned(1 << wb), depth=nrows, init=[])
+        m.submodules.wflag = wflag
+        fw_port = wflag.write_port()
+        frmw, frd = wflag.read_port(domain="comb"), wflag.read_port(domain="comb")
+        row_ok = Signal(nrows)
+        wrow, wbit = ywr.addr[wb:lg], ywr.addr[:wb]
+        wr_any = Signal()
+        m.d.comb += [
+            wr_any.eq(ywr.en.any()),
+            frmw.addr.eq(wrow),
+            fw_port.en.eq(wr_any), fw_port.addr.eq(wrow),
+            fw_port.data.eq(Mux(row_ok.bit_select(wrow, 1), frmw.data, 0)
+                            | (Const(1, 1 << wb) << wbit)),
+        ]
         with m.If(self.start):
-            m.d.sync += ynull.eq(0)
-        with m.Else():
-            m.d.sync += ynull.eq((ynull & ~clr_mask) | set_mask)
+            m.d.sync += row_ok.eq(0)
+        with m.Elif(wr_any):
+            m.d.sync += row_ok.eq(row_ok | (Const(1, nrows) << wrow))
         # the result bank's output is registered: it goes to the top level's update,
         # encoder and unload (a word arrives two cycles after its address); the flag is
         # looked up with the read, so it is registered like the memory's output
-        m.d.sync += [ynull_q.eq(ynull.bit_select(self.y_raddr[:lg], 1)),
+        rrow, rbit = self.y_raddr[wb:lg], self.y_raddr[:wb]
+        written = row_ok.bit_select(rrow, 1) & frd.data.bit_select(rbit, 1)
+        ynull_q = Signal()
+        m.d.comb += frd.addr.eq(rrow)
+        m.d.sync += [ynull_q.eq((self.y_raddr < posc) & ~written),
                      self.ydata.eq(Mux(ynull_q, 0, yrd.data))]
         return m
