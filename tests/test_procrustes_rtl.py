@@ -7,6 +7,7 @@ import pytest
 from amaranth.hdl import Module, Signal, signed
 from amaranth.sim import Simulator
 
+from fpga.designs import board_params
 from golden.procrustes_cycles import (
     ArrayParams,
     predict_backward,
@@ -56,16 +57,23 @@ AREA = dict(rows=2, cols=2, lanes=2, fifo_depth=2, area=1, val_depth=512, x_dept
             y_depth=128)
 
 
+# the iCEBreaker's own configuration (1x1, one lane, 2x2 blocks): the area mode's
+# dimension aliases (a dimension divided by one is the command's field) and 4-bit masks
+ICE = board_params("icebreaker", "procrustes")
+
+
 @pytest.mark.slow
-def test_area_configuration_is_bit_exact_and_its_update_cycles_match_the_model(simulator):
+@pytest.mark.parametrize("params, max_dim", [(AREA, 11), (ICE, 7)], ids=["2x2", "icebreaker"])
+def test_area_configuration_is_bit_exact_and_its_update_cycles_match_the_model(
+        simulator, params, max_dim):
     # every phase against golden.procrustes_ref with random stalls on every stream; the
     # update regenerates w0 from the PRNG (decay 1.0 exercises decay's bit 16, 0.0 and
     # extreme values the roundings' signs); cycles against golden.procrustes_cycles
-    cfg = Config(**AREA)
+    cfg = Config(**params)
     r = simulate(Procrustes(cfg), test_module=TB, simulator=simulator, name="procrustes",
                  testcase="test_phases",
-                 params=dict(cases=6 if simulator == "verilator" else 3, max_dim=11,
-                             stall=0.25, seed=7, **AREA))
+                 params=dict(cases=6 if simulator == "verilator" else 3, max_dim=max_dim,
+                             stall=0.25, seed=7, **params))
     assert r.passed, r.log.read_text()[-4000:] if r.log else r
     ap = ArrayParams.of(cfg)
     assert ap.area == 1
@@ -76,6 +84,8 @@ def test_area_configuration_is_bit_exact_and_its_update_cycles_match_the_model(s
         assert rec["update"] > 15 * M * K  # fifteen cycles per element
         assert rec["fwd"] == predict_forward(mask, N, ap, bal)
         assert rec["bwd"] == predict_backward(mask, N, ap, bal)
+    if params is not AREA:
+        return
     # the range checks share the set-up multiplier with the serial update here
     r = simulate(Procrustes(cfg), test_module=TB, simulator=simulator, name="procrustes",
                  testcase="test_bad_commands", params=dict(stall=0.1, **AREA))
