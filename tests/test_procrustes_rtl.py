@@ -172,3 +172,56 @@ def test_result_rounding_equals_the_contracts_narrow(acc_bits, data_bits, shifts
     sim.add_testbench(bench)
     sim.run()
     assert not bad, bad[:5]
+
+
+def _first_failing_check(c: Config, op: str, sel: str, f: dict):
+    """The index of the first range check of ``CHECK`` (hw/procrustes/top.py) that fails
+    for the command fields ``f``, or None."""
+    GM, GK = -(-f["m"] // c.bm), -(-f["k"] // c.bk)
+    GKL, NT = -(-GK // c.lanes), -(-f["n"] // c.cols)
+    KT, MT = -(-f["k"] // c.cols), -(-f["m"] // c.rows)
+    blk = GM * GKL + f["addr"] <= c.blk_depth
+    one = f["arg"] + 1 <= c.val_depth
+    tables = {
+        "FWD": [blk, f["k"] * NT <= c.x_depth, one],
+        "BWD": [blk, f["m"] * NT <= c.x_depth, one],
+        "WGRAD": [MT * f["n"] <= c.g_depth, KT * f["n"] <= c.x_depth, MT * KT <= c.y_depth],
+        "UPDATE": [blk, f["m"] * f["k"] + f["arg"] <= c.val_depth, MT * KT <= c.y_depth],
+        "LOAD": {"": [], "BLOCKS": [blk],
+                 "VALUES": [f["count"] + f["addr"] <= c.val_depth],
+                 "X": [f["count"] + f["addr"] <= c.x_depth],
+                 "G": [f["count"] + f["addr"] <= c.g_depth],
+                 "SCHED": [f["count"] + f["addr"] <= 2 * c.rows],
+                 "Y": [f["count"] + f["addr"] <= c.y_depth, f["arg"] + 1 <= c.rows]}[sel],
+    }[op]
+    return next((i for i, ok in enumerate(tables) if not ok), None)
+
+
+@pytest.mark.parametrize("params", [AREA, ICE], ids=["2x2", "icebreaker"])
+def test_area_saturated_command_fields_fail_the_same_range_checks(params):
+    # the area configuration latches m, k, n, count, addr (and arg for its checks) as
+    # 2^w - 1 when they exceed every operation's limit: each check must decide the same
+    from hw.procrustes.top import area_field_limits
+
+    c = Config(**params)
+    lims = area_field_limits(c)
+    rng = np.random.default_rng(3)
+    ops = [("FWD", ""), ("BWD", ""), ("WGRAD", ""), ("UPDATE", "")] + [
+        ("LOAD", s) for s in ("BLOCKS", "VALUES", "X", "G", "SCHED", "Y")]
+    saturated = 0
+    for _ in range(3000):
+        f = {}
+        for name in ("m", "k", "n", "count", "addr", "arg"):
+            top = (1 << 32) if name == "arg" else (1 << 16)
+            # mostly near the limits, sometimes anywhere in the field
+            hi = min(top, 2 * lims[name] + 4) if rng.random() < 0.8 else top
+            f[name] = int(rng.integers(1 if name in "mkn" else 0, hi))
+        sat = {}
+        for name, v in f.items():
+            w = (lims[name] + 1).bit_length()
+            sat[name] = v if v < (1 << w) else (1 << w) - 1  # as top._saturate
+        saturated += sat != f
+        for op, sel in ops:
+            assert _first_failing_check(c, op, sel, sat) == \
+                _first_failing_check(c, op, sel, f), (op, sel, f, sat)
+    assert saturated > 500  # the saturation was exercised

@@ -55,22 +55,24 @@ def area_counter_widths(c: Config) -> dict[str, int]:
 
 
 def area_field_limits(c: Config) -> dict[str, int]:
-    """The largest value of each command field that some operation can accept (the
-    range checks of the top level's ``CHECK``; ``arg`` as a value base or a PE row).
-    The area configuration latches a larger field as ``2^w - 1``, ``w`` the width of
-    ``limit + 1``: every check is monotonic in each field and fails above its limit, so
-    the saturated value fails the same checks and every accepted command is unchanged,
-    while the command register, the derived dimensions and the checks' arithmetic are
-    ``w`` bits wide instead of 16 (32 for ``arg`` in the checks)."""
+    """For each command field, the largest value that passes some single range check of
+    the top level's ``CHECK`` (``arg`` as a value base or a PE row). The area
+    configuration latches a larger field as ``2^w - 1``, ``w`` the width of ``limit +
+    1``: every check is monotonic in each field and fails above its own limit, so the
+    saturated value fails the same checks (the first failing one is the same) and every
+    accepted command is unchanged, while the command register, the derived dimensions and
+    the checks' arithmetic are ``w`` bits wide instead of 16 (32 for ``arg``)."""
     R, C, L = c.rows, c.cols, c.lanes
     depth = max(c.val_depth, c.x_depth, c.g_depth, c.y_depth, 2 * R)
     return {
-        # FWD/LOAD BLOCKS GM·GKL <= blk_depth, BWD m·NT <= x_depth, WGRAD MT·n <= g_depth
-        # and MT·KT <= y_depth, UPDATE m·k <= val_depth
-        "m": max(c.bm * c.blk_depth, c.x_depth, R * min(c.g_depth, c.y_depth), c.val_depth),
-        "k": max(c.bk * L * c.blk_depth, c.x_depth, C * min(c.x_depth, c.y_depth),
-                 c.val_depth),
-        "n": max(C * c.x_depth, min(c.x_depth, c.g_depth)),  # NT <= x_depth, KT·n <= x_depth
+        # GM·GKL <= blk_depth, BWD m·NT <= x_depth, WGRAD MT·n <= g_depth, MT·KT <=
+        # y_depth, UPDATE m·k + arg <= val_depth
+        "m": max(c.bm * c.blk_depth, c.x_depth, R * max(c.g_depth, c.y_depth), c.val_depth),
+        # GM·GKL <= blk_depth, FWD k·NT <= x_depth, WGRAD KT·n <= x_depth, MT·KT <=
+        # y_depth, UPDATE
+        "k": max(c.bk * L * c.blk_depth, C * max(c.x_depth, c.y_depth), c.val_depth),
+        # FWD/BWD ·NT <= x_depth, WGRAD MT·n <= g_depth, KT·n <= x_depth
+        "n": max(C * c.x_depth, c.g_depth),
         "count": depth,  # count + addr <= depth of the buffer
         "addr": max(c.blk_depth, depth),
         "arg": max(c.val_depth, R),  # arg + 1 <= val_depth, arg + m·k <= val_depth, arg < R
