@@ -22,8 +22,8 @@ DESIGNS = ("linktest", "cubist", "procrustes")
 # store still covers the 256 values; 4-bit masks instead of 16-bit ones in the walker
 # and its FIFO), the serial weight update on one shared multiplier and the area
 # configuration's narrow counters (area=1, 15 cycles per element). Out of context it
-# places and routes: 5231 of 5280 LC, 7/30 EBR, 3/8 DSP, but 24.50 MHz against 30 (hw/
-# procrustes/README.md, "On the boards"); with the UART link (6802 LC) it does not fit.
+# places and routes: 5266 of 5280 LC, 7/30 EBR, 3/8 DSP, but 24.60 MHz against 30 (hw/
+# procrustes/README.md, "On the boards"); with the UART link (6801 LC) it does not fit.
 BOARD_DEFAULTS = {
     "icebreaker": {"cubist": {"unmerge": 0, "buffers": 1, "serial_mul": 1, "shared_keys": 1,
                               "area": 1},
