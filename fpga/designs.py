@@ -18,14 +18,18 @@ DESIGNS = ("linktest", "cubist", "procrustes")
 # which fits the UP5K alone but not beside the UART link.
 # Procrustes: 8x8 PEs on the ULX3S-85F; on the iCEBreaker the smallest array with small
 # buffers in the area configuration (issue #6): a 2-deep walker FIFO (the UP5K has no
-# LUT-RAM, a 16-deep one was 2925 FFs), one mask lane, the serial weight update on one
-# shared multiplier (area=1, 15 cycles per element). 5 of 8 DSPs, but still 7685 LC out of
-# context against 5280 (hw/procrustes/README.md, "On the boards"): it does not fit yet.
+# LUT-RAM, a 16-deep one was 2925 FFs), one mask lane, 2x2 blocks (the 64-word block
+# store still covers the 256 values; 4-bit masks instead of 16-bit ones in the walker
+# and its FIFO), the serial weight update on one shared multiplier and the area
+# configuration's narrow counters (area=1, 15 cycles per element). Out of context it
+# places and routes: 5266 of 5280 LC, 7/30 EBR, 3/8 DSP, but 24.60 MHz against 30 (hw/
+# procrustes/README.md, "On the boards"); with the UART link (6801 LC) it does not fit.
 BOARD_DEFAULTS = {
     "icebreaker": {"cubist": {"unmerge": 0, "buffers": 1, "serial_mul": 1, "shared_keys": 1,
                               "area": 1},
                    "procrustes": {"rows": 1, "cols": 1, "val_depth": 256, "x_depth": 64,
-                                  "y_depth": 64, "fifo_depth": 2, "lanes": 1, "area": 1}},
+                                  "y_depth": 64, "fifo_depth": 2, "lanes": 1, "bm": 2,
+                                  "bk": 2, "area": 1}},
     "ulx3s": {"cubist": {"unmerge": 0}, "procrustes": {"rows": 8, "cols": 8}},
 }
 

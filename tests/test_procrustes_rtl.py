@@ -7,6 +7,7 @@ import pytest
 from amaranth.hdl import Module, Signal, signed
 from amaranth.sim import Simulator
 
+from fpga.designs import board_params
 from golden.procrustes_cycles import (
     ArrayParams,
     predict_backward,
@@ -56,16 +57,23 @@ AREA = dict(rows=2, cols=2, lanes=2, fifo_depth=2, area=1, val_depth=512, x_dept
             y_depth=128)
 
 
+# the iCEBreaker's own configuration (1x1, one lane, 2x2 blocks): the area mode's
+# dimension aliases (a dimension divided by one is the command's field) and 4-bit masks
+ICE = board_params("icebreaker", "procrustes")
+
+
 @pytest.mark.slow
-def test_area_configuration_is_bit_exact_and_its_update_cycles_match_the_model(simulator):
+@pytest.mark.parametrize("params, max_dim", [(AREA, 11), (ICE, 7)], ids=["2x2", "icebreaker"])
+def test_area_configuration_is_bit_exact_and_its_update_cycles_match_the_model(
+        simulator, params, max_dim):
     # every phase against golden.procrustes_ref with random stalls on every stream; the
     # update regenerates w0 from the PRNG (decay 1.0 exercises decay's bit 16, 0.0 and
     # extreme values the roundings' signs); cycles against golden.procrustes_cycles
-    cfg = Config(**AREA)
+    cfg = Config(**params)
     r = simulate(Procrustes(cfg), test_module=TB, simulator=simulator, name="procrustes",
                  testcase="test_phases",
-                 params=dict(cases=6 if simulator == "verilator" else 3, max_dim=11,
-                             stall=0.25, seed=7, **AREA))
+                 params=dict(cases=6 if simulator == "verilator" else 3, max_dim=max_dim,
+                             stall=0.25, seed=7, **params))
     assert r.passed, r.log.read_text()[-4000:] if r.log else r
     ap = ArrayParams.of(cfg)
     assert ap.area == 1
@@ -76,6 +84,8 @@ def test_area_configuration_is_bit_exact_and_its_update_cycles_match_the_model(s
         assert rec["update"] > 15 * M * K  # fifteen cycles per element
         assert rec["fwd"] == predict_forward(mask, N, ap, bal)
         assert rec["bwd"] == predict_backward(mask, N, ap, bal)
+    if params is not AREA:
+        return
     # the range checks share the set-up multiplier with the serial update here
     r = simulate(Procrustes(cfg), test_module=TB, simulator=simulator, name="procrustes",
                  testcase="test_bad_commands", params=dict(stall=0.1, **AREA))
@@ -162,3 +172,56 @@ def test_result_rounding_equals_the_contracts_narrow(acc_bits, data_bits, shifts
     sim.add_testbench(bench)
     sim.run()
     assert not bad, bad[:5]
+
+
+def _first_failing_check(c: Config, op: str, sel: str, f: dict):
+    """The index of the first range check of ``CHECK`` (hw/procrustes/top.py) that fails
+    for the command fields ``f``, or None."""
+    GM, GK = -(-f["m"] // c.bm), -(-f["k"] // c.bk)
+    GKL, NT = -(-GK // c.lanes), -(-f["n"] // c.cols)
+    KT, MT = -(-f["k"] // c.cols), -(-f["m"] // c.rows)
+    blk = GM * GKL + f["addr"] <= c.blk_depth
+    one = f["arg"] + 1 <= c.val_depth
+    tables = {
+        "FWD": [blk, f["k"] * NT <= c.x_depth, one],
+        "BWD": [blk, f["m"] * NT <= c.x_depth, one],
+        "WGRAD": [MT * f["n"] <= c.g_depth, KT * f["n"] <= c.x_depth, MT * KT <= c.y_depth],
+        "UPDATE": [blk, f["m"] * f["k"] + f["arg"] <= c.val_depth, MT * KT <= c.y_depth],
+        "LOAD": {"": [], "BLOCKS": [blk],
+                 "VALUES": [f["count"] + f["addr"] <= c.val_depth],
+                 "X": [f["count"] + f["addr"] <= c.x_depth],
+                 "G": [f["count"] + f["addr"] <= c.g_depth],
+                 "SCHED": [f["count"] + f["addr"] <= 2 * c.rows],
+                 "Y": [f["count"] + f["addr"] <= c.y_depth, f["arg"] + 1 <= c.rows]}[sel],
+    }[op]
+    return next((i for i, ok in enumerate(tables) if not ok), None)
+
+
+@pytest.mark.parametrize("params", [AREA, ICE], ids=["2x2", "icebreaker"])
+def test_area_saturated_command_fields_fail_the_same_range_checks(params):
+    # the area configuration latches m, k, n, count, addr (and arg for its checks) as
+    # 2^w - 1 when they exceed every operation's limit: each check must decide the same
+    from hw.procrustes.top import area_field_limits
+
+    c = Config(**params)
+    lims = area_field_limits(c)
+    rng = np.random.default_rng(3)
+    ops = [("FWD", ""), ("BWD", ""), ("WGRAD", ""), ("UPDATE", "")] + [
+        ("LOAD", s) for s in ("BLOCKS", "VALUES", "X", "G", "SCHED", "Y")]
+    saturated = 0
+    for _ in range(3000):
+        f = {}
+        for name in ("m", "k", "n", "count", "addr", "arg"):
+            top = (1 << 32) if name == "arg" else (1 << 16)
+            # mostly near the limits, sometimes anywhere in the field
+            hi = min(top, 2 * lims[name] + 4) if rng.random() < 0.8 else top
+            f[name] = int(rng.integers(1 if name in "mkn" else 0, hi))
+        sat = {}
+        for name, v in f.items():
+            w = (lims[name] + 1).bit_length()
+            sat[name] = v if v < (1 << w) else (1 << w) - 1  # as top._saturate
+        saturated += sat != f
+        for op, sel in ops:
+            assert _first_failing_check(c, op, sel, sat) == \
+                _first_failing_check(c, op, sel, f), (op, sel, f, sat)
+    assert saturated > 500  # the saturation was exercised

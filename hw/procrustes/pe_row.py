@@ -118,6 +118,11 @@ def entry_layout(c: Config) -> data.StructLayout:
     """A group in the walker FIFO (operand addresses and result positions are only as
     wide as their memories' addresses; ``reps`` counts up to ``y_depth`` jobs)."""
     xb, yb = abits(c.x_depth), abits(c.y_depth)
+    if c.area:  # the area configuration carries opbase + xbase as one field (opbase)
+        return data.StructLayout({
+            "bits": c.lanes * c.slice_bits, "masks": c.lanes * c.nb,
+            "ptrs": c.lanes * c.ptr_bits, "sub": 3, "opbase": xb, "first": 1, "null": 1,
+            "end": 1, "pos": yb, "reps": yb + 1})
     return data.StructLayout({
         "bits": c.lanes * c.slice_bits,
         "masks": c.lanes * c.nb,
@@ -212,8 +217,15 @@ class PERow(wiring.Component):
             blk_base.eq(self.blk_base), val_base.eq(self.val_base),
             o0.eq(self.o0), t0.eq(self.t0), n0.eq(self.n0),
             o1.eq(self.o1), t1.eq(self.t1), n1.eq(self.n1),
-            has1.eq(self.n1 != 0), one_group.eq(self.ng == 1),
         ]
+        # (registered in both: they decide the walk's start, one step after the top
+        # level's state decoding)
+        m.d.sync += [has1.eq(self.n1 != 0), one_group.eq(self.ng == 1)]
+        if c.area:
+            has0 = Signal()
+            m.d.sync += has0.eq(self.n0 != 0)
+        else:
+            has0 = n0 != 0
         # the rounding is taken at the start and held: the last result of a walk is
         # written after ``done`` (see D2), when the top level may hold the next command
         with m.If(self.start):
@@ -321,7 +333,8 @@ class PERow(wiring.Component):
 
         s1 = Signal(data.StructLayout({
             "valid": 1, "end": 1, "rot": max(1, c.log_lanes), "sub": 3, "lvalid": L,
-            "last_g": 1, "opbase": XB, "xbase": XB, "reps": YB + 1}))
+            "last_g": 1, "opbase": XB, **({} if c.area else {"xbase": XB}),
+            "reps": YB + 1}))
         issue = Signal()
         pop, drop = Signal(), Signal()  # credits returned this cycle
 
@@ -350,7 +363,7 @@ class PERow(wiring.Component):
             with m.State("IDLE"):
                 with m.If(self.start & (self.mode != MODE_WGRAD)):
                     m.d.sync += [g.eq(0), gbase.eq(0), seen.eq(0), credits.eq(c.fifo_depth)]
-                    with m.If(n0 != 0):
+                    with m.If(has0):
                         m.d.sync += load_range(0)
                         m.next = "ISSUE"
                     with m.Elif(has1):
@@ -369,7 +382,10 @@ class PERow(wiring.Component):
                         s1.last_g.eq(last_g),
                         s1.opbase.eq(Mux(mode_bwd, g << (c.log_lanes + log_sx_bwd),
                                          g << (c.log_lanes + log_sx_fwd))),
-                        s1.xbase.eq(xbase), s1.reps.eq(reps),
+                        s1.xbase.eq(xbase) if not c.area else s1.opbase.eq(
+                            Mux(mode_bwd, g << (c.log_lanes + log_sx_bwd),
+                                g << (c.log_lanes + log_sx_fwd)) + xbase),
+                        s1.reps.eq(reps),
                     ]
                     with m.If(~last_g):
                         m.d.sync += [g.eq(g + 1), gbase.eq(gbase + (gkl << c.log_lanes))]
@@ -456,7 +472,8 @@ class PERow(wiring.Component):
             ent.bits.eq(Mux(s3.end, 0, s3bits)),
             ent.masks.eq(Cat(*[w[:NB] for w in s3w])),
             ent.ptrs.eq(Cat(*[w[NB:] for w in s3w])),
-            ent.sub.eq(s3.sub), ent.opbase.eq(s3.opbase), ent.xbase.eq(s3.xbase),
+            ent.sub.eq(s3.sub), ent.opbase.eq(s3.opbase),
+            ent.xbase.eq(s3.xbase) if not c.area else ent.opbase.eq(s3.opbase),
             ent.first.eq(s3.end | ~seen),
             ent.null.eq(s3.end),
             ent.end.eq(s3.end),
@@ -501,18 +518,34 @@ class PERow(wiring.Component):
         bits0 = Signal(L * S)  # the group's bits, for a replay
         qv = Signal(entry_layout(c))
         m.d.comb += qv.eq(q.r_data)
-        m.d.sync += [
-            E.valid.eq(gv), E.null.eq(G.null), E.first.eq(G.first), E.end.eq(G.end),
-            E.ptr.eq(ptr_sel), E.mask.eq(mask_sel),
-            E.t.eq(Mux(mode_bwd, t_bwd, t_fwd)),
-            E.opidx.eq(Mux(mode_bwd, op_bwd, op_fwd)), E.xbase.eq(G.xbase), E.pos.eq(G.pos),
-        ]
+        if not c.area:
+            m.d.sync += [
+                E.valid.eq(gv), E.null.eq(G.null), E.first.eq(G.first), E.end.eq(G.end),
+                E.ptr.eq(ptr_sel), E.mask.eq(mask_sel),
+                E.t.eq(Mux(mode_bwd, t_bwd, t_fwd)),
+                E.opidx.eq(Mux(mode_bwd, op_bwd, op_fwd)), E.xbase.eq(G.xbase),
+                E.pos.eq(G.pos),
+            ]
+        else:
+            # the area configuration forms both addresses here (a 30 MHz iCE40 has the
+            # time): E holds the value address in ``ptr`` and the operand address in
+            # ``opidx`` instead of the mask, bit, pointer and bases they come from
+            t_g = Mux(mode_bwd, t_bwd, t_fwd)
+            below_g = Cat(*[mask_sel[i] & (i < t_g) for i in range(NB)])
+            m.d.sync += [
+                E.valid.eq(gv), E.null.eq(G.null), E.first.eq(G.first), E.end.eq(G.end),
+                E.pos.eq(G.pos),
+                E.ptr.eq((val_base + ptr_sel + sum(below_g[i] for i in range(NB)))[:PB]),
+                E.opidx.eq(Mux(mode_bwd, op_bwd, op_fwd)),  # opbase holds xbase
+            ]
         with m.If(load_next):
             m.d.comb += q.r_en.eq(q.r_rdy)
             m.d.sync += [G.eq(q.r_data), gv.eq(q.r_rdy), bits0.eq(qv.bits)]
         with m.Elif(remaining == 0):  # replay for the next tile
             m.d.sync += [G.bits.eq(bits0), G.first.eq(1), G.reps.eq(G.reps - 1),
-                         G.xbase.eq(G.xbase + xstride), G.pos.eq(G.pos + 1)]
+                         (G.xbase if not c.area else G.opbase).eq(
+                             (G.xbase if not c.area else G.opbase) + xstride),
+                         G.pos.eq(G.pos + 1)]
         with m.Else():
             m.d.sync += [G.bits.eq(remaining), G.first.eq(0)]
 
@@ -524,8 +557,8 @@ class PERow(wiring.Component):
         m.d.sync += [
             A.ctl.valid.eq(E.valid), A.ctl.null.eq(E.null), A.ctl.first.eq(E.first),
             A.ctl.end.eq(E.end), A.ctl.pos.eq(E.pos),
-            A.vaddr.eq((val_base + E.ptr + popc)[:PB]),
-            A.xaddr.eq(E.xbase + E.opidx),
+            A.vaddr.eq((val_base + E.ptr + popc)[:PB] if not c.area else E.ptr),
+            A.xaddr.eq(E.xbase + E.opidx if not c.area else E.opidx),
         ]
         # ---- A: read value and operand ----------------------------------------------
         xaddr = Mux(wgrad, self.sq_xaddr, A.xaddr)
@@ -580,7 +613,17 @@ class PERow(wiring.Component):
                     m.d.sync += wptr.eq(wptr + 1)
             for i in range(C):
                 base = Mux(D2.first, 0, accs[i])
-                m.d.sync += accs[i].eq(sat(m, base + prods[i], A_, f"accn{i}"))
+                if c.area and 2 * D <= A_:
+                    # the sum has one bit more than the accumulator: it overflows when
+                    # its top two bits differ (only those two fan out of the adder, so
+                    # each sum bit packs with its flip-flop in an iCE40 logic cell)
+                    sm = Signal(signed(A_ + 1), name=f"accs{i}")
+                    m.d.comb += sm.eq(base + prods[i])
+                    ovf = sm[A_] ^ sm[A_ - 1]
+                    m.d.sync += accs[i].eq(Mux(ovf, Mux(sm[A_], -(1 << (A_ - 1)),
+                                                        (1 << (A_ - 1)) - 1), sm[:A_]))
+                else:
+                    m.d.sync += accs[i].eq(sat(m, base + prods[i], A_, f"accn{i}"))
             with m.If(D2.end & wgrad):
                 m.d.sync += self.done.eq(1)
         # a walk's done rises when the emitter holds its end marker (G): the last

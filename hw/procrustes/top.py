@@ -55,22 +55,24 @@ def area_counter_widths(c: Config) -> dict[str, int]:
 
 
 def area_field_limits(c: Config) -> dict[str, int]:
-    """The largest value of each command field that some operation can accept (the
-    range checks of the top level's ``CHECK``; ``arg`` as a value base or a PE row).
-    The area configuration latches a larger field as ``2^w - 1``, ``w`` the width of
-    ``limit + 1``: every check is monotonic in each field and fails above its limit, so
-    the saturated value fails the same checks and every accepted command is unchanged,
-    while the command register, the derived dimensions and the checks' arithmetic are
-    ``w`` bits wide instead of 16 (32 for ``arg`` in the checks)."""
+    """For each command field, the largest value that passes some single range check of
+    the top level's ``CHECK`` (``arg`` as a value base or a PE row). The area
+    configuration latches a larger field as ``2^w - 1``, ``w`` the width of ``limit +
+    1``: every check is monotonic in each field and fails above its own limit, so the
+    saturated value fails the same checks (the first failing one is the same) and every
+    accepted command is unchanged, while the command register, the derived dimensions and
+    the checks' arithmetic are ``w`` bits wide instead of 16 (32 for ``arg``)."""
     R, C, L = c.rows, c.cols, c.lanes
     depth = max(c.val_depth, c.x_depth, c.g_depth, c.y_depth, 2 * R)
     return {
-        # FWD/LOAD BLOCKS GM·GKL <= blk_depth, BWD m·NT <= x_depth, WGRAD MT·n <= g_depth
-        # and MT·KT <= y_depth, UPDATE m·k <= val_depth
-        "m": max(c.bm * c.blk_depth, c.x_depth, R * min(c.g_depth, c.y_depth), c.val_depth),
-        "k": max(c.bk * L * c.blk_depth, c.x_depth, C * min(c.x_depth, c.y_depth),
-                 c.val_depth),
-        "n": max(C * c.x_depth, min(c.x_depth, c.g_depth)),  # NT <= x_depth, KT·n <= x_depth
+        # GM·GKL <= blk_depth, BWD m·NT <= x_depth, WGRAD MT·n <= g_depth, MT·KT <=
+        # y_depth, UPDATE m·k + arg <= val_depth
+        "m": max(c.bm * c.blk_depth, c.x_depth, R * max(c.g_depth, c.y_depth), c.val_depth),
+        # GM·GKL <= blk_depth, FWD k·NT <= x_depth, WGRAD KT·n <= x_depth, MT·KT <=
+        # y_depth, UPDATE
+        "k": max(c.bk * L * c.blk_depth, C * max(c.x_depth, c.y_depth), c.val_depth),
+        # FWD/BWD ·NT <= x_depth, WGRAD MT·n <= g_depth, KT·n <= x_depth
+        "n": max(C * c.x_depth, c.g_depth),
         "count": depth,  # count + addr <= depth of the buffer
         "addr": max(c.blk_depth, depth),
         "arg": max(c.val_depth, R),  # arg + 1 <= val_depth, arg + m·k <= val_depth, arg < R
@@ -161,6 +163,12 @@ class Procrustes(wiring.Component):
         # derived dimensions (latched in DECODE)
         GM, GK, GKL, NT, KT, MT = (Signal(16, name=n) for n in
                                    ("GM", "GK", "GKL", "NT", "KT", "MT"))
+        if c.area:
+            # a dimension divided by one is the command's field (or GK) itself: no copy
+            for dim, div, same in ((GM, c.bm, cmd.m), (GK, c.bk, cmd.k), (GKL, L, GK),
+                                   (NT, C, cmd.n), (KT, C, cmd.k), (MT, R, cmd.m)):
+                if div == 1:
+                    m.d.comb += dim.eq(same)
 
         # shared multipliers, only for one-time set-up products: operands registered when
         # a state sets them, product registered, read two cycles later
@@ -224,6 +232,12 @@ class Procrustes(wiring.Component):
         m.d.sync += [r_.eq(v) for r_, v in zip(bus_r, bus)]
         (bw_en_r, bw_addr_r, bw_data_r, vw_en_r, vw_addr_r, vw_data_r, xw_en_r, xw_addr_r,
          xw_data_r, ext_baddr_r, ext_vaddr_r, ext_xaddr_r, y_raddr_r) = bus_r
+        if c.area:
+            # a 30 MHz iCE40 needs no register on the write buses: a load's or the
+            # encoder's write lands a cycle earlier, before anything reads that memory
+            # (the read addresses stay registered: every read is timed by them)
+            (bw_en_r, bw_addr_r, bw_data_r, vw_en_r, vw_addr_r, vw_data_r, xw_en_r,
+             xw_addr_r, xw_data_r) = bus[:9]
         for pr in rows:
             m.d.comb += [
                 pr.bw_en.eq(bw_en_r), pr.bw_addr.eq(bw_addr_r), pr.bw_data.eq(bw_data_r),
@@ -453,20 +467,44 @@ class Procrustes(wiring.Component):
                 with m.If(self.cmd.valid):
                     m.d.sync += [cmd.eq(self.cmd.payload), cyc.eq(1), err.eq(0),
                                  value.eq(0)]
-                    if c.area:  # the dimensions, saturated (area_field_limits)
+                    if c.area:
+                        # the fields, saturated (area_field_limits); a SET (which always
+                        # succeeds when its register number is known) writes its full
+                        # 32-bit argument here, as nothing else needs more than the
+                        # saturated one
+                        pl = self.cmd.payload
                         lims = area_field_limits(c)
-                        m.d.sync += [cmd[f].eq(_saturate(self.cmd.payload[f], lims[f]))
-                                     for f in ("m", "k", "n", "count", "addr")]
+                        m.d.sync += [cmd[f].eq(_saturate(pl[f], lims[f]))
+                                     for f in ("m", "k", "n", "count", "addr", "arg")]
+                        with m.If(pl.op == Op.SET):
+                            with m.Switch(pl.sel):
+                                with m.Case(Reg.THETA):
+                                    m.d.sync += regs[Reg.THETA].eq(pl.arg)
+                                for reg in RF_WIDTHS:
+                                    with m.Case(reg):
+                                        m.d.comb += [rf_w.en.eq(1), rf_w.addr.eq(reg),
+                                                     rf_w.data.eq(pl.arg[:RF_WIDTHS[reg]])]
                     m.next = "DECODE"
             with m.State("DECODE"):
                 mm, kk, nn = cmd.m, cmd.k, cmd.n
                 gk = (kk + c.bk - 1) >> c.log_bk
-                m.d.sync += [
-                    GM.eq((mm + c.bm - 1) >> c.log_bm), GK.eq(gk),
-                    GKL.eq((gk + L - 1) >> c.log_lanes),
-                    NT.eq((nn + C - 1) >> c.log_cols), KT.eq((kk + C - 1) >> c.log_cols),
-                    MT.eq((mm + R - 1) >> c.log_rows), i0.eq(0),
-                ]
+                if not c.area:
+                    m.d.sync += [
+                        GM.eq((mm + c.bm - 1) >> c.log_bm), GK.eq(gk),
+                        GKL.eq((gk + L - 1) >> c.log_lanes),
+                        NT.eq((nn + C - 1) >> c.log_cols), KT.eq((kk + C - 1) >> c.log_cols),
+                        MT.eq((mm + R - 1) >> c.log_rows), i0.eq(0),
+                    ]
+                else:
+                    m.d.sync += i0.eq(0)
+                    for dim, div, full in (
+                            (GM, c.bm, (mm + c.bm - 1) >> c.log_bm), (GK, c.bk, gk),
+                            (GKL, L, (gk + L - 1) >> c.log_lanes),
+                            (NT, C, (nn + C - 1) >> c.log_cols),
+                            (KT, C, (kk + C - 1) >> c.log_cols),
+                            (MT, R, (mm + R - 1) >> c.log_rows)):
+                        if div > 1:  # (the others are the fields themselves, see above)
+                            m.d.sync += dim.eq(full)
                 known = Signal()
                 dims = Signal()  # the dimensions the operation uses are non-zero
                 sel_ok = Signal()
@@ -681,15 +719,12 @@ class Procrustes(wiring.Component):
                         m.next = "UADDR"
 
             with m.State("SET"):
-                with m.Switch(cmd.sel):
-                    for reg in (Reg.LR, Reg.DECAY, Reg.SEED, Reg.BOUND, Reg.UP, Reg.DN,
-                                Reg.THETA):
-                        with m.Case(reg):
-                            if reg in regs:
+                if not c.area:  # (the area configuration wrote it when it took the command)
+                    with m.Switch(cmd.sel):
+                        for reg in (Reg.LR, Reg.DECAY, Reg.SEED, Reg.BOUND, Reg.UP, Reg.DN,
+                                    Reg.THETA):
+                            with m.Case(reg):
                                 m.d.sync += regs[reg].eq(cmd.arg)
-                            else:
-                                m.d.comb += [rf_w.en.eq(1), rf_w.addr.eq(reg),
-                                             rf_w.data.eq(cmd.arg[:RF_WIDTHS[reg]])]
                 m.next = "RESP"
             with m.State("GET"):
                 with m.Switch(cmd.sel):
@@ -822,17 +857,21 @@ class Procrustes(wiring.Component):
         ``-((p + 2^(s-1) - 1) >> s)`` (the contract's ties round toward +inf), so each
         rounding is one add on the magnitude and a conditional negation. Steps of an
         element issued at ``u`` (``st[k]`` is high at ``u + k``; the memory reads are timed
-        as in the pipelined update):
+        as in the pipelined update, and each address is held while its word is used, so
+        no memory word is copied into a register; the constants LR ... DN come from a
+        block RAM, addressed a step ahead):
 
         ======  ==============================================================
         u       addresses of W[m, k] and dW[m, k] (as the pipelined issue); ``u``
         u+1     multiply ``|s|·bound`` (``s = (u >> 16) - 2^15``)
-        u+2     the bank word arrives, registered
-        u+3     ``|w0|``; multiply ``|w0|·decay[15:0]``; popcount, bit; the dW word
-        u+4     value address; multiply ``lr·|dW|``
-        u+5     ``dw0`` (``decay[16]`` adds ``|w0| << 16``)
-        u+6     ``step``; the value arrives (W, zero if the bit is clear)
-        u+7     ``w1 = sat(W - step)``
+        u+2     the bank word arrives (valid to u+5)
+        u+3     ``|w0|``; multiply ``lr·|dW|``; popcount, bit; the dW word
+                (valid to u+4)
+        u+4     value address (held at u+5); multiply ``|w0|·decay[15:0]``
+        u+5     ``step``
+        u+6     ``dw0`` (``decay[16]`` adds ``|w0| << 16``); the value arrives
+                (valid to u+7)
+        u+7     ``w1 = sat(W - step)`` (W zero if the bit is clear)
         u+8     ``tracked = theta < |w1 - dw0| << 16``
         u+9..12 multiply the four 16x16 partial products of ``theta·c`` (c = up or dn)
         u+11..13 sum ``(p00 >> 16) + p01 + p10``
@@ -840,7 +879,7 @@ class Procrustes(wiring.Component):
         ======  ==============================================================
         """
         c = self.cfg
-        R, C, L, D, NB, PB = c.rows, c.cols, c.lanes, c.data_bits, c.nb, c.ptr_bits
+        R, C, L, D, NB = c.rows, c.cols, c.lanes, c.data_bits, c.nb
         NS = c.update_ii
         assert NS == 15, "the step table below is 15 cycles long"
         st = Signal(NS, name="ust")  # one-hot: the element's step (bit 0 is the issue)
@@ -854,20 +893,29 @@ class Procrustes(wiring.Component):
         E = Signal(data.StructLayout({
             "t": max(1, (NB - 1).bit_length()), "bank": max(1, c.log_lanes),
             "ybank": max(1, c.log_rows), "lane": max(1, c.log_cols), "yaddr": 16,
-            "uhi": 16, "neg": 1, "w0mag": 16, "bmask": NB, "bptr": PB,
-            "popc": NB.bit_length(), "set": 1, "dw": signed(D), "dw0": signed(D + 1),
-            "step": signed(D + 1), "wold": signed(D), "w1": signed(D), "tracked": 1}),
+            "baddr": abits(c.blk_depth), "uhi": 16, "neg": 1,
+            "popc": NB.bit_length(), "set": 1, "dwneg": 1, "dw0": signed(D + 1),
+            "step": signed(D + 1), "w1": signed(D), "tracked": 1}),
             name="UE")
         acc = Signal(34, name="uacc")
 
-        # step 0: issue (the addresses as in the pipelined update)
+        # step 0: issue (the addresses as in the pipelined update). The addresses are held
+        # (block store to step 3, result bank to step 1, value memory steps 4-5), so the
+        # memories' outputs stay valid for the steps that use them and are not copied
+        # into registers: the bank word at steps 2-5, the dW word at 3-4, W at 6-7
         u_bi, u_bj = um >> c.log_bm, uk >> c.log_bk
+        with m.If(st[1] | st[2] | st[3]):
+            m.d.comb += ext_baddr.eq(E.baddr)
+        with m.If(st[1]):
+            m.d.comb += y_raddr.eq(E.yaddr)
         with m.If(st[0]):
+            baddr = Signal(16, name="ubaddr")
             m.d.comb += [
-                ext_baddr.eq(cmd.addr + ubrow + (u_bj >> c.log_lanes)),
+                baddr.eq(cmd.addr + ubrow + (u_bj >> c.log_lanes)), ext_baddr.eq(baddr),
                 y_raddr.eq(yrow + (uk >> c.log_cols)),
             ]
             m.d.sync += [
+                E.baddr.eq(baddr),
                 E.t.eq(((um & (c.bm - 1)) << c.log_bk) | (uk & (c.bk - 1))),
                 E.bank.eq((u_bi + u_bj) & (L - 1)),
                 E.ybank.eq(um & (R - 1)), E.lane.eq(uk & (C - 1)),
@@ -876,63 +924,66 @@ class Procrustes(wiring.Component):
                 hx.eq(hx - MULT),
             ]
         # the constants come from the block RAM ``rf`` (read one cycle after its address):
-        # SEED by default, BOUND for step 1, DECAY for steps 3 and 5, LR for step 4, UP or
+        # SEED by default, BOUND for step 1, LR for step 3, DECAY for steps 4 and 6, UP or
         # DN for steps 9..12
         with m.If(st[0]):
             m.d.comb += rf.addr.eq(Reg.BOUND)
-        with m.If(st[2] | st[4]):
-            m.d.comb += rf.addr.eq(Reg.DECAY)
-        with m.If(st[3]):
+        with m.If(st[2]):
             m.d.comb += rf.addr.eq(Reg.LR)
+        with m.If(st[3] | st[5]):
+            m.d.comb += rf.addr.eq(Reg.DECAY)
         m.d.comb += [prng.hx.eq(hx), prng.seed.eq(rf.data)]
         # step 1: |s|·bound; s = uhi - 2^15 is negative when uhi's MSB is clear
         with m.If(st[1]):
             neg = ~E.uhi[15]
             m.d.sync += [E.neg.eq(neg), am_b.eq(rf.data[:16]),
                          am_a.eq(_cneg(E.uhi[:15], neg))]  # 2^15 - uhi if negative
-        # step 2: the bank word
-        with m.If(st[2]):
-            bword = Signal(c.mbw, name="ubword")
-            with m.Switch(E.bank):
-                for b in range(L):
-                    with m.Case(b):
-                        m.d.comb += bword.eq(row0.bdata[b * c.mbw:(b + 1) * c.mbw])
-            m.d.sync += [E.bmask.eq(bword[:NB]), E.bptr.eq(bword[NB:])]
-        # step 3: |w0| = rshift(|s|·bound, 15) on the magnitude; |w0|·decay; popcount
-        # below the bit; the dW word's lane
+        # the bank word (steps 2-5) and the dW word's lane (steps 3-4)
+        bword = Signal(c.mbw, name="ubword")
+        with m.Switch(E.bank):
+            for b in range(L):
+                with m.Case(b):
+                    m.d.comb += bword.eq(row0.bdata[b * c.mbw:(b + 1) * c.mbw])
+        yword = ydata[E.ybank]
+        dw_lane = Signal(signed(D), name="udw_lane")
+        with m.Switch(E.lane):
+            for i in range(C):
+                with m.Case(i):
+                    m.d.comb += dw_lane.eq(yword[i * D:(i + 1) * D].as_signed())
+        # step 3: |w0| = rshift(|s|·bound, 15) on the magnitude (kept in ``uhi``, which
+        # step 1 has used); lr·|dW| (|w0| goes to the multiplier from its register, a
+        # step later: no path from the multiplier's output back into its input);
+        # popcount below the bit
         with m.If(st[3]):
             w0mag = Signal(16, name="uw0mag")
             m.d.comb += w0mag.eq((am_p >> 15) + _round_bit(am_p, 15, E.neg))
-            below = Cat(*[E.bmask[i] & (i < E.t) for i in range(NB)])
-            yword = ydata[E.ybank]
-            dw_lane = Signal(signed(D), name="udw_lane")
-            with m.Switch(E.lane):
-                for i in range(C):
-                    with m.Case(i):
-                        m.d.comb += dw_lane.eq(yword[i * D:(i + 1) * D].as_signed())
-            m.d.sync += [E.w0mag.eq(w0mag), am_a.eq(w0mag), am_b.eq(rf.data[:16]),
+            below = Cat(*[bword[i] & (i < E.t) for i in range(NB)])
+            m.d.sync += [E.uhi.eq(w0mag),
+                         am_a.eq(rf.data[:16]), am_b.eq(_cneg(dw_lane, dw_lane < 0)[:16]),
+                         E.dwneg.eq(dw_lane < 0),
                          E.popc.eq(sum(below[i] for i in range(NB))),
-                         E.set.eq(E.bmask.bit_select(E.t, 1)), E.dw.eq(dw_lane)]
-        # step 4: value address (read at u+5, data at u+6); lr·|dW|
+                         E.set.eq(bword[:NB].bit_select(E.t, 1))]
+        # steps 4-5: value address (data at u+6 and u+7); step 4: |w0|·decay
+        with m.If(st[4] | st[5]):
+            m.d.comb += ext_vaddr.eq(cmd.arg + bword[NB:] + E.popc)
         with m.If(st[4]):
-            m.d.comb += ext_vaddr.eq(cmd.arg + E.bptr + E.popc)
-            m.d.sync += [am_a.eq(rf.data[:16]), am_b.eq(_cneg(E.dw, E.dw < 0)[:16])]
-        # step 5: dw0 = rshift(decay·w0, 16), decay = decay[15:0] + decay[16]·2^16
+            m.d.sync += [am_a.eq(E.uhi), am_b.eq(rf.data[:16])]
+        # step 5: step = rshift(lr·dW, 16)
         with m.If(st[5]):
-            dmag = Signal(17, name="udw0mag")
-            m.d.comb += dmag.eq((am_p >> 16) + Mux(rf.data[16], E.w0mag, 0)
-                                + _round_bit(am_p, 16, E.neg))
-            m.d.sync += E.dw0.eq(_cneg(dmag, E.neg))
-        # step 6: step = rshift(lr·dW, 16); W (zero if the bit is clear)
-        with m.If(st[6]):
-            sneg = E.dw < 0
+            sneg = E.dwneg
             smag = Signal(17, name="ustepmag")
             m.d.comb += smag.eq((am_p >> 16) + _round_bit(am_p, 16, sneg))
-            m.d.sync += [E.step.eq(_cneg(smag, sneg)),
-                         E.wold.eq(Mux(E.set, row0.vdata.as_signed(), 0))]
-        # step 7: w1
+            m.d.sync += E.step.eq(_cneg(smag, sneg))
+        # step 6: dw0 = rshift(decay·w0, 16), decay = decay[15:0] + decay[16]·2^16
+        with m.If(st[6]):
+            dmag = Signal(17, name="udw0mag")
+            m.d.comb += dmag.eq((am_p >> 16) + Mux(rf.data[16], E.uhi, 0)
+                                + _round_bit(am_p, 16, E.neg))
+            m.d.sync += E.dw0.eq(_cneg(dmag, E.neg))
+        # step 7: w1 = sat(W - step), W zero if the bit is clear
         with m.If(st[7]):
-            m.d.sync += E.w1.eq(sat(m, E.wold - E.step, D, "uw1"))
+            wold = Mux(E.set, row0.vdata.as_signed(), 0)
+            m.d.sync += E.w1.eq(sat(m, wold - E.step, D, "uw1"))
         # step 8: the score and the compare
         theta = regs[Reg.THETA]
         with m.If(st[8]):
