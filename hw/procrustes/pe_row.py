@@ -102,6 +102,18 @@ def abits(depth: int) -> int:
     return max(1, (depth - 1).bit_length())
 
 
+def area_widths(c: Config) -> tuple[int, int, int, int, int]:
+    """Widths of the walk's counters in the area configuration, from the top level's
+    range checks (a run starts only if they pass): ``(OW, TW, JW, GW, LW)`` hold an output
+    row up to the rows of the weight (``GM·GKL <= blk_depth``: ``m <= bm·blk_depth``,
+    ``k <= bk·lanes·blk_depth``), a tile up to ``NT <= x_depth``, a job count up to
+    ``y_depth``, a group up to ``blk_depth`` and a block row/column count up to
+    ``lanes·blk_depth``."""
+    return ((max(c.bm, c.bk * c.lanes) * c.blk_depth).bit_length(), c.x_depth.bit_length(),
+            c.y_depth.bit_length(), c.blk_depth.bit_length(),
+            (c.lanes * c.blk_depth).bit_length())
+
+
 def entry_layout(c: Config) -> data.StructLayout:
     """A group in the walker FIFO (operand addresses and result positions are only as
     wide as their memories' addresses; ``reps`` counts up to ``y_depth`` jobs)."""
@@ -176,18 +188,25 @@ class PERow(wiring.Component):
         # The phase configuration is held stable by the top level from before ``start``
         # to the end of the run: registered copies keep its decoding (and the wires
         # from the top level) off the walker's paths. ``mode`` is used through its copy
-        # from the cycle after ``start`` on.
+        # from the cycle after ``start`` on. The area configuration (a 30 MHz iCE40, where
+        # every flip-flop is a logic cell) uses the held values directly, and its walk
+        # counters are only as wide as the top level's range checks let them grow
+        # (``area_widths``); the default configuration keeps 16 bits.
+        OW, TW, JW, GW, LW = area_widths(c) if c.area else (16,) * 5
         mode_r = Signal(2)
-        ng_m1, nt_m1, lim = (Signal(16, name=n) for n in ("ng_m1", "nt_m1", "lim_r"))
+        ng_m1, nt_m1, lim = (Signal(w, name=n) for w, n in
+                             ((GW, "ng_m1"), (TW, "nt_m1"), (LW, "lim_r")))
         gkl, blk_base = Signal(BB, name="gkl_r"), Signal(BB, name="blk_base_r")
         xstride = Signal(XB, name="xstride_r")
         val_base = Signal(c.ptr_bits)
-        o0, t0, n0 = Signal(16), Signal(16), Signal(16)
-        o1, t1, n1 = Signal(16), Signal(16), Signal(16)
-        nt_r = Signal(16)
+        o0, t0, n0 = Signal(OW), Signal(TW), Signal(JW)
+        o1, t1, n1 = Signal(OW), Signal(TW), Signal(JW)
+        nt_r = Signal(TW)
         has1, one_group, gshift = Signal(), Signal(), Signal()
-        m.d.sync += [
-            mode_r.eq(self.mode), ng_m1.eq(self.ng - 1), nt_m1.eq(self.nt - 1),
+        m.d.sync += mode_r.eq(self.mode)
+        cfg_dom = m.d.comb if c.area else m.d.sync
+        cfg_dom += [
+            ng_m1.eq(self.ng - 1), nt_m1.eq(self.nt - 1),
             nt_r.eq(self.nt),
             lim.eq(self.lim), gkl.eq(self.gkl), xstride.eq(self.xstride),
             blk_base.eq(self.blk_base), val_base.eq(self.val_base),
@@ -259,10 +278,11 @@ class PERow(wiring.Component):
         rb = [Signal(BB, name=f"rb{h}") for h in range(2)]
         xb0 = [Signal(XB, name=f"xb0_{h}") for h in range(2)]
         cb = [[Signal(BB, name=f"cb{h}_{b}") for b in range(L)] for h in range(2)]
-        ntl = [Signal(16, name=f"ntl{h}") for h in range(2)]
-        reps0 = [Signal(16, name=f"reps0_{h}") for h in range(2)]
-        left0 = [Signal(16, name=f"left0_{h}") for h in range(2)]
-        lnt0 = [Signal(signed(18), name=f"lnt0_{h}") for h in range(2)]
+        ntl = [Signal(TW, name=f"ntl{h}") for h in range(2)]
+        reps0 = [Signal(JW, name=f"reps0_{h}") for h in range(2)]
+        left0 = [Signal(JW, name=f"left0_{h}") for h in range(2)]
+        NW = max(JW, TW) + 2 if c.area else 18  # signed: jobs left minus a row of tiles
+        lnt0 = [Signal(signed(NW), name=f"lnt0_{h}") for h in range(2)]
         for hh, (th, nh) in enumerate(((t0, n0), (t1, n1))):
             with m.If(su_ph == hh):
                 m.d.sync += [rb[hh].eq(blk_base + su_rowmul), xb0[hh].eq(su_xb)]
@@ -280,9 +300,9 @@ class PERow(wiring.Component):
         # issue decision depends on one register (no path from the mask banks back into
         # S0). A credit returns when its group is popped by the emitter or dropped in S3.
         h = Signal()
-        o = Signal(16)
-        t = Signal(16)
-        g = Signal(16)
+        o = Signal(OW)
+        t = Signal(TW)
+        g = Signal(GW)
         xbase = Signal(XB)
         rowbase = Signal(BB)
         gbase = Signal(BB)
@@ -290,9 +310,9 @@ class PERow(wiring.Component):
         # jobs of the current issue (a replayed row's tiles, else 1), jobs of the range
         # after it, and that minus a full row of tiles (its sign picks the next row's
         # reps without a compare on the issue path)
-        reps = Signal(16)
-        left = Signal(16)
-        lnt = Signal(signed(18))
+        reps = Signal(JW)
+        left = Signal(JW)
+        lnt = Signal(signed(NW))
         credits = Signal(range(c.fifo_depth + 1), init=c.fifo_depth)
         # backward: bank b's word of the group is colb[b] + gbase, where
         # colb[b] = blk_base + (bj >> log_lanes) + gkl·((b - bj) mod lanes); kept by
@@ -521,8 +541,11 @@ class PERow(wiring.Component):
             m.d.sync += D1.eq(A.ctl)
 
         # ---- D1: the memories' outputs, registered as the multiplier's operands ------
-        w = Signal(signed(D))
-        xw = Signal(C * D)
+        # (no reset in the area configuration: the iCE40's SB_MAC16 takes the operand
+        # and product registers then, it has no synchronous reset)
+        nr = bool(c.area)
+        w = Signal(signed(D), reset_less=nr)
+        xw = Signal(C * D, reset_less=nr)
         DM = Signal(ctl)
         m.d.sync += [
             DM.eq(D1), xw.eq(xrd.data),
@@ -531,7 +554,7 @@ class PERow(wiring.Component):
 
         # ---- DM: multiply -----------------------------------------------------------
         D2 = Signal(ctl)
-        prods = [Signal(signed(2 * D), name=f"p{i}") for i in range(C)]
+        prods = [Signal(signed(2 * D), name=f"p{i}", reset_less=nr) for i in range(C)]
         m.d.sync += D2.eq(DM)
         for i in range(C):
             m.d.sync += prods[i].eq(w * xw[i * D:(i + 1) * D].as_signed())

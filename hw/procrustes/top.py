@@ -12,12 +12,14 @@ from amaranth.lib.wiring import In, Out
 
 from .config import Config
 from .layouts import Buf, Err, Op, Reg, cmd_layout, resp_layout
-from .pe_row import MODE_BWD, MODE_FWD, MODE_WGRAD, PERow, sat
+from .pe_row import MODE_BWD, MODE_FWD, MODE_WGRAD, PERow, abits, sat
 from .units import MULT, Prng, QuantileStep
 
 __all__ = ["Procrustes"]
 
 _M32 = 0xFFFFFFFF
+# widths of the registers that the area configuration keeps in a block RAM
+RF_WIDTHS = {Reg.LR: 16, Reg.DECAY: 17, Reg.SEED: 32, Reg.BOUND: 16, Reg.UP: 32, Reg.DN: 32}
 
 
 def _cneg(v, neg):
@@ -33,6 +35,55 @@ def _round_bit(p, s: int, neg):
     Half rounds up for a positive product (``p + 2^(s-1)``) and toward zero for a
     negative one (``p + 2^(s-1) - 1``: ties go toward +inf)."""
     return p[s - 1] & (~neg | p[:s - 1].any())
+
+
+def area_counter_widths(c: Config) -> dict[str, int]:
+    """Widths of the top level's counters in the area configuration. A command runs only
+    after its range checks pass, so each counter stays below a buffer's depth: ``cnt``
+    (a load's or unload's word, ``count <= depth``), ``bi``/``bj`` (block row < GM <=
+    blk_depth, block column < GK <= lanes·blk_depth), ``i0`` (a check's index, a block's
+    bit, or WGRAD's n <= x_depth), ``i1``/``xb`` (WGRAD's k-tiles and their operand base,
+    KT·n <= x_depth), ``i2``/``gb`` (m-tiles, MT·n <= g_depth), ``elem`` (the update's
+    element index, m·k <= val_depth, and the counts NNZ and TRACKED, at most m·k)."""
+    bits = int.bit_length
+    return {
+        "cnt": bits(max(c.val_depth, c.x_depth, c.g_depth, c.y_depth, 2 * c.rows)),
+        "bi": bits(c.blk_depth), "bj": bits(c.lanes * c.blk_depth),
+        "i0": bits(max(5, c.nb, c.x_depth)), "i1": bits(c.x_depth), "i2": bits(c.g_depth),
+        "xb": bits(c.x_depth), "gb": bits(c.g_depth), "elem": bits(c.val_depth),
+    }
+
+
+def area_field_limits(c: Config) -> dict[str, int]:
+    """The largest value of each command field that some operation can accept (the
+    range checks of the top level's ``CHECK``; ``arg`` as a value base or a PE row).
+    The area configuration latches a larger field as ``2^w - 1``, ``w`` the width of
+    ``limit + 1``: every check is monotonic in each field and fails above its limit, so
+    the saturated value fails the same checks and every accepted command is unchanged,
+    while the command register, the derived dimensions and the checks' arithmetic are
+    ``w`` bits wide instead of 16 (32 for ``arg`` in the checks)."""
+    R, C, L = c.rows, c.cols, c.lanes
+    depth = max(c.val_depth, c.x_depth, c.g_depth, c.y_depth, 2 * R)
+    return {
+        # FWD/LOAD BLOCKS GM·GKL <= blk_depth, BWD m·NT <= x_depth, WGRAD MT·n <= g_depth
+        # and MT·KT <= y_depth, UPDATE m·k <= val_depth
+        "m": max(c.bm * c.blk_depth, c.x_depth, R * min(c.g_depth, c.y_depth), c.val_depth),
+        "k": max(c.bk * L * c.blk_depth, c.x_depth, C * min(c.x_depth, c.y_depth),
+                 c.val_depth),
+        "n": max(C * c.x_depth, min(c.x_depth, c.g_depth)),  # NT <= x_depth, KT·n <= x_depth
+        "count": depth,  # count + addr <= depth of the buffer
+        "addr": max(c.blk_depth, depth),
+        "arg": max(c.val_depth, R),  # arg + 1 <= val_depth, arg + m·k <= val_depth, arg < R
+    }
+
+
+def _saturate(v, limit: int):
+    """``v`` if it is at most ``2^w - 1`` (``w`` the width of ``limit + 1``), else that
+    value, as ``w`` bits."""
+    w = (limit + 1).bit_length()
+    if w >= len(v):
+        return v
+    return Mux(v[w:].any(), (1 << w) - 1, v[:w])
 
 
 class Procrustes(wiring.Component):
@@ -72,12 +123,34 @@ class Procrustes(wiring.Component):
         grd, gwr = gbuf.read_port(), gbuf.write_port()
         g_r = Signal(R * D)  # grd.data, registered (see the weight-gradient sequencer)
 
+        # Counter widths: 16 and 32 bits in the default configuration; the area
+        # configuration (an iCE40, where every flip-flop is a logic cell) sizes them from
+        # the buffers, as far as a command that passed the range checks can take them
+        # (area_counter_widths)
+        aw = area_counter_widths(c) if c.area else None
+        CW, BIW, BJW, I0W, I1W, I2W, XW, GW, UW, NW = (
+            (aw["cnt"], aw["bi"], aw["bj"], aw["i0"], aw["i1"], aw["i2"], aw["xb"], aw["gb"],
+             aw["elem"], aw["elem"]) if c.area else (32, 16, 16, 16, 16, 16, 16, 16, 16, 32))
+        BRW, YRW = (abits(c.blk_depth), abits(c.y_depth)) if c.area else (16, 16)
+        UIW = aw["elem"] if c.area else 32
+
         # ---- registers ---------------------------------------------------------------
         cmd = Signal(cmd_layout())
         regs = {Reg.LR: Signal(16), Reg.DECAY: Signal(17), Reg.SEED: Signal(32),
                 Reg.BOUND: Signal(16), Reg.UP: Signal(32), Reg.DN: Signal(32),
-                Reg.THETA: Signal(32, init=0), Reg.CYCLES: Signal(32), Reg.NNZ: Signal(32),
-                Reg.TRACKED: Signal(32)}
+                Reg.THETA: Signal(32, init=0), Reg.CYCLES: Signal(32), Reg.NNZ: Signal(NW),
+                Reg.TRACKED: Signal(NW)}
+        rf = rf_w = None
+        if c.area:
+            # the update's constants (LR, DECAY, SEED, BOUND, UP, DN) in a block RAM
+            # instead of 145 flip-flops: SET writes it, GET and the serial update read it
+            # (the update's steps address the constant they need a cycle ahead, and SEED
+            # otherwise); THETA, which the update writes, stays a register
+            for r_ in RF_WIDTHS:
+                del regs[r_]
+            m.submodules.regfile = rfm = Memory(shape=32, depth=8, init=[])
+            rf, rf_w = rfm.read_port(), rfm.write_port()
+            m.d.comb += rf.addr.eq(Mux(cmd.op == Op.UPDATE, Reg.SEED, cmd.sel[:3]))
         # schedule table: word 2r + h = range h of PE row r, (row, tile, jobs) 16 bits each
         sched = [Signal(48, name=f"sched{i >> 1}_{i & 1}") for i in range(2 * R)]
         err = Signal(4)
@@ -91,16 +164,22 @@ class Procrustes(wiring.Component):
 
         # shared multipliers, only for one-time set-up products: operands registered when
         # a state sets them, product registered, read two cycles later
-        ma, mb = Signal(16), Signal(16)
-        mul1 = Signal(32)
-        na, nb2 = Signal(16), Signal(16)
-        mul2 = Signal(32)
+        # (without a reset in the area configuration: Yosys then folds the operand and
+        # product registers into the iCE40's SB_MAC16, which has no synchronous reset)
+        nr = bool(c.area)
+        ma, mb = Signal(16, reset_less=nr), Signal(16, reset_less=nr)
+        mul1 = Signal(32, reset_less=nr)
+        na, nb2 = Signal(16, reset_less=nr), Signal(16, reset_less=nr)
+        mul2 = Signal(32, reset_less=nr)
+        if c.area:  # zero unless a state sets them (no enable: SB_MAC16 input registers)
+            m.d.sync += [ma.eq(0), mb.eq(0)]
         m.d.sync += [mul1.eq(ma * mb), mul2.eq(na * nb2)]
         # block-store row bases kept by counting, not by multiplying: brow = bi·GKL (loads,
         # unloads, encoder), ubrow = (um >> log_bm)·GKL and yrow = (um >> log_rows)·KT
         # (update, um counting down), ebase = ((bi·bm) >> log_rows)·KT (encoder)
-        brow, ubrow, yrow, ebase = (Signal(16, name=n) for n in
-                                    ("brow", "ubrow", "yrow", "ebase"))
+        brow, ubrow, yrow, ebase = (Signal(w, name=n) for w, n in
+                                    ((BRW, "brow"), (BRW, "ubrow"), (YRW, "yrow"),
+                                     (YRW, "ebase")))
 
         # the range checks' own multiplier, pipelined: operands registered (issue), product
         # registered, then compared; a check issued at cycle t is decided at t + 2
@@ -117,7 +196,15 @@ class Procrustes(wiring.Component):
             m.d.sync += [ck_v.eq(0), ck_v2.eq(ck_v), ck_add2.eq(ck_add), ck_lim2.eq(ck_lim)]
             ck_a, ck_b, ck_p = ma, mb, mul1
         ck_bad = Signal()
-        m.d.comb += ck_bad.eq(ck_v2 & ((ck_p + ck_add2) > ck_lim2))
+        if not c.area:
+            m.d.comb += ck_bad.eq(ck_v2 & ((ck_p + ck_add2) > ck_lim2))
+        else:
+            # every limit is below 2^LW: a product that reaches it is out of range, and
+            # the sum is formed on LW bits (the additions are saturated fields)
+            LW = max(c.blk_depth, c.val_depth, c.x_depth, c.g_depth, c.y_depth,
+                     2 * R).bit_length()
+            m.d.comb += ck_bad.eq(ck_v2 & (ck_p[LW:].any()
+                                           | ((ck_p[:LW] + ck_add2) > ck_lim2)))
 
         running = Signal()  # PE rows own their memories' read ports
         ext_r = Signal(init=1)  # registered: the rows' address multiplexers select on it
@@ -169,10 +256,10 @@ class Procrustes(wiring.Component):
             ]
 
         # counters shared by the sequencing states
-        cnt = Signal(32)
-        bi, bj = Signal(16), Signal(16)
-        i0, i1, i2 = Signal(16), Signal(16), Signal(16)  # generic loop counters
-        xb, gb = Signal(16), Signal(16)
+        cnt = Signal(CW)
+        bi, bj = Signal(BIW), Signal(BJW)
+        i0, i1, i2 = Signal(I0W), Signal(I1W), Signal(I2W)  # generic loop counters
+        xb, gb = Signal(XW), Signal(GW)
 
         # ---- weight-gradient sequencer outputs (registered) ------------------------
         sq_valid, sq_first, sq_end = Signal(), Signal(), Signal()
@@ -204,8 +291,8 @@ class Procrustes(wiring.Component):
         if not c.area:
             m.submodules.qstep = qstep = QuantileStep(D + 2)
         u_issue = Signal()
-        um, uk = Signal(16), Signal(16)
-        uidx = Signal(32)
+        um, uk = Signal(UW), Signal(UW)
+        uidx = Signal(UIW)
         hx = Signal(32)  # uidx·MULT mod 2^32, stepped down by MULT per element
         if not c.area:
             uph = Signal(2)  # issue phase in UPD (0: issue)
@@ -301,7 +388,7 @@ class Procrustes(wiring.Component):
         else:
             upd_busy = self._serial_update(m, rows, row0, regs, ydata, prng, u_issue, um, uk,
                                            hx, cmd, ext_baddr, y_raddr, ext_vaddr, ubrow,
-                                           yrow, (ma, mb, mul1))
+                                           yrow, (ma, mb, mul1), rf)
 
         # ---- encoder pipeline -------------------------------------------------------
         # issue (ENC): result-bank address; EN1: at the memories; EN3: the word arrives
@@ -338,7 +425,7 @@ class Procrustes(wiring.Component):
         enz = EN4.inside & (ev != 0)
         blkmask = Signal(NB)
         blkptr = Signal(PB + 1)
-        nnz = Signal(32)
+        nnz = Signal(NW)
         newmask = blkmask | (enz.as_unsigned() << EN4.tt)[:NB]
         with m.If(EN4.valid):
             with m.If(enz):
@@ -366,6 +453,10 @@ class Procrustes(wiring.Component):
                 with m.If(self.cmd.valid):
                     m.d.sync += [cmd.eq(self.cmd.payload), cyc.eq(1), err.eq(0),
                                  value.eq(0)]
+                    if c.area:  # the dimensions, saturated (area_field_limits)
+                        lims = area_field_limits(c)
+                        m.d.sync += [cmd[f].eq(_saturate(self.cmd.payload[f], lims[f]))
+                                     for f in ("m", "k", "n", "count", "addr")]
                     m.next = "DECODE"
             with m.State("DECODE"):
                 mm, kk, nn = cmd.m, cmd.k, cmd.n
@@ -411,15 +502,16 @@ class Procrustes(wiring.Component):
                 # up to three checks "a·b + add <= limit", issued one per cycle at i0 = 0..2
                 # and decided two cycles later (i0 = 2..4); leaves at i0 = 5
                 one = Const(1, 16)
+                carg = _saturate(cmd.arg, area_field_limits(c)["arg"]) if c.area else cmd.arg
                 blk = (GM, GKL, cmd.addr, c.blk_depth)
                 tables = {
-                    Op.FWD: [blk, (cmd.k, NT, 0, c.x_depth), (one, one, cmd.arg, c.val_depth)],
+                    Op.FWD: [blk, (cmd.k, NT, 0, c.x_depth), (one, one, carg, c.val_depth)],
                     Op.WGRADX: [blk, (cmd.k, NT, 0, c.x_depth),
-                                (one, one, cmd.arg, c.val_depth)],
-                    Op.BWD: [blk, (cmd.m, NT, 0, c.x_depth), (one, one, cmd.arg, c.val_depth)],
+                                (one, one, carg, c.val_depth)],
+                    Op.BWD: [blk, (cmd.m, NT, 0, c.x_depth), (one, one, carg, c.val_depth)],
                     Op.WGRAD: [(MT, cmd.n, 0, c.g_depth), (KT, cmd.n, 0, c.x_depth),
                                (MT, KT, 0, c.y_depth)],
-                    Op.UPDATE: [blk, (cmd.m, cmd.k, cmd.arg, c.val_depth),
+                    Op.UPDATE: [blk, (cmd.m, cmd.k, carg, c.val_depth),
                                 (MT, KT, 0, c.y_depth)],
                 }
                 per_buf = {
@@ -449,7 +541,7 @@ class Procrustes(wiring.Component):
                                     with m.Case(b_):
                                         emit(entry)
                         with m.If((i0 == 1) & (cmd.sel == Buf.Y)):
-                            emit((one, one, cmd.arg, R))
+                            emit((one, one, carg, R))
                 # the schedule table (FWD/BWD), every PE row at once, no multiplier: a
                 # non-empty range starts inside the output rows and tiles, and a PE row's
                 # jobs fit its result bank
@@ -593,13 +685,21 @@ class Procrustes(wiring.Component):
                     for reg in (Reg.LR, Reg.DECAY, Reg.SEED, Reg.BOUND, Reg.UP, Reg.DN,
                                 Reg.THETA):
                         with m.Case(reg):
-                            m.d.sync += regs[reg].eq(cmd.arg)
+                            if reg in regs:
+                                m.d.sync += regs[reg].eq(cmd.arg)
+                            else:
+                                m.d.comb += [rf_w.en.eq(1), rf_w.addr.eq(reg),
+                                             rf_w.data.eq(cmd.arg[:RF_WIDTHS[reg]])]
                 m.next = "RESP"
             with m.State("GET"):
                 with m.Switch(cmd.sel):
                     for reg, sig in regs.items():
                         with m.Case(reg):
                             m.d.sync += value.eq(sig)
+                    if rf is not None:  # addressed by cmd.sel since the command's decode
+                        for reg in RF_WIDTHS:
+                            with m.Case(reg):
+                                m.d.sync += value.eq(rf.data)
                 m.next = "RESP"
 
             # set-up products on the shared (registered) multipliers: the element index
@@ -713,7 +813,7 @@ class Procrustes(wiring.Component):
         return m
 
     def _serial_update(self, m, rows, row0, regs, ydata, prng, u_issue, um, uk, hx, cmd,
-                       ext_baddr, y_raddr, ext_vaddr, ubrow, yrow, mul):
+                       ext_baddr, y_raddr, ext_vaddr, ubrow, yrow, mul, rf):
         """The area configuration's weight update: one element at a time, every product
         on one shared 16x16 unsigned multiplier (operands and product registered), so the
         update takes one DSP instead of twelve and no pipeline registers per stage.
@@ -775,11 +875,20 @@ class Procrustes(wiring.Component):
                 E.uhi.eq(prng.u[16:32]),
                 hx.eq(hx - MULT),
             ]
-        m.d.comb += [prng.hx.eq(hx), prng.seed.eq(regs[Reg.SEED])]
+        # the constants come from the block RAM ``rf`` (read one cycle after its address):
+        # SEED by default, BOUND for step 1, DECAY for steps 3 and 5, LR for step 4, UP or
+        # DN for steps 9..12
+        with m.If(st[0]):
+            m.d.comb += rf.addr.eq(Reg.BOUND)
+        with m.If(st[2] | st[4]):
+            m.d.comb += rf.addr.eq(Reg.DECAY)
+        with m.If(st[3]):
+            m.d.comb += rf.addr.eq(Reg.LR)
+        m.d.comb += [prng.hx.eq(hx), prng.seed.eq(rf.data)]
         # step 1: |s|·bound; s = uhi - 2^15 is negative when uhi's MSB is clear
         with m.If(st[1]):
             neg = ~E.uhi[15]
-            m.d.sync += [E.neg.eq(neg), am_b.eq(regs[Reg.BOUND]),
+            m.d.sync += [E.neg.eq(neg), am_b.eq(rf.data[:16]),
                          am_a.eq(_cneg(E.uhi[:15], neg))]  # 2^15 - uhi if negative
         # step 2: the bank word
         with m.If(st[2]):
@@ -801,17 +910,17 @@ class Procrustes(wiring.Component):
                 for i in range(C):
                     with m.Case(i):
                         m.d.comb += dw_lane.eq(yword[i * D:(i + 1) * D].as_signed())
-            m.d.sync += [E.w0mag.eq(w0mag), am_a.eq(w0mag), am_b.eq(regs[Reg.DECAY][:16]),
+            m.d.sync += [E.w0mag.eq(w0mag), am_a.eq(w0mag), am_b.eq(rf.data[:16]),
                          E.popc.eq(sum(below[i] for i in range(NB))),
                          E.set.eq(E.bmask.bit_select(E.t, 1)), E.dw.eq(dw_lane)]
         # step 4: value address (read at u+5, data at u+6); lr·|dW|
         with m.If(st[4]):
             m.d.comb += ext_vaddr.eq(cmd.arg + E.bptr + E.popc)
-            m.d.sync += [am_a.eq(regs[Reg.LR]), am_b.eq(_cneg(E.dw, E.dw < 0)[:16])]
+            m.d.sync += [am_a.eq(rf.data[:16]), am_b.eq(_cneg(E.dw, E.dw < 0)[:16])]
         # step 5: dw0 = rshift(decay·w0, 16), decay = decay[15:0] + decay[16]·2^16
         with m.If(st[5]):
             dmag = Signal(17, name="udw0mag")
-            m.d.comb += dmag.eq((am_p >> 16) + Mux(regs[Reg.DECAY][16], E.w0mag, 0)
+            m.d.comb += dmag.eq((am_p >> 16) + Mux(rf.data[16], E.w0mag, 0)
                                 + _round_bit(am_p, 16, E.neg))
             m.d.sync += E.dw0.eq(_cneg(dmag, E.neg))
         # step 6: step = rshift(lr·dW, 16); W (zero if the bit is clear)
@@ -829,10 +938,15 @@ class Procrustes(wiring.Component):
         with m.If(st[8]):
             diff = Signal(signed(D + 3), name="udiff")
             score = Signal(D + 2, name="uscore")
-            m.d.comb += [diff.eq(E.w1 - E.dw0), score.eq(_cneg(diff, diff < 0))]
-            m.d.sync += E.tracked.eq(theta < (score << 16))
+            trk = Signal(name="utrk")
+            m.d.comb += [diff.eq(E.w1 - E.dw0), score.eq(_cneg(diff, diff < 0)),
+                         trk.eq(theta < (score << 16)),
+                         rf.addr.eq(Mux(trk, Reg.UP, Reg.DN))]
+            m.d.sync += E.tracked.eq(trk)
+        with m.If(st[9] | st[10] | st[11]):
+            m.d.comb += rf.addr.eq(Mux(E.tracked, Reg.UP, Reg.DN))
         # steps 9..12: theta·c as four partial products (lo·lo, lo·hi, hi·lo, hi·hi)
-        cq = Mux(E.tracked, regs[Reg.UP], regs[Reg.DN])
+        cq = rf.data
         for k, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
             with m.If(st[9 + k]):
                 m.d.sync += [am_a.eq(theta[16 * i:16 * i + 16]),
