@@ -17,7 +17,7 @@ def _args(*argv):
     return p.parse_args(list(argv))
 
 
-@pytest.mark.slow  # ~40 s on an idle core (two tiny tuning+final runs, numba compile)
+@pytest.mark.slow  # ~40 s idle; 5-6 min at load 5 (numba compile 305 s; lenet300 adds ~1 s)
 def test_quick_run_writes_outputs(tmp_path, capsys):
     assert E.run(_args("--quick", "--out", str(tmp_path))) == 0
     out = capsys.readouterr().out
