@@ -17,16 +17,20 @@ def _args(*argv):
     return p.parse_args(list(argv))
 
 
-@pytest.mark.slow  # ~40 s on an idle core (two tiny tuning+final runs, numba compile)
+@pytest.mark.slow  # ~40 s idle; 5-6 min at load 5 (numba compile 305 s; lenet300 adds ~1 s)
 def test_quick_run_writes_outputs(tmp_path, capsys):
     assert E.run(_args("--quick", "--out", str(tmp_path))) == 0
     out = capsys.readouterr().out
     assert "| mlp | dropback |" in out and "target (>= 10x within 1 point)" in out
+    assert "| lenet300 (50,610 params) | dense SGD |" in out and "| lenet300 | procrustes |" in out
+    assert "- lenet300/dropback: 10x vs dense" in out
     assert "| mlp | procrustes, 16-bit fixed point | - | - |" in out
     assert "target (within 2 points of float)" in out
     assert "Per seed at 10x" in out and "Settings chosen on the validation carve" in out
     res = json.loads((tmp_path / "results.json").read_text())
-    assert len(res["runs"]) == 2 * (1 + 2 * len(E.RATIOS)) + 1  # + the fixed-point MLP
+    assert E.MODELS == ("mlp", "lenet300", "cnn")  # the default runs all three
+    assert len(res["runs"]) == 3 * (1 + 2 * len(E.RATIOS)) + 1  # + the fixed-point MLP only
+    assert set(res["verdicts"]) == {f"{m}/{meth}" for m in E.MODELS for meth in E.METHODS[1:]}
     fv = res["fixed_point"]
     assert fv["target_2pt_met"] == (fv["fixed"] >= fv["float"] - 2)
     tuning = json.loads((tmp_path / "tuning.json").read_text())
@@ -48,10 +52,12 @@ def test_quick_run_writes_outputs(tmp_path, capsys):
             assert r["tracked"] == r["params"] // c["ratio"]  # exact top-k
             assert r["achieved_reduction_last_epoch"] == pytest.approx(r["params"] / r["tracked"])
     assert (tmp_path / "results.md").read_text().startswith("# Dropback / Procrustes")
-    assert (tmp_path / "tuning.md").read_text().count("| procrustes |") == 4
+    assert (tmp_path / "tuning.md").read_text().count("| procrustes |") == 2 * len(E.MODELS)
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     masks = np.load(tmp_path / "masks.npz")
     assert masks["mlp/dropback/fc1.weight"].shape == (100, 64)
+    assert masks["lenet300/procrustes/fc1.weight"].shape == (300, 64)
+    assert masks["lenet300/dropback/fc2.weight"].shape == (100, 300)
     assert masks["cnn/procrustes/conv2.weight"].shape == (32, 16 * 3 * 3)
     assert masks["cnn/dropback/conv1.weight"].dtype == bool
     # the tuned settings can be reused without tuning again, for a subset of the models
@@ -65,7 +71,8 @@ def test_quick_run_writes_outputs(tmp_path, capsys):
     assert rerun["fixed_point"] == res["fixed_point"]
     assert sorted(np.load(again / "masks.npz").files) == sorted(
         k for k in masks.files if k.startswith("mlp/"))
-    assert "| cnn |" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| cnn |" not in out and "| lenet300 |" not in out
 
 
 def test_holdout_never_touches_test_images():
@@ -204,6 +211,18 @@ def test_train_one_budget_masks_and_checkpoints():
     assert sorted(r["curve"]) == [1, 2] and r["curve"][2] == r["accuracy"]
 
 
+def test_lenet300_is_lenet_300_100_on_the_64_pixels():
+    model = E.make_model("lenet300")
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert shapes == [(300, 64), (300,), (100, 300), (100,), (10, 100), (10,)]
+    data = load_digits_split(0, size=8)
+    r = E.train_one(E.RunConfig("lenet300", "dropback", ratio=10, epochs=1, train_limit=64),
+                    data)
+    assert r["params"] == 50610 and r["tracked"] == 50610 // 10  # one global budget
+    assert {k: m.shape for k, m in r["masks"].items()} == {
+        "fc1.weight": (300, 64), "fc2.weight": (100, 300), "fc3.weight": (10, 100)}
+
+
 def test_procrustes_reports_the_reduction_it_achieved():
     data = load_digits_split(0, size=8)
     cfg = E.RunConfig("cnn", "procrustes", ratio=10, epochs=1, train_limit=256)
@@ -269,7 +288,7 @@ def test_committed_data_masks():
 def test_models_and_bad_arguments(tmp_path):
     assert sum(p.numel() for p in E.make_model("mlp").parameters()) == 17610
     assert E.make_model("cnn")(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
-    with pytest.raises(ValueError, match="model must be one of mlp, cnn"):
+    with pytest.raises(ValueError, match="model must be one of mlp, lenet300, cnn"):
         E.make_model("vit")
     with pytest.raises(ValueError, match="method must be one of dense, dropback, procrustes"):
         E.make_optimizer(E.RunConfig("mlp", "adam"), list(E.make_model("mlp").parameters()))
@@ -293,12 +312,17 @@ def test_models_and_bad_arguments(tmp_path):
         E.run_experiment(hp, jobs=0)
     with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\)"):
         E.holdout(load_digits_split(0, size=8), 0, fraction=1.0)
-    with pytest.raises(ValueError, match="models must be a non-empty subset of mlp, cnn"):
-        E.run(_args("--models", "mlp,vit", "--out", str(tmp_path)))
-    with pytest.raises(ValueError, match="models must be a non-empty subset of mlp, cnn"):
+    allowed = "models must be a non-empty subset of mlp, lenet300, cnn"
+    for bad_models in ("mlp,vit", "lenet", "lenet-300-100", "", "mlp,"):
+        with pytest.raises(ValueError, match=allowed):
+            E.run(_args("--models", bad_models, "--out", str(tmp_path)))
+    with pytest.raises(ValueError, match=allowed):
         E.tune(models=())
-    with pytest.raises(ValueError, match="models must include mlp with --save-data-masks"):
-        E.run(_args("--models", "cnn", "--save-data-masks", "--out", str(tmp_path)))
+    with pytest.raises(ValueError, match=allowed):
+        E.run_experiment(hp, models=("lenet",))
+    for models in ("cnn", "lenet300"):  # the data masks are the 64-100-100-10 MLP's
+        with pytest.raises(ValueError, match="models must include mlp with --save-data-masks"):
+            E.run(_args("--models", models, "--save-data-masks", "--out", str(tmp_path)))
     bad = tmp_path / "tuning.json"
     bad.write_text("{}")
     with pytest.raises(ValueError, match="tuning must be a tuning.json written by this"):

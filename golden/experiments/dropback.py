@@ -1,9 +1,12 @@
 """Weight-budget training on the bundled digits: dense SGD vs Dropback vs Procrustes.
 
-`procube experiment dropback` trains two small networks on sklearn's digits
+`procube experiment dropback` trains three small networks on sklearn's digits
 (8x8, 10 classes; nothing is downloaded):
 
 - ``mlp``: 64-100-100-10 with ReLU (LeNet-300-100 in spirit), 17,610 parameters;
+- ``lenet300``: 64-300-100-10 with ReLU, the shape of the LeNet-300-100 on which the
+  Dropback paper reports its MLP result (MNIST, 784 inputs), here on the 64 pixels:
+  50,610 parameters (50,200 weights; 5,061 tracked at 10x);
 - ``cnn``: conv3x3(1->16) conv3x3(16->32) maxpool2 fc(512->64) fc(64->10), 38,282.
 
 Methods, at weight reductions 2x, 5x, 10x, 20x (``track_size = N // ratio``, one
@@ -70,6 +73,15 @@ dense, but on the test images the paired 10x gaps are -1.11 +- 0.46 (standard er
 0.14) and -1.27 +- 0.98 (0.31): the target is not met by either, and the earlier
 -0.94 (5 seeds) for Procrustes was within the noise of this figure.
 
+LeNet-300-100's shape (``lenet300``, session 5, same protocol: 4 carves, 10 seeds).
+Validation put both sparse methods 0.37 points behind dense (99.17). On the test
+images dense is 99.27 +- 0.24 and the paired 10x gaps are Dropback -0.36 +- 0.35
+(standard error 0.11; within 1 point up to 20x) and Procrustes -0.94 +- 0.59 (0.19;
+9.6x achieved at the last step, 10.0x over the last epoch; seed 6 alone -2.23): the
+target is met by both, by Procrustes on the mean only (1 point is 0.3 standard errors
+away). With 5,061 tracked weights instead of 1,761 the gap closes, consistent with
+the 100-100 MLP's miss being one of size; that model still misses (figures above).
+
 Protocol (no hyper-parameter sees the test images):
 
 1. Data. One fixed split (``load_digits_split(0)``): 449 test images, used only for
@@ -101,13 +113,14 @@ optimizers (pass ``optimizer_factory``).
 Writes ``results.md`` (accuracy table, per-seed 10x table, tuned settings),
 ``results.json``, ``tuning.md``/``tuning.json`` (every trial's validation accuracy),
 ``accuracy.png`` and ``masks.npz`` (final tracked masks of the 10x Dropback and
-Procrustes runs of both models, first seed, one bool array per weight matrix, conv
+Procrustes runs of every model, first seed, one bool array per weight matrix, conv
 weights as ``[out, in*kh*kw]``, keys ``<model>/<method>/<param name>``) to
 ``--out``; with ``--save-data-masks`` it also refreshes
 ``golden/assets/dropback_masks_10x.npz`` (the 10x Procrustes MLP masks of the first
 seed, keys ``<param name>``) for the RTL benchmark. ``--tuning FILE`` reuses the
 tuned settings of an earlier ``tuning.json`` instead of tuning again; ``--models mlp``
-(or ``cnn``) tunes and runs one model only.
+(or ``lenet300``, ``cnn``, or a comma-separated list) tunes and runs those models only.
+The fixed-point row and ``--save-data-masks`` stay with the 64-100-100-10 ``mlp``.
 """
 
 from __future__ import annotations
@@ -137,7 +150,8 @@ from golden.threads import torch_threads
 
 HELP = "weight-budget training on digits: dense SGD vs Dropback vs Procrustes at 2-20x"
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "lenet300", "cnn")
+MLPS = ("mlp", "lenet300")  # fully connected: trained on the flattened 64 pixels
 METHODS = ("dense", "dropback", "procrustes")
 RATIOS = (2, 5, 10, 20)
 TUNE_RATIO = 10  # sparse methods are tuned at the target reduction
@@ -175,10 +189,11 @@ class RunConfig:
 
 
 def make_model(name: str) -> nn.Module:
-    if name == "mlp":
+    if name in MLPS:
+        hidden = 100 if name == "mlp" else 300  # lenet300: LeNet-300-100 on 64 inputs
         return nn.Sequential(OrderedDict(
-            flat=nn.Flatten(), fc1=nn.Linear(64, 100), relu1=nn.ReLU(),
-            fc2=nn.Linear(100, 100), relu2=nn.ReLU(), fc3=nn.Linear(100, 10)))
+            flat=nn.Flatten(), fc1=nn.Linear(64, hidden), relu1=nn.ReLU(),
+            fc2=nn.Linear(hidden, 100), relu2=nn.ReLU(), fc3=nn.Linear(100, 10)))
     if name == "cnn":
         return nn.Sequential(OrderedDict(
             conv1=nn.Conv2d(1, 16, 3, padding=1), relu1=nn.ReLU(),
@@ -272,7 +287,7 @@ def train_one(cfg: RunConfig, data, *, optimizer_factory: Callable = make_optimi
     x_tr, y_tr = data.x_train, data.y_train
     if cfg.train_limit is not None:
         x_tr, y_tr = x_tr[:cfg.train_limit], y_tr[:cfg.train_limit]
-    if cfg.model == "mlp":
+    if cfg.model in MLPS:
         x_tr, x_te = x_tr.reshape(len(x_tr), -1), data.x_test.reshape(len(data.x_test), -1)
     else:
         x_te = data.x_test
@@ -675,7 +690,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tuning", type=Path, default=None,
                         help="reuse the settings of an earlier tuning.json instead of tuning")
     parser.add_argument("--save-data-masks", action="store_true",
-                        help=f"also write the 10x MLP Procrustes masks to {DATA_MASKS.name}")
+                        help=f"also write the 10x Procrustes masks of mlp (64-100-100-10) "
+                             f"to {DATA_MASKS.name}")
     parser.add_argument("--out", default="out/experiments/dropback", help="output directory")
 
 
