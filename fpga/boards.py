@@ -58,7 +58,12 @@ BOARDS = {
         name="ulx3s", family="ecp5", device="LFE5U-85F-6BG381C",
         platform="amaranth_boards.ulx3s:ULX3S_85F_Platform", clk_resource="clk25",
         clk_hz=25_000_000, target_mhz=100.0, bitstream="top.bit", baud=1_000_000,
-        synth_opts="", script_after_read="", in_depth=2048, out_depth=1024,
+        # a register whose signal has the keep attribute keeps its flip-flop: Yosys
+        # merges identical registers (opt_merge) unless the cell itself is kept, and
+        # Amaranth puts attributes on the wire (hw.procrustes replicates its broadcast
+        # registers per PE row that way)
+        synth_opts="", script_after_read=r"setattr -set keep 1 a:keep %ci1:+$dff[Q] t:$dff %i",
+        in_depth=2048, out_depth=1024,
         programmer=("OPENFPGALOADER=openFPGALoader", "-b", "ulx3s", "{bitstream}")),
 }
 

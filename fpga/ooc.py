@@ -16,6 +16,11 @@ flow is :func:`fpga.build.run_plan`, the same YoWASP (or ``$YOSYS`` ...) synthes
 place and route as ``procube build``, with the clock constrained to the board's target
 (100 MHz on the ULX3S-85F, 30 MHz on the iCEBreaker); fmax and utilization come from
 nextpnr's ``--report``. Results are cached by the build plan's hash, like bitstreams.
+
+Large designs: ``router="router2"`` selects nextpnr's second router (often much faster on
+congested ECP5 designs); ``place_only=True`` stops after placement (nextpnr
+``--no-route``) and reports the placer's estimate of fmax from nextpnr's log, with the
+resources (nextpnr prints no critical path before routing).
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import statistics
 from pathlib import Path
 
 from amaranth.hdl import Cat, Elaboratable, Module, Signal, Value
 from amaranth.lib import io, wiring
 
-__all__ = ["HELP", "OOCTop", "add_arguments", "critical_path", "measure", "run"]
+__all__ = ["HELP", "OOCTop", "ROUTERS", "add_arguments", "critical_path", "measure",
+           "placed_fmax", "run"]
 
 HELP = "out-of-context fmax and resources of one design on a board's FPGA (nextpnr)"
 
@@ -45,6 +52,8 @@ DESCRIPTION = (
     "under --out by the build plan's hash.")
 
 LFSR_TAPS = (32, 22, 2, 1)  # x^32 + x^22 + x^2 + x + 1, maximal length
+ROUTERS = ("router1", "router2")  # nextpnr's --router choices (router1 is its default)
+_MAX_FREQ = re.compile(r"Max frequency for clock '[^']*': ([0-9.]+) MHz")
 
 
 class OOCTop(Elaboratable):
@@ -103,14 +112,28 @@ def critical_path(report: dict) -> dict | None:
             "nets": [s["net"] for s in steps if s.get("net")]}
 
 
+def placed_fmax(log: str) -> float:
+    """The placer's fmax estimate: the last "Max frequency for clock" of nextpnr's log
+    (the worst clock of that report)."""
+    from .build import BuildError
+
+    found = _MAX_FREQ.findall(log)
+    if not found:
+        raise BuildError("nextpnr's log has no 'Max frequency for clock' line")
+    return round(float(found[-1]), 2)
+
+
 def measure(design: str, params: dict | None = None, *, board: str = "ulx3s",
             seeds=(1,), out: Path | str = "build/fpga", target_mhz: float | None = None,
-            cache: bool = True) -> dict:
+            cache: bool = True, router: str | None = None, place_only: bool = False) -> dict:
     """Place and route ``design`` alone on ``board``'s FPGA once per seed.
 
     Parameters are the design's defaults, then the board's (as ``procube build``), then
-    ``params``. Returns ``{"design", "board", "device", "params", "wrapper", "runs":
-    [per seed: fmax, resources, critical path], "fmax_mhz": {min, median, max}}``.
+    ``params``. ``router`` is nextpnr's router (``router1``, its default, or
+    ``router2``); ``place_only`` stops after placement and reports the placer's fmax
+    estimate (no critical path). Returns ``{"design", "board", "device", "params",
+    "wrapper", "runs": [per seed: fmax, resources, critical path], "fmax_mhz": {min,
+    median, max}, "router", "place_only"}``.
     """
     from hw import designs as hw_designs
 
@@ -131,6 +154,8 @@ def measure(design: str, params: dict | None = None, *, board: str = "ulx3s",
     target = spec.target_mhz if target_mhz is None else target_mhz
     if not 1 <= target <= 500:
         raise ValueError(f"target_mhz must be in 1..500, not {target}")
+    if router is not None and router not in ROUTERS:
+        raise ValueError(f"router must be one of {', '.join(ROUTERS)}, not {router!r}")
     full = {**d.defaults(), **board_params(board, design, params)}
     versions = _tool_versions(spec.family)
     runs, wrapper = [], None
@@ -141,8 +166,12 @@ def measure(design: str, params: dict | None = None, *, board: str = "ulx3s",
             raise ValueError(str(e)) from None
         wrapper = {"input_bits": top.in_bits, "output_bits": top.out_bits}
         platform = make_platform(spec, target)
-        opts = {"nextpnr_opts": f"--seed {seed} --report top.report.json --timing-allow-fail",
-                **synth_overrides(spec)}
+        np_opts = f"--seed {seed} --report top.report.json --timing-allow-fail"
+        if router is not None:
+            np_opts += f" --router {router}"
+        if place_only:
+            np_opts += " --no-route"
+        opts = {"nextpnr_opts": np_opts, **synth_overrides(spec)}
         plan = platform.build(top, name="top", do_build=False, **opts)
         key = hashlib.sha256((plan.digest().hex() + json.dumps(versions, sort_keys=True))
                              .encode()).hexdigest()[:16]
@@ -153,17 +182,22 @@ def measure(design: str, params: dict | None = None, *, board: str = "ulx3s",
             res["cached"] = True
         else:
             np_report, seconds = run_plan(plan, bdir, spec.family)
+            if place_only:  # no timing in the report before routing: the placer's estimate
+                np_report = {**np_report, "fmax": {"placed": {
+                    "achieved": placed_fmax((bdir / "top.tim").read_text()),
+                    "constraint": target}}}
             parsed = parse_nextpnr_report(np_report, spec.family)
             res = {"seed": seed, "fmax_mhz": parsed["fmax_mhz"],
                    "resources": parsed["resources"], "critical_path": critical_path(np_report),
-                   "seconds": round(seconds, 1), "dir": str(bdir)}
+                   "placed_only": place_only, "seconds": round(seconds, 1), "dir": str(bdir)}
             path.write_text(json.dumps(res, indent=2) + "\n")
             res["cached"] = False
         runs.append(res)
     fm = [r["fmax_mhz"] for r in runs]
     return {"design": design, "board": board, "device": spec.device, "params": full,
             "target_mhz": target, "wrapper": wrapper, "tools": versions, "runs": runs,
-            "fmax_mhz": {"min": min(fm), "median": statistics.median(fm), "max": max(fm)}}
+            "fmax_mhz": {"min": min(fm), "median": statistics.median(fm), "max": max(fm)},
+            "router": router or "router1", "place_only": place_only}
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -175,7 +209,8 @@ def summary_lines(result: dict) -> list[str]:
         res = r["resources"]
         cells = "  ".join(f"{k} {v['used']}" for k, v in res.items() if k != "IO")
         when = "cached" if r.get("cached") else f"{r['seconds']} s"
-        lines.append(f"  seed {r['seed']}: fmax {r['fmax_mhz']:.2f} MHz  {cells}  ({when})")
+        kind = "placement estimate of fmax" if r.get("placed_only") else "fmax"
+        lines.append(f"  seed {r['seed']}: {kind} {r['fmax_mhz']:.2f} MHz  {cells}  ({when})")
         cp = r.get("critical_path")
         if cp:
             lines.append(f"    critical path {cp['delay_ns']} ns, logic cells "
@@ -208,6 +243,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="clock constraint for place and route (default: the board's)")
     parser.add_argument("--out", type=Path, default=Path("build/fpga"),
                         help="build root (default: build/fpga)")
+    parser.add_argument("--router", choices=list(ROUTERS), default=None,
+                        help="nextpnr's router (default: nextpnr's, router1; router2 is "
+                             "often much faster on large, congested designs)")
+    parser.add_argument("--place-only", action="store_true",
+                        help="stop after placement and report nextpnr's placement estimate "
+                             "of fmax (no routing, no critical path)")
     parser.add_argument("--no-cache", action="store_true", help="run the tools even if cached")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -221,7 +262,8 @@ def run(args) -> int:
     try:
         result = measure(args.design, dict(args.param), board=args.board,
                          seeds=args.seed or [1], out=args.out, target_mhz=args.target_mhz,
-                         cache=not args.no_cache)
+                         cache=not args.no_cache, router=args.router,
+                         place_only=args.place_only)
     except (BuildError, ToolchainError) as e:
         print(f"procube bench fmax: {e}", file=sys.stderr)
         return 1

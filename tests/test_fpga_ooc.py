@@ -61,6 +61,7 @@ def test_fifo_on_ice40_reports_fmax_and_keeps_the_memory(tmp_path):
     ({"seeds": list(range(1, 10))}, r"number of seeds must be in 1\.\.8, not 9"),
     ({"target_mhz": 0.5}, r"target_mhz must be in 1\.\.500, not 0\.5"),
     ({"params": {"width": 0}}, r"width must be in 1\.\.4096"),
+    ({"router": "router3"}, r"router must be one of router1, router2, not 'router3'"),
 ])
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -79,7 +80,86 @@ def test_cli_options():
     ooc.add_arguments(p)
     a = p.parse_args(["--design", "cubist", "--param", "h=8", "--seed", "2", "--seed", "3"])
     assert (a.design, a.param, a.seed, a.board) == ("cubist", [("h", 8)], [2, 3], "ulx3s")
+    assert (a.router, a.place_only) == (None, False)
     assert "LFSR" in p.format_help()
+    a = p.parse_args(["--design", "fifo", "--router", "router2", "--place-only"])
+    assert (a.router, a.place_only) == ("router2", True)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--design", "fifo", "--router", "router9"])
+
+
+def test_placed_fmax_is_the_last_estimate_of_the_log():
+    log = ("Info: Max frequency for clock '$glbnet$cd_sync.clk': 61.20 MHz (FAIL at 100.00 MHz)\n"
+           "Info: Max frequency for clock '$glbnet$cd_sync.clk': 74.87 MHz (FAIL at 100.00 MHz)\n")
+    assert ooc.placed_fmax(log) == 74.87
+    from fpga.build import BuildError
+    with pytest.raises(BuildError, match="no 'Max frequency for clock' line"):
+        ooc.placed_fmax("Info: Program finished normally.\n")
+
+
+def test_place_only_and_router2_on_the_ecp5(tmp_path):
+    # --no-route: the fmax is the placer's estimate (no critical path before routing);
+    # --router router2 routes, with the usual report and critical path
+    placed = ooc.measure("fifo", {"width": 8, "depth": 16}, out=tmp_path, place_only=True)
+    run = placed["runs"][0]
+    assert placed["place_only"] is True and run["placed_only"] is True
+    assert 10 < run["fmax_mhz"] < 1000 and run["critical_path"] is None
+    assert run["resources"]["LUT"]["used"] > 15
+    script = (tmp_path / run["dir"].split("/")[-1] / "build_top.sh").read_text()
+    assert "--no-route" in script and "--router" not in script
+    assert any("placement estimate of fmax" in ln for ln in ooc.summary_lines(placed))
+    routed = ooc.measure("fifo", {"width": 8, "depth": 16}, out=tmp_path, router="router2")
+    run2 = routed["runs"][0]
+    assert routed["router"] == "router2" and run2["placed_only"] is False
+    assert run2["critical_path"]["delay_ns"] > 0 and 10 < run2["fmax_mhz"] < 1000
+    script = (tmp_path / run2["dir"].split("/")[-1] / "build_top.sh").read_text()
+    assert "--router router2" in script and "--no-route" not in script
+
+
+def test_ecp5_flow_keeps_the_flip_flops_of_kept_signals(tmp_path):
+    # four copies of one register (hw.procrustes's per-row broadcast registers): Yosys
+    # merges identical flip-flops unless the cell is kept; the ULX3S's script keeps the
+    # flip-flop of every signal with the keep attribute, and only those
+    import subprocess
+
+    from amaranth.back import rtlil
+    from amaranth.hdl import Cat, Module, Signal
+    from amaranth.lib import wiring
+    from amaranth.lib.wiring import In, Out
+
+    from fpga.boards import get_board
+    from fpga.toolchain import find_toolchain
+
+    class Copies(wiring.Component):
+        def __init__(self, keep):
+            self.keep = keep
+            super().__init__({"a": In(16), "b": In(64), "o": Out(64)})
+
+        def elaborate(self, platform):
+            m = Module()
+            regs = [Signal(16, name=f"r{i}", attrs={"keep": 1} if self.keep else {})
+                    for i in range(4)]
+            m.d.sync += [r.eq(self.a) for r in regs]
+            m.d.comb += self.o.eq(Cat(*[r & self.b[16 * i:16 * i + 16]
+                                        for i, r in enumerate(regs)]))
+            return m
+
+    env = find_toolchain("ecp5")
+    script = get_board("ulx3s").script_after_read
+    ffs = {}
+    for keep in (False, True):
+        il = tmp_path / f"k{int(keep)}.il"
+        il.write_text(rtlil.convert(Copies(keep), name="top"))
+        stat = tmp_path / f"stat{int(keep)}.txt"
+        # relative paths from the build directory: YoWASP's tools see the working
+        # directory, not the whole file system
+        res = subprocess.run([env["YOSYS"], "-q", "-p", f"read_rtlil {il.name}; {script}; "
+                              f"synth_ecp5 -top top; tee -q -o {stat.name} stat"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        ffs[keep] = int(next(ln.split()[0] for ln in stat.read_text().splitlines()
+                             if ln.strip().endswith("TRELLIS_FF")))
+    assert ffs == {False: 16, True: 64}
 
 
 def test_procrustes_area_parameters_reach_the_design_and_are_checked(tmp_path):
