@@ -374,17 +374,17 @@ class PERow(wiring.Component):
             with m.State("ISSUE"):
                 m.d.comb += issue.eq(credits != 0)
                 with m.If(issue):
+                    opbase = Mux(mode_bwd, g << (c.log_lanes + log_sx_bwd),
+                                 g << (c.log_lanes + log_sx_fwd))
                     m.d.sync += [
                         s1.valid.eq(1), s1.end.eq(0),
                         s1.rot.eq(Mux(mode_bwd, bj, bi)),
                         s1.sub.eq(Mux(mode_bwd, o & (c.bk - 1), o & (c.bm - 1))),
                         s1.lvalid.eq(Cat(*[(gl + l) < lim for l in range(L)])),
                         s1.last_g.eq(last_g),
-                        s1.opbase.eq(Mux(mode_bwd, g << (c.log_lanes + log_sx_bwd),
-                                         g << (c.log_lanes + log_sx_fwd))),
-                        s1.xbase.eq(xbase) if not c.area else s1.opbase.eq(
-                            Mux(mode_bwd, g << (c.log_lanes + log_sx_bwd),
-                                g << (c.log_lanes + log_sx_fwd)) + xbase),
+                        # (the area configuration carries opbase + xbase as one field)
+                        s1.opbase.eq(opbase + xbase if c.area else opbase),
+                        *([] if c.area else [s1.xbase.eq(xbase)]),
                         s1.reps.eq(reps),
                     ]
                     with m.If(~last_g):
@@ -473,7 +473,7 @@ class PERow(wiring.Component):
             ent.masks.eq(Cat(*[w[:NB] for w in s3w])),
             ent.ptrs.eq(Cat(*[w[NB:] for w in s3w])),
             ent.sub.eq(s3.sub), ent.opbase.eq(s3.opbase),
-            ent.xbase.eq(s3.xbase) if not c.area else ent.opbase.eq(s3.opbase),
+            *([] if c.area else [ent.xbase.eq(s3.xbase)]),
             ent.first.eq(s3.end | ~seen),
             ent.null.eq(s3.end),
             ent.end.eq(s3.end),
@@ -518,33 +518,28 @@ class PERow(wiring.Component):
         bits0 = Signal(L * S)  # the group's bits, for a replay
         qv = Signal(entry_layout(c))
         m.d.comb += qv.eq(q.r_data)
+        t_g = Mux(mode_bwd, t_bwd, t_fwd)
+        m.d.sync += [
+            E.valid.eq(gv), E.null.eq(G.null), E.first.eq(G.first), E.end.eq(G.end),
+            E.pos.eq(G.pos), E.opidx.eq(Mux(mode_bwd, op_bwd, op_fwd)),
+        ]
         if not c.area:
-            m.d.sync += [
-                E.valid.eq(gv), E.null.eq(G.null), E.first.eq(G.first), E.end.eq(G.end),
-                E.ptr.eq(ptr_sel), E.mask.eq(mask_sel),
-                E.t.eq(Mux(mode_bwd, t_bwd, t_fwd)),
-                E.opidx.eq(Mux(mode_bwd, op_bwd, op_fwd)), E.xbase.eq(G.xbase),
-                E.pos.eq(G.pos),
-            ]
+            m.d.sync += [E.ptr.eq(ptr_sel), E.mask.eq(mask_sel), E.t.eq(t_g),
+                         E.xbase.eq(G.xbase)]
         else:
             # the area configuration forms both addresses here (a 30 MHz iCE40 has the
             # time): E holds the value address in ``ptr`` and the operand address in
-            # ``opidx`` instead of the mask, bit, pointer and bases they come from
-            t_g = Mux(mode_bwd, t_bwd, t_fwd)
+            # ``opidx`` (opbase holds xbase) instead of the mask, bit, pointer and bases
+            # they come from
             below_g = Cat(*[mask_sel[i] & (i < t_g) for i in range(NB)])
-            m.d.sync += [
-                E.valid.eq(gv), E.null.eq(G.null), E.first.eq(G.first), E.end.eq(G.end),
-                E.pos.eq(G.pos),
-                E.ptr.eq((val_base + ptr_sel + sum(below_g[i] for i in range(NB)))[:PB]),
-                E.opidx.eq(Mux(mode_bwd, op_bwd, op_fwd)),  # opbase holds xbase
-            ]
+            m.d.sync += E.ptr.eq((val_base + ptr_sel + sum(below_g[i] for i in range(NB)))[:PB])
+        gx = G.opbase if c.area else G.xbase  # the operand base a replay steps
         with m.If(load_next):
             m.d.comb += q.r_en.eq(q.r_rdy)
             m.d.sync += [G.eq(q.r_data), gv.eq(q.r_rdy), bits0.eq(qv.bits)]
         with m.Elif(remaining == 0):  # replay for the next tile
             m.d.sync += [G.bits.eq(bits0), G.first.eq(1), G.reps.eq(G.reps - 1),
-                         (G.xbase if not c.area else G.opbase).eq(
-                             (G.xbase if not c.area else G.opbase) + xstride),
+                         gx.eq(gx + xstride),
                          G.pos.eq(G.pos + 1)]
         with m.Else():
             m.d.sync += [G.bits.eq(remaining), G.first.eq(0)]

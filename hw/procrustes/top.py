@@ -488,23 +488,17 @@ class Procrustes(wiring.Component):
             with m.State("DECODE"):
                 mm, kk, nn = cmd.m, cmd.k, cmd.n
                 gk = (kk + c.bk - 1) >> c.log_bk
-                if not c.area:
-                    m.d.sync += [
-                        GM.eq((mm + c.bm - 1) >> c.log_bm), GK.eq(gk),
-                        GKL.eq((gk + L - 1) >> c.log_lanes),
-                        NT.eq((nn + C - 1) >> c.log_cols), KT.eq((kk + C - 1) >> c.log_cols),
-                        MT.eq((mm + R - 1) >> c.log_rows), i0.eq(0),
-                    ]
-                else:
-                    m.d.sync += i0.eq(0)
-                    for dim, div, full in (
-                            (GM, c.bm, (mm + c.bm - 1) >> c.log_bm), (GK, c.bk, gk),
-                            (GKL, L, (gk + L - 1) >> c.log_lanes),
-                            (NT, C, (nn + C - 1) >> c.log_cols),
-                            (KT, C, (kk + C - 1) >> c.log_cols),
-                            (MT, R, (mm + R - 1) >> c.log_rows)):
-                        if div > 1:  # (the others are the fields themselves, see above)
-                            m.d.sync += dim.eq(full)
+                for dim, div, full in (
+                        (GM, c.bm, (mm + c.bm - 1) >> c.log_bm), (GK, c.bk, gk),
+                        (GKL, L, (gk + L - 1) >> c.log_lanes),
+                        (NT, C, (nn + C - 1) >> c.log_cols),
+                        (KT, C, (kk + C - 1) >> c.log_cols),
+                        (MT, R, (mm + R - 1) >> c.log_rows)):
+                    # (the area configuration's dimensions divided by one are the fields
+                    # themselves, see above)
+                    if not c.area or div > 1:
+                        m.d.sync += dim.eq(full)
+                m.d.sync += i0.eq(0)
                 known = Signal()
                 dims = Signal()  # the dimensions the operation uses are non-zero
                 sel_ok = Signal()
