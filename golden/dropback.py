@@ -230,7 +230,7 @@ _QCHUNK = 512  # quantile mode: elements per chunk (its buffers and streams stay
 
 @numba.njit(inline="always")
 def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b, up, down,
-                   mask, key, r0, wn, ml, rc, stats):
+                   mask, key, r0, wn, ml, rc, stats, pos):
     """Quantile mode for one parameter in one pass, last chunk of _QCHUNK
     elements to first: d32*w0, then the SGD update and score key of the chunk into L1
     buffers (vectorized), the estimator over the chunk's keys into an L1 mask
@@ -264,7 +264,7 @@ def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b,
             wn[jj] = x
             r0[jj] = r
             key[jj] = _key(abs(x - r))
-        b = _blocks(key, m, b, u, d, up, down, ml, 0, rc, stats)  # mask of the chunk in L1
+        b = _blocks(key, m, b, u, d, up, down, ml, 0, rc, stats, pos)  # mask of the chunk in L1
         mv = mask[start:end]
         nt = np.int32(0)
         for ii in range(m):
@@ -285,21 +285,21 @@ def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b,
 
 @numba.njit(cache=False)
 def _quantile_param(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b, up, down,
-                    mask, key, r0, wn, ml, rc, stats):
+                    mask, key, r0, wn, ml, rc, stats, pos):
     """:func:`_quantile_loop` with literal flags per variant (as :func:`_update_score`)."""
     z = np.float32(0)
     plain = mom == 0 and wd == 0
     if counter:
         if plain:
             return _quantile_loop(w, g, buf, w0, seed, bound, True, neg_lr, z, z, d32, b,
-                                  up, down, mask, key, r0, wn, ml, rc, stats)
+                                  up, down, mask, key, r0, wn, ml, rc, stats, pos)
         return _quantile_loop(w, g, buf, w0, seed, bound, True, neg_lr, mom, wd, d32, b,
-                              up, down, mask, key, r0, wn, ml, rc, stats)
+                              up, down, mask, key, r0, wn, ml, rc, stats, pos)
     if plain:
         return _quantile_loop(w, g, buf, w0, seed, bound, False, neg_lr, z, z, d32, b,
-                              up, down, mask, key, r0, wn, ml, rc, stats)
+                              up, down, mask, key, r0, wn, ml, rc, stats, pos)
     return _quantile_loop(w, g, buf, w0, seed, bound, False, neg_lr, mom, wd, d32, b,
-                          up, down, mask, key, r0, wn, ml, rc, stats)
+                          up, down, mask, key, r0, wn, ml, rc, stats, pos)
 
 
 # --- top-k with a threshold hint: one pass ------------------------------------
@@ -738,10 +738,11 @@ class Dropback(torch.optim.Optimizer):
         wn = np.empty(_QCHUNK, dtype=np.float32)
         ml = np.empty(_QCHUNK, dtype=np.bool_)
         rc = _region_cache()
+        pos = np.empty(_QCHUNK, dtype=np.int32)  # the estimator's tracked positions
         stats = np.zeros(4, dtype=np.int64)
         for (_, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask) in reversed(work):
             b = _quantile_param(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32, b,
-                                up, down, mask, key, r0, wn, ml, rc, stats)  # last to first
+                                up, down, mask, key, r0, wn, ml, rc, stats, pos)  # last to first
         self.bulk_blocks += int(stats[0])
         self.chained_blocks += int(stats[1])
         theta = np.uint32(b).view(np.float32)

@@ -31,6 +31,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 
@@ -433,11 +434,161 @@ def _downs(x, n, hb, db, tp, dt, la, da, mag):
     return x - n * db - k * (da - db) - ((dt - db) if on_t else np.int64(0))
 
 
+# Where theta settles, one of the two step kinds is usually the same on both
+# sides of the edge: at an edge of the up step's rounding (k changes) the down
+# step is the same, at an edge of the down step's (j changes) the up step is.
+# Then the walk has a shorter dependency chain than _downs' closed form (two
+# multiplies, min/max and compares per tracked element, ~25 cycles):
+#
+# * uniform up (ia = ib, and it too): downs are -da from a0 up (a0 = tp when the
+#   tie pattern steps like A, else la) and -db below. A run of L downs from x
+#   takes k = clamp(floor((x - a0)/da) + 1, 0, L) steps of da first, so it ends
+#   at x - L*db - k*(da - db); with da and da - db powers of two (the usual case:
+#   da = 2, db = 1) the division and product are shifts.
+# * uniform down (da = db = dt = dec): before the element at visit position p,
+#   theta = z - p*dec, where z is b plus (inc + dec) over the tracked elements
+#   visited so far, so "theta > hb" is "z > hb + p*dec": a compare of z against
+#   a value known without the chain, then z += inc + dec.
+#
+# Both give the same bits as the general walk, step by step (tests/test_quantile.py
+# runs each kind of edge against the float32 reference).
+
+_WALK_GENERAL, _WALK_UNIFORM_UP, _WALK_UNIFORM_DOWN = 0, 1, 2
+
+
+@numba.njit(inline="always")
+def _walk_kind(ib, db, tp, it, dt, ia, da):
+    """Which walk a straddling block can take (see above); ``_WALK_GENERAL``
+    (_downs per run) when neither step kind is uniform."""
+    if da == db and (tp < 0 or dt == da):
+        return _WALK_UNIFORM_DOWN
+    if ia == ib and (tp < 0 or it == ia) and (tp < 0 or dt == da or dt == db):
+        return _WALK_UNIFORM_UP
+    return _WALK_GENERAL
+
+
+@intrinsic
+def _compress_gt64(typingctx, arr, i, thr, out, n, base):
+    """Stores ``base + t`` for every t < 64 with ``arr[i + 63 - t] > thr``, in
+    ascending t, at ``out[n:]``; returns how many (``arr`` and ``out`` contiguous
+    1-D int32, ``i + 64 <= len(arr)`` and room in ``out`` unchecked). One
+    reversed <64 x i32> load and compare, and LLVM's ``masked.compressstore``
+    (AVX-512 ``vpcompressd``, scalarized by LLVM on CPUs without it): no branch on
+    the data, where walking the compare's bit mask with count-leading-zeros
+    mispredicted once per word."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int32 and arr.ndim == 1
+            and arr.layout == "C" and isinstance(out, types.Array)
+            and out.dtype == types.int32 and out.ndim == 1 and out.layout == "C"
+            and thr == types.int32 and all(isinstance(t, types.Integer) for t in (i, n, base))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        v64 = ir.VectorType(i32, 64)
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        o = context.make_array(signature.args[3])(context, builder, args[3])
+        idx = context.cast(builder, args[1], signature.args[1], types.int64)
+        nn = context.cast(builder, args[4], signature.args[4], types.int64)
+        bs = context.cast(builder, args[5], signature.args[5], types.int32)
+
+        def splat(x):
+            t = builder.insert_element(v64(ir.Undefined), x, ir.Constant(i32, 0))
+            return builder.shuffle_vector(t, v64(ir.Undefined), ir.Constant(v64, [0] * 64))
+
+        v = builder.load(builder.bitcast(builder.gep(a.data, [idx]), v64.as_pointer()), align=4)
+        v = builder.shuffle_vector(v, v64(ir.Undefined), ir.Constant(v64, list(range(63, -1, -1))))
+        c = builder.icmp_signed(">", v, splat(args[2]))
+        vals = builder.add(splat(bs), ir.Constant(v64, list(range(64))))
+        fcs = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [v64, i32.as_pointer(), c.type]),
+            "llvm.masked.compressstore.v64i32")
+        builder.call(fcs, [vals, builder.gep(o.data, [nn]), c])
+        i64 = ir.IntType(64)
+        fpc = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]),
+                                             "llvm.ctpop.i64")
+        return builder.call(fpc, [builder.bitcast(c, i64)])
+
+    return types.int64(arr, i, thr, out, n, base), codegen
+
+
+@numba.njit(inline="always")
+def _tracked_positions(kv, m, bhi, pos):
+    """Visit positions (0: the last element of ``kv[:m]``) of the keys above
+    ``bhi`` into ``pos`` (int32), ascending; returns how many."""
+    n = np.int64(0)
+    top = m  # words of 64 keys kv[top-64:top], from the last
+    while top >= 64:
+        lo64 = top - 64
+        n += _compress_gt64(kv, lo64, bhi, pos, n, np.int32(m - top))
+        top = lo64
+    for ii in range(top):  # the first keys (m not a multiple of 64), last to first
+        jj = top - 1 - ii
+        pos[n] = m - 1 - jj
+        n += np.int64(kv[jj] > bhi)
+    return n
+
+
+@numba.njit(inline="always")
+def _ilog2(v):
+    """log2 of ``v`` if it is a power of two >= 1, else -1."""
+    if v < 1 or (v & (v - 1)) != 0:
+        return np.int64(-1)
+    r = np.int64(0)
+    while (np.int64(1) << r) < v:
+        r += 1
+    return r
+
+
+@numba.njit(inline="always")
+def _walk_up(x, pos, n, m, inc, a0, db, da, mag):
+    """Uniform-up walk over the tracked visit positions ``pos[:n]`` of a block of
+    ``m`` from bits ``x``; returns the end bits."""
+    e = da - db
+    sh = _ilog2(da)
+    se = _ilog2(e)
+    p0 = np.int64(0)
+    if sh >= 0 and se >= 0:  # shifts (floor division by 2**sh is exact for any sign)
+        y = x - a0 + da  # y >> sh = floor((x - a0) / da) + 1: a short chain on y
+        for i in range(n + 1):
+            p = np.int64(pos[i]) if i < n else m
+            ln = p - p0
+            k = min(max(y >> sh, np.int64(0)), ln)
+            y = y + ((inc if i < n else np.int64(0)) - ln * db) - (k << se)
+            p0 = p + 1
+        x = y + a0 - da
+    else:  # v*mag >> 32 = floor(v/da) for v < 2**20 (see _downs), negative v too
+        for i in range(n + 1):
+            p = np.int64(pos[i]) if i < n else m
+            ln = p - p0
+            v = min(x - a0, ln * da)
+            k = min(max(((v * mag) >> 32) + 1, np.int64(0)), ln)
+            x = x - ln * db - k * e + (inc if i < n else np.int64(0))
+            p0 = p + 1
+    return x
+
+
+@numba.njit(inline="always")
+def _walk_down(x, pos, n, m, hb, ib, tp, it, la, ia, dec):
+    """Uniform-down walk over the tracked visit positions ``pos[:n]`` of a block
+    of ``m`` from bits ``x``; returns the end bits."""
+    if tp < 0:  # no tie pattern: above hb is la
+        it = ia
+    c1 = it - ib  # more than ib from hb + 1 (tp or la) up
+    c2 = ia - it  # and this much more from la up
+    z = x
+    for i in range(n):
+        pd = np.int64(pos[i]) * dec
+        z += (ib + dec + (c1 if z > hb + pd else np.int64(0))
+              + (c2 if z >= la + pd else np.int64(0)))
+    return z - m * dec
+
+
 @numba.njit(inline="always")
 def _edge_bulk(key, start, end, b, hb, ib, db, tp, it, dt, la, ia, da, imax, dmax,
-               mask, off):
+               mask, off, pos):
     """The straddling bulk step of the block ``key[start:end]`` (visited from
-    end-1 down) from bits ``b``, when no key is in the band; returns (done, bits)."""
+    end-1 down) from bits ``b``, when no key is in the band; returns (done, bits).
+    ``pos``: scratch of at least ``end - start`` int32 (tracked positions)."""
     m = end - start
     blo = np.int32(b - (m - 1) * dmax)
     bhi = np.int32(b + (m - 1) * imax)
@@ -449,32 +600,25 @@ def _edge_bulk(key, start, end, b, hb, ib, db, tp, it, dt, la, ia, da, imax, dma
     for jj in range(m):
         mv[jj] = kv[jj] > bhi
     mag = np.int64(0) if da == 0 else ((np.int64(1) << 32) + da - 1) // da
+    n = _tracked_positions(kv, m, bhi, pos)
+    kind = _walk_kind(ib, db, tp, it, dt, ia, da)
+    if kind == _WALK_UNIFORM_DOWN:
+        return True, _walk_down(b, pos, n, m, hb, ib, tp, it, la, ia, da)
+    if kind == _WALK_UNIFORM_UP:
+        a0 = tp if (tp >= 0 and dt == da) else la
+        return True, _walk_up(b, pos, n, m, ib, a0, db, da, mag)
     x = b
-    pos = np.int64(0)  # visit position of the next element (element end-1-pos)
-    if nu == 0:
-        return True, _downs(x, m, hb, db, tp, dt, la, da, mag)
-    top = m  # words of 64 keys kv[top-64:top], from the last; bit i = kv[top-64+i]
-    while top > 0:
-        lo64 = max(0, top - 64)
-        if top - lo64 == 64:
-            wd = _gt_bits64(kv, lo64, bhi)
-        else:
-            wd = np.uint64(0)
-            for i in range(top - lo64):
-                wd |= np.uint64(kv[lo64 + i] > bhi) << np.uint64(i)
-        while wd != 0:  # tracked elements, highest index first
-            bit = np.int64(63) - np.int64(_ctlz(wd))
-            wd = wd ^ (np.uint64(1) << np.uint64(bit))
-            p = m - 1 - (lo64 + bit)
-            x = _downs(x, p - pos, hb, db, tp, dt, la, da, mag)
-            x += ib if x <= hb else (it if x == tp else ia)  # the tracked element
-            pos = p + 1
-        top = lo64
-    return True, _downs(x, m - pos, hb, db, tp, dt, la, da, mag)
+    p0 = np.int64(0)  # visit position of the next element (element end-1-p0)
+    for i in range(n):
+        p = np.int64(pos[i])
+        x = _downs(x, p - p0, hb, db, tp, dt, la, da, mag)
+        x += ib if x <= hb else (it if x == tp else ia)  # the tracked element
+        p0 = p + 1
+    return True, _downs(x, m - p0, hb, db, tp, dt, la, da, mag)
 
 
 @numba.njit(inline="always")
-def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats):
+def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats, pos):
     """The pass over ``key[n-1] .. key[0]`` (mask index ``off + i``) from theta
     bits ``b`` in bulk blocks of :data:`_SUB`; ``rc`` is the region cache
     (:func:`_region_cache`, kept between calls), ``stats`` counts [bulk,
@@ -498,7 +642,7 @@ def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats):
                     and (tp < 0 or dt >= 1)
                     and lb + m * dmax <= b and b + m * imax <= ha):
                 done, b = _edge_bulk(key, start, end, b, hb, ib, db, tp, it, dt, la, ia,
-                                     da, imax, dmax, mask, off)
+                                     da, imax, dmax, mask, off, pos)
                 if done:
                     stats[0] += 1
                     stats[2] += 1
@@ -529,6 +673,7 @@ def _pass(s, theta, up, down, mask, stats, rc):
     """The pass over ``s`` (last to first) into ``mask``; returns theta."""
     u, d = _consts(up, down)
     key = np.empty(_BLOCK, dtype=np.int32)
+    pos = np.empty(_SUB, dtype=np.int32)
     b = np.int64(np.float32(theta).view(np.uint32))
     end = s.shape[0]
     while end > 0:
@@ -537,7 +682,7 @@ def _pass(s, theta, up, down, mask, stats, rc):
         for jj in range(end - start):  # descending, as the chunks (prefetchers);
             j = np.uint64(end - start - 1 - jj)  # unsigned: no wraparound test, vectorizes
             key[j] = _key(sv[j])
-        b = _blocks(key, end - start, b, u, d, up, down, mask, start, rc, stats)
+        b = _blocks(key, end - start, b, u, d, up, down, mask, start, rc, stats, pos)
         end = start
     return np.uint32(b).view(np.float32)
 

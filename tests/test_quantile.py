@@ -184,15 +184,41 @@ def test_stats_argument_checked():
 # down = 1 - 2*2**-24), with theta's significand m: the down step round(m*2/2**24)
 # changes from 1 to 2 at m = 1.5*2**23 (an exact tie there, rounded to even: a tie
 # pattern that belongs to no region), the up step round(m*8/2**23) from 11 to 12 at
-# m = 1.4375*2**23 (also a tie); with q = 0.5, q_step = 3e-6 (down = 1 - 25*2**-24)
-# the down step's edges fall between two patterns (no tie); 2**-6 is a binade edge.
-_EDGES = [(1.5 * 2**-6, 0.9, 1e-6), (1.4375 * 2**-6, 0.9, 1e-6),
-          (0.0234373, 0.5, 3e-6), (2.0**-6, 0.9, 1e-6)]
+# m = 1.4375*2**23 (also a tie); 2**-6 is a binade edge. The others were found by
+# scanning the region edges of other factors for each way the straddling walk
+# (golden.quantile._edge_bulk) can go: the down step alone changes (uniform up)
+# with da and da - db powers of two or not, the tie pattern stepping like the
+# region above or none; the up step alone changes (uniform down), with a tie or
+# without; both change (the general walk, _downs per run).
+_UP, _DOWN, _GENERAL = 1, 2, 0  # golden.quantile._WALK_*
+_EDGES = [(1.5 * 2**-6, 0.9, 1e-6, _UP),            # da = 2, db = 1: shifts; tie steps as A
+          (1.4375 * 2**-6, 0.9, 1e-6, _DOWN),       # ib = 11, ia = 12, with a tie
+          (0.0166015625, 0.9, 1e-6, _DOWN),         # ib = 8, ia = 9, the tie steps as B
+          (0.0234373, 0.5, 3e-6, _DOWN),            # ib = 19, ia = 20
+          (0.015964676, 0.9, 3e-6, _DOWN),          # ib = 23, ia = 24, no tie
+          (0.021875, 0.9, 3e-6, _UP),               # da = 4, db = 3: shifts, no tie
+          (0.028125001, 0.9, 3e-6, _UP),            # da = 5, db = 4: the divide by mag
+          (0.021484375, 0.9, 5e-6, _UP),            # da = 6, db = 5: the divide; tie as A
+          (0.017578125, 0.9, 5e-6, _UP),            # da = 5, db = 4, the tie steps as B
+          (0.0171875, 0.9, 6e-6, _GENERAL),         # up 49 -> 50 and down 5 -> 6
+          (2.0**-6, 0.9, 1e-6, None)]               # binade edge: no straddling walk
 
 
-@pytest.mark.parametrize("edge,q,q_step", _EDGES)
+def _walk_kind_at(theta, q, q_step):
+    """The straddling walk that blocks starting at ``theta`` take, None if none."""
+    from golden.quantile import _consts, _edge_pieces, _region, _region_cache, _walk_kind, factors
+    up, down = factors(q, q_step)
+    u, d = _consts(up, down)
+    b = int(_bits(theta))
+    lo, hi, inc, dec = _region(b, u, d)
+    ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da = _edge_pieces(
+        b, u, d, up, down, _region_cache(), lo, hi, inc, dec)
+    return int(_walk_kind(ib, db, tp, it, dt, ia, da)) if ok else None
+
+
+@pytest.mark.parametrize("edge,q,q_step,kind", _EDGES)
 @pytest.mark.parametrize("offset", [-1, 0, 1])
-def test_straddling_bulk_blocks_match_reference(edge, q, q_step, offset):
+def test_straddling_bulk_blocks_match_reference(edge, q, q_step, kind, offset):
     # theta starts exactly at, one ulp below or above an edge; the scores are far
     # from theta (decisions known) in blocks of every kind: all tracked, none
     # tracked, the fraction tracked that pins theta on the edge; and a few blocks
@@ -202,6 +228,7 @@ def test_straddling_bulk_blocks_match_reference(edge, q, q_step, offset):
     # reference bits, mask and theta, after every block.
     rng = np.random.default_rng(abs(hash((edge, q, offset))) % 2**32)
     theta = _from_bits(int(_bits(edge)) + offset)[()]
+    assert _walk_kind_at(theta, q, q_step) == kind  # the walk this case is for
     n = 24 * 256 + 100
     frac = np.repeat(rng.choice([0.0, 1.0, 0.093, 0.093, 0.093, 0.3], n // 256 + 1), 256)[:n]
     s = np.where(rng.random(n) < frac, theta * (2 + rng.random(n)),
@@ -217,5 +244,23 @@ def test_straddling_bulk_blocks_match_reference(edge, q, q_step, offset):
         m2, t_fast = quantile_pass(s, t_fast, q, q_step, stats=stats)
         assert np.array_equal(m1, m2)
         assert t_ref.tobytes() == t_fast.tobytes()
-    if edge != 2.0**-6:  # a binade edge has no integer form below it: the chain
+    if kind is not None:  # a binade edge has no integer form below it: the chain
         assert stats[2] > 0  # the straddling bulk step ran
+
+
+@pytest.mark.parametrize("edge,q,q_step,kind", [e for e in _EDGES if e[3] is not None])
+@pytest.mark.parametrize("n", [37, 100, 255])
+def test_straddling_block_of_any_length_matches_reference(edge, q, q_step, kind, n):
+    # one block, shorter than a bulk block and not a whole number of 64-key words:
+    # the tracked positions of its first keys come from the scalar tail of
+    # golden.quantile._tracked_positions, not from the 64-wide compress
+    rng = np.random.default_rng(n)
+    theta = np.float32(edge)
+    s = np.where(rng.random(n) < 0.3, theta * (2 + rng.random(n)),
+                 theta * 1e-3 * rng.random(n)).astype(np.float32)
+    stats = np.zeros(3, dtype=np.int64)
+    m1, t_ref = quantile_pass_reference(s, theta, q, q_step)
+    m2, t_fast = quantile_pass(s, theta, q, q_step, stats=stats)
+    assert np.array_equal(m1, m2)
+    assert t_ref.tobytes() == t_fast.tobytes()
+    assert stats[2] == 1  # the block took the straddling bulk step
