@@ -49,9 +49,15 @@ figure against torch's ``add_`` on the same arrays, ~2.0 ms, under a load of
   unsigned indices (numba's negative-index test on ``m-1-i`` stopped
   vectorization) and in chunks of 512 (buffers in L1): ~4.8 ms alone.
   Session 4 (load ~6): quantile 10.50x -> 5.58x SGD, quantile with
-  CounterInit 6.52x -> 4.31x (the same tracked counts: same semantics). What
-  is left is mostly that walk (one dependency chain through theta's bits,
-  ~15-20 cycles per tracked element) and the PRNG with CounterInit.
+  CounterInit 6.52x -> 4.31x (the same tracked counts: same semantics).
+  Session 6 (load ~2): at the benchmark's edge only the down step changes, so
+  the walk over the tracked elements is a shift-only chain (~5 cycles per
+  tracked element instead of ~25), and the tracked positions come from a
+  64-wide compress-store (golden.quantile._walk_up/_walk_down,
+  _compress_gt64): the estimator alone 10.4 -> 7.9 ms, the step 5.37x ->
+  4.47x SGD. With the walk and the positions removed (a timing experiment,
+  wrong theta) the step was 2.97x: the update/score/write-back streams are
+  most of what is left.
 """
 
 from __future__ import annotations
