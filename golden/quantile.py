@@ -368,52 +368,12 @@ def _bulk_count(key, blo, bhi):
 # (m-1)*dmax, b + (m-1)*imax], the decisions are known as in the plain bulk
 # step; the end bits depend on the order, but a run of L downs from x has a
 # closed form (da-steps while x >= la, then at most one step from tp, then
-# db-steps), so the block costs O(tracked elements): the tracked flags of 64
-# keys at a time come as a bit mask from one vector compare, walked from the
-# highest index down with count-leading-zeros.
+# db-steps), so the block costs O(tracked elements): the tracked positions
+# come 64 keys at a time from one vector compare and a compress-store
+# (_tracked_positions), then one walk over them (_walk_up, _walk_down or
+# _downs per run, below).
 
 _EDGE_MAXSTEP = 4096  # steps up to this many ulps: the floor division below is exact
-
-
-@intrinsic
-def _ctlz(typingctx, x):
-    """Leading zero bits of a nonzero uint64 (LLVM ``ctlz``)."""
-    if not (isinstance(x, types.Integer) and x.bitwidth == 64):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 1))
-
-    return types.uint64(x), codegen
-
-
-@intrinsic
-def _gt_bits64(typingctx, arr, i, thr):
-    """uint64 whose bit ``t`` is ``arr[i + t] > thr`` for t < 64 (``arr`` a
-    contiguous 1-D int32 array, ``i + 64 <= len(arr)`` unchecked): one load of
-    <64 x i32>, a compare and a bitcast of the <64 x i1> (vector compares into
-    mask registers; numba's own loop for it did not vectorize)."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.int32 and arr.ndim == 1
-            and arr.layout == "C" and isinstance(i, types.Integer)
-            and thr == types.int32):
-        return None
-
-    def codegen(context, builder, signature, args):
-        a = context.make_array(signature.args[0])(context, builder, args[0])
-        idx = args[1]
-        if signature.args[1].bitwidth != 64:
-            idx = builder.sext(idx, ir.IntType(64))
-        ptr = builder.gep(a.data, [idx])
-        vty = ir.VectorType(ir.IntType(32), 64)
-        v = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
-        t = builder.insert_element(ir.VectorType(ir.IntType(32), 64)(ir.Undefined),
-                                   args[2], ir.Constant(ir.IntType(32), 0))
-        splat = builder.shuffle_vector(t, ir.VectorType(ir.IntType(32), 64)(ir.Undefined),
-                                       ir.Constant(ir.VectorType(ir.IntType(32), 64), [0] * 64))
-        c = builder.icmp_signed(">", v, splat)
-        return builder.bitcast(c, ir.IntType(64))
-
-    return types.uint64(arr, i, thr), codegen
 
 
 @numba.njit(inline="always")
