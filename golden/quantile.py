@@ -500,12 +500,12 @@ def _ilog2(v):
 
 
 @numba.njit(inline="always")
-def _walk_up(x, pos, n, m, inc, a0, db, da, mag):
+def _walk_up(x, pos, n, m, inc, a0, db, da, mag, sh, se):
     """Uniform-up walk over the tracked visit positions ``pos[:n]`` of a block of
-    ``m`` from bits ``x``; returns the end bits."""
+    ``m`` from bits ``x``; returns the end bits. ``sh``, ``se``: log2 of ``da``
+    and of ``da - db`` (:func:`_ilog2`, -1 if not powers of two: then the divide
+    by ``mag``)."""
     e = da - db
-    sh = _ilog2(da)
-    se = _ilog2(e)
     p0 = np.int64(0)
     if sh >= 0 and se >= 0:  # shifts (floor division by 2**sh is exact for any sign)
         y = x - a0 + da  # y >> sh = floor((x - a0) / da) + 1: a short chain on y
@@ -544,37 +544,63 @@ def _walk_down(x, pos, n, m, hb, ib, tp, it, la, ia, dec):
 
 
 @numba.njit(inline="always")
-def _edge_bulk(key, start, end, b, hb, ib, db, tp, it, dt, la, ia, da, imax, dmax,
-               mask, off, pos):
-    """The straddling bulk step of the block ``key[start:end]`` (visited from
-    end-1 down) from bits ``b``, when no key is in the band; returns (done, bits).
-    ``pos``: scratch of at least ``end - start`` int32 (tracked positions)."""
-    m = end - start
-    blo = np.int32(b - (m - 1) * dmax)
-    bhi = np.int32(b + (m - 1) * imax)
-    kv = key[start:end]
-    nb, nu = _bulk_count(kv, blo, bhi)
-    if nb != 0:
-        return False, b
-    mv = mask[off + start:off + end]
-    for jj in range(m):
-        mv[jj] = kv[jj] > bhi
-    mag = np.int64(0) if da == 0 else ((np.int64(1) << 32) + da - 1) // da
-    n = _tracked_positions(kv, m, bhi, pos)
+def _edge_run(key, end, b, lb, hb, ib, db, tp, it, dt, la, ha, ia, da, mask, off, stats, pos):
+    """Straddling bulk steps over consecutive blocks of :data:`_SUB`, the first
+    ``key[end-_SUB:end]`` (visited from end-1 down), from bits ``b``, with the
+    edge pieces of :func:`_edge_pieces` (they hold for any bits in [lb, ha]);
+    returns (end, bits) after the last block it took. It stops before a block
+    that :func:`_blocks` would not give it: the plain bulk step applies (the
+    piece holding ``b`` has room for the block), a step could leave [lb, ha], or
+    a key lies in the band (then its mask entries written here are rewritten by
+    the chain). The pieces' constants (walk kind, divisor, shifts) are set up once
+    per run: theta hovering at one edge takes this step block after block, and
+    the per-block look-ups (region cache, pieces) cost as much as the walk.
+    ``pos``: scratch of at least ``_SUB`` int32 (tracked positions)."""
+    imax = max(ib, it, ia)
+    dmax = max(db, dt, da)
+    mag = ((np.int64(1) << 32) + da - 1) // da
     kind = _walk_kind(ib, db, tp, it, dt, ia, da)
-    if kind == _WALK_UNIFORM_DOWN:
-        return True, _walk_down(b, pos, n, m, hb, ib, tp, it, la, ia, da)
-    if kind == _WALK_UNIFORM_UP:
-        a0 = tp if (tp >= 0 and dt == da) else la
-        return True, _walk_up(b, pos, n, m, ib, a0, db, da, mag)
-    x = b
-    p0 = np.int64(0)  # visit position of the next element (element end-1-p0)
-    for i in range(n):
-        p = np.int64(pos[i])
-        x = _downs(x, p - p0, hb, db, tp, dt, la, da, mag)
-        x += ib if x <= hb else (it if x == tp else ia)  # the tracked element
-        p0 = p + 1
-    return True, _downs(x, m - p0, hb, db, tp, dt, la, da, mag)
+    a0 = tp if (tp >= 0 and dt == da) else la
+    sh = _ilog2(da)
+    se = _ilog2(da - db)
+    while end > 0:
+        start = max(0, end - _SUB)
+        m = end - start
+        if b <= hb:  # _bulk_ok in the region holding b (never on tp: no region)
+            plain = lb + m * db <= b and b + m * ib <= hb
+        else:
+            plain = b >= la and la + m * da <= b and b + m * ia <= ha
+        if plain or lb + m * dmax > b or b + m * imax > ha:
+            break
+        blo = np.int32(b - (m - 1) * dmax)
+        bhi = np.int32(b + (m - 1) * imax)
+        kv = key[start:end]
+        mv = mask[off + start:off + end]
+        nb = np.int32(0)
+        for jj in range(m):  # the band test and the mask in one loop over the keys
+            kk = kv[jj]
+            nb += np.int32((kk > blo) & (kk <= bhi))
+            mv[jj] = kk > bhi
+        if nb != 0:
+            break
+        n = _tracked_positions(kv, m, bhi, pos)
+        if kind == _WALK_UNIFORM_DOWN:
+            b = _walk_down(b, pos, n, m, hb, ib, tp, it, la, ia, da)
+        elif kind == _WALK_UNIFORM_UP:
+            b = _walk_up(b, pos, n, m, ib, a0, db, da, mag, sh, se)
+        else:
+            x = b
+            p0 = np.int64(0)  # visit position of the next element (element end-1-p0)
+            for i in range(n):
+                p = np.int64(pos[i])
+                x = _downs(x, p - p0, hb, db, tp, dt, la, da, mag)
+                x += ib if x <= hb else (it if x == tp else ia)  # the tracked element
+                p0 = p + 1
+            b = _downs(x, m - p0, hb, db, tp, dt, la, da, mag)
+        stats[0] += 1
+        stats[2] += 1
+        end = start
+    return end, b
 
 
 @numba.njit(inline="always")
@@ -601,11 +627,11 @@ def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats, pos):
             if (ok and imax < _EDGE_MAXSTEP and dmax < _EDGE_MAXSTEP and da >= 1
                     and (tp < 0 or dt >= 1)
                     and lb + m * dmax <= b and b + m * imax <= ha):
-                done, b = _edge_bulk(key, start, end, b, hb, ib, db, tp, it, dt, la, ia,
-                                     da, imax, dmax, mask, off, pos)
-                if done:
-                    stats[0] += 1
-                    stats[2] += 1
+                e2, b = _edge_run(key, end, b, lb, hb, ib, db, tp, it, dt, la, ha, ia, da,
+                                  mask, off, stats, pos)
+                if e2 < end:  # it took at least this block
+                    end = e2
+                    continue
             elif not done:
                 start = max(0, end - 4 * _SUB)
                 m = end - start
