@@ -320,10 +320,11 @@ def test_edge_run_stops_where_blocks_leave_it(edge, q, q_step, kind):
     n = 12 * 256 + 100  # visited last to first: the partial block (100) comes last
     s = _pinned_stream(theta, q, q_step, n)
 
-    def check(s, end_expected):
+    def check(s, end_expected, past=None):
+        # stops exactly at end_expected, or (past) after taking that block
         end, t, mask, taken = _edge_run_at(s, theta, q, q_step)
         m_ref, t_ref = quantile_pass_reference(s[end:], theta, q, q_step)
-        assert end == end_expected
+        assert end <= past if past is not None else end == end_expected
         assert taken == (n - end + 255) // 256
         assert np.array_equal(mask[end:], m_ref)
         assert t.tobytes() == t_ref.tobytes()
@@ -337,6 +338,26 @@ def test_edge_run_stops_where_blocks_leave_it(edge, q, q_step, kind):
         _, t_ref = quantile_pass_reference(s2[n - 256 * blk:], theta, q, q_step)
         s2[start + at] = t_ref
         check(s2, n - 256 * blk)
+    # keys on the band's bounds (b - (m-1)*dmax, b + (m-1)*imax] of block 5 (m =
+    # 256, in a word) and of the partial block (m = 100, in the tail): the bounds
+    # themselves are in the band (the run stops), one ulp outside they are not
+    # (the run takes the block; theta, moved by the key, may then leave the edge)
+    from golden.quantile import _consts, _edge_pieces, _region, _region_cache, factors
+    up, down = factors(q, q_step)
+    u, d = _consts(up, down)
+    b0 = int(_bits(theta))
+    _, lb, hb, ib, db, tp, it, dt, la, ha, ia, da = _edge_pieces(
+        b0, u, d, up, down, _region_cache(), *_region(b0, u, d))
+    imax, dmax = max(ib, it, ia), max(db, dt, da)
+    for blk, at, m in ((5, 100, 256), (12, 20, 100)):
+        start = max(0, n - 256 * (blk + 1))
+        _, t_ref = quantile_pass_reference(s[n - 256 * blk:], theta, q, q_step)
+        b = int(_bits(t_ref))
+        for key, inside in ((b + (m - 1) * imax, True), (b + (m - 1) * imax + 1, False),
+                            (b - (m - 1) * dmax, False), (b - (m - 1) * dmax + 1, True)):
+            s2 = s.copy()
+            s2[start + at] = _from_bits(key)
+            check(s2, n - 256 * blk, past=None if inside else start)
     s3 = s.copy()
     s3[n - 4 * 256:n - 3 * 256] = theta * 3  # block 3 all tracked: far above the edge
     check(s3, n - 4 * 256)
