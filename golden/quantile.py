@@ -138,8 +138,9 @@ _NREG = 4  # regions kept by :func:`_region_cached`
 def _region_cache():
     """Empty region cache: rows (lo, hi, inc, dec), lo > hi; then a row whose
     first entry is the next slot; then three rows holding the last edge pieces
-    of :func:`_edge_pieces_cached` (empty: lb > ha)."""
-    rc = np.zeros((_NREG + 4, 4), dtype=np.int64)
+    of :func:`_edge_pieces_cached` (empty: lb > ha), then two rows holding the
+    :func:`_run_consts` of those pieces (first entry 0: none)."""
+    rc = np.zeros((_NREG + 6, 4), dtype=np.int64)
     rc[_NREG + 1, 0] = 1
     rc[:_NREG, 0] = 1
     return rc
@@ -274,6 +275,9 @@ def _edge_pieces_cached(b, u, d, up, down, rc, lo, hi, inc, dec):
         c[0, 0], c[0, 1], c[0, 2], c[0, 3] = lb, hb, ib, db
         c[1, 0], c[1, 1], c[1, 2], c[1, 3] = tp, it, dt, la
         c[2, 0], c[2, 1], c[2, 2] = ha, ia, da
+        r = rc[_NREG + 4:_NREG + 6]
+        r[0, 0], r[0, 1], r[0, 2], r[0, 3], r[1, 0], r[1, 1], r[1, 2], r[1, 3] = _run_consts(
+            ib, db, tp, it, dt, la, ia, da)
     return ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da
 
 
@@ -568,7 +572,26 @@ def _walk_down(x, pos, n, m, hb, ib, tp, it, la, ia, dec):
 
 
 @numba.njit(inline="always")
-def _edge_run(key, end, b, lb, hb, ib, db, tp, it, dt, la, ha, ia, da, mask, off, stats, pos):
+def _run_consts(ib, db, tp, it, dt, la, ia, da):
+    """(ok, imax, dmax, mag, kind, a0, sh, se): what :func:`_edge_run` needs besides
+    the pieces, computed once per pieces (a 64-bit divide, two log2 loops).
+    ``ok`` (1/0): the straddling step applies to them (steps small enough for
+    the divide by ``mag``, a down step above the edge and from the tie)."""
+    imax = max(ib, it, ia)
+    dmax = max(db, dt, da)
+    ok = (imax < _EDGE_MAXSTEP and dmax < _EDGE_MAXSTEP and da >= 1
+          and (tp < 0 or dt >= 1))
+    mag = ((np.int64(1) << 32) + da - 1) // da if da >= 1 else np.int64(0)
+    kind = np.int64(_walk_kind(ib, db, tp, it, dt, ia, da))
+    a0 = tp if (tp >= 0 and dt == da) else la
+    sh = _ilog2(da)
+    se = _ilog2(da - db)
+    return np.int64(ok), imax, dmax, mag, kind, a0, sh, se
+
+
+@numba.njit(inline="always")
+def _edge_run(key, end, b, lb, hb, ib, db, tp, it, dt, la, ha, ia, da, imax, dmax, mag, kind,
+              a0, sh, se, mask, off, stats, pos):
     """Straddling bulk steps over consecutive blocks of :data:`_SUB`, the first
     ``key[end-_SUB:end]`` (visited from end-1 down), from bits ``b``, with the
     edge pieces of :func:`_edge_pieces` (they hold for any bits in [lb, ha]);
@@ -576,17 +599,10 @@ def _edge_run(key, end, b, lb, hb, ib, db, tp, it, dt, la, ha, ia, da, mask, off
     that :func:`_blocks` would not give it: the plain bulk step applies (the
     piece holding ``b`` has room for the block), a step could leave [lb, ha], or
     a key lies in the band (then its mask entries written here are rewritten by
-    the chain). The pieces' constants (walk kind, divisor, shifts) are set up once
-    per run: theta hovering at one edge takes this step block after block, and
-    the per-block look-ups (region cache, pieces) cost as much as the walk.
-    ``pos``: scratch of at least ``_SUB`` int32 (tracked positions)."""
-    imax = max(ib, it, ia)
-    dmax = max(db, dt, da)
-    mag = ((np.int64(1) << 32) + da - 1) // da
-    kind = _walk_kind(ib, db, tp, it, dt, ia, da)
-    a0 = tp if (tp >= 0 and dt == da) else la
-    sh = _ilog2(da)
-    se = _ilog2(da - db)
+    the chain). ``imax`` .. ``se``: :func:`_run_consts` of the pieces (cached with
+    them): theta hovering at one edge takes this step block after block, and the
+    per-block look-ups and set-up (region cache, pieces, divisor) cost as much
+    as the walk. ``pos``: scratch of at least ``_SUB`` int32 (tracked positions)."""
     while end > 0:
         start = max(0, end - _SUB)
         m = end - start
@@ -629,10 +645,23 @@ def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats, pos):
     (:func:`_region_cache`, kept between calls), ``stats`` counts [bulk,
     chained, straddling bulk] blocks (the last also counted as bulk). Returns
     the new bits."""
+    c = rc[_NREG + 1:_NREG + 6]  # the cached edge pieces and their run constants
     end = n
     while end > 0:
         start = max(0, end - _SUB)
         m = end - start
+        if c[3, 0] == 1 and c[0, 0] + m * c[3, 2] <= b and b + m * c[3, 1] <= c[2, 0]:
+            # theta still at the cached edge (it stays there block after block, and
+            # this is called per chunk of golden.dropback's fused step): the run
+            # straight away; it stops where the look-ups below would not give it
+            # the block, and they then decide that block
+            e2, b = _edge_run(key, end, b, c[0, 0], c[0, 1], c[0, 2], c[0, 3], c[1, 0],
+                              c[1, 1], c[1, 2], c[1, 3], c[2, 0], c[2, 1], c[2, 2], c[3, 1],
+                              c[3, 2], c[3, 3], c[4, 0], c[4, 1], c[4, 2], c[4, 3], mask, off,
+                              stats, pos)
+            if e2 < end:
+                end = e2
+                continue
         lo, hi, inc, dec = _region_cached(b, u, d, rc)
         done = False
         if not _bulk_ok(b, m, lo, hi, inc, dec):
@@ -641,13 +670,11 @@ def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats, pos):
             # steps pay their set-up once for it)
             ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da = _edge_pieces_cached(
                 b, u, d, up, down, rc, lo, hi, inc, dec)
-            imax = max(ib, it, ia)
-            dmax = max(db, dt, da)
-            if (ok and imax < _EDGE_MAXSTEP and dmax < _EDGE_MAXSTEP and da >= 1
-                    and (tp < 0 or dt >= 1)
-                    and lb + m * dmax <= b and b + m * imax <= ha):
+            # (when ok, the pieces and their run constants are those in c)
+            if ok and c[3, 0] == 1 and lb + m * c[3, 2] <= b and b + m * c[3, 1] <= ha:
                 e2, b = _edge_run(key, end, b, lb, hb, ib, db, tp, it, dt, la, ha, ia, da,
-                                  mask, off, stats, pos)
+                                  c[3, 1], c[3, 2], c[3, 3], c[4, 0], c[4, 1], c[4, 2],
+                                  c[4, 3], mask, off, stats, pos)
                 if e2 < end:  # it took at least this block
                     end = e2
                     continue
