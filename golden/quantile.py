@@ -647,52 +647,59 @@ def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats, pos):
     the new bits."""
     c = rc[_NREG + 1:_NREG + 6]  # the cached edge pieces and their run constants
     end = n
+    looked_up = False  # True: the block at `end` goes through the look-ups (not the cache)
     while end > 0:
         start = max(0, end - _SUB)
         m = end - start
-        if c[3, 0] == 1 and c[0, 0] + m * c[3, 2] <= b and b + m * c[3, 1] <= c[2, 0]:
+        done = False
+        run = False
+        if (not looked_up and c[3, 0] == 1 and c[0, 0] + m * c[3, 2] <= b
+                and b + m * c[3, 1] <= c[2, 0]):
             # theta still at the cached edge (it stays there block after block, and
             # this is called per chunk of golden.dropback's fused step): the run
-            # straight away; it stops where the look-ups below would not give it
-            # the block, and they then decide that block
+            # straight away; if it does not take this block, the look-ups do
+            run = True
+        else:
+            looked_up = False
+            lo, hi, inc, dec = _region_cached(b, u, d, rc)
+            if not _bulk_ok(b, m, lo, hi, inc, dec):
+                # theta near a region edge (where it often settles): the straddling
+                # bulk step if it applies, else chain a longer run at once (the edge
+                # steps pay their set-up once for it)
+                ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da = _edge_pieces_cached(
+                    b, u, d, up, down, rc, lo, hi, inc, dec)
+                # (when ok, the pieces and their run constants are those in c)
+                if ok and c[3, 0] == 1 and lb + m * c[3, 2] <= b and b + m * c[3, 1] <= ha:
+                    looked_up = True
+                    run = True
+                else:
+                    start = max(0, end - 4 * _SUB)
+                    m = end - start
+            else:
+                blo = np.int32(b - (m - 1) * dec)  # in (0, 2**31): inside the region
+                bhi = np.int32(b + (m - 1) * inc)  # (int32 compares vectorize 2x wider)
+                kv = key[start:end]
+                nb, nu = _bulk_count(kv, blo, bhi)
+                if nb == 0:
+                    mv = mask[off + start:off + end]
+                    for jj in range(m):
+                        mv[jj] = kv[jj] > bhi
+                    b = b + nu * inc - (m - nu) * dec
+                    stats[0] += 1
+                    done = True
+        if run:  # one call site (the run is inlined: two copies cost code size)
             e2, b = _edge_run(key, end, b, c[0, 0], c[0, 1], c[0, 2], c[0, 3], c[1, 0],
                               c[1, 1], c[1, 2], c[1, 3], c[2, 0], c[2, 1], c[2, 2], c[3, 1],
                               c[3, 2], c[3, 3], c[4, 0], c[4, 1], c[4, 2], c[4, 3], mask, off,
                               stats, pos)
-            if e2 < end:
+            if e2 < end:  # it took at least this block
+                looked_up = False
                 end = e2
                 continue
-        lo, hi, inc, dec = _region_cached(b, u, d, rc)
-        done = False
-        if not _bulk_ok(b, m, lo, hi, inc, dec):
-            # theta near a region edge (where it often settles): the straddling
-            # bulk step if it applies, else chain a longer run at once (the edge
-            # steps pay their set-up once for it)
-            ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da = _edge_pieces_cached(
-                b, u, d, up, down, rc, lo, hi, inc, dec)
-            # (when ok, the pieces and their run constants are those in c)
-            if ok and c[3, 0] == 1 and lb + m * c[3, 2] <= b and b + m * c[3, 1] <= ha:
-                e2, b = _edge_run(key, end, b, lb, hb, ib, db, tp, it, dt, la, ha, ia, da,
-                                  c[3, 1], c[3, 2], c[3, 3], c[4, 0], c[4, 1], c[4, 2],
-                                  c[4, 3], mask, off, stats, pos)
-                if e2 < end:  # it took at least this block
-                    end = e2
-                    continue
-            elif not done:
-                start = max(0, end - 4 * _SUB)
-                m = end - start
-        else:
-            blo = np.int32(b - (m - 1) * dec)  # in (0, 2**31): inside the region
-            bhi = np.int32(b + (m - 1) * inc)  # (int32 compares vectorize 2x wider)
-            kv = key[start:end]
-            nb, nu = _bulk_count(kv, blo, bhi)
-            if nb == 0:
-                mv = mask[off + start:off + end]
-                for jj in range(m):
-                    mv[jj] = kv[jj] > bhi
-                b = b + nu * inc - (m - nu) * dec
-                stats[0] += 1
-                done = True
+            if not looked_up:  # from the cache: this block through the look-ups
+                looked_up = True
+                continue
+            looked_up = False  # a key in the band: the chain
         if not done:
             b = _chain(key[start:end], m, b, u, d, up, down, mask, off + start, rc)
             stats[1] += (m + _SUB - 1) // _SUB  # counted in blocks of _SUB
