@@ -65,7 +65,14 @@ figure against torch's ``add_`` on the same arrays, ~2.0 ms, under a load of
   now go in runs (golden.quantile._edge_run: the set-up once per run of blocks
   at one edge) -> 4.20 ms, and one 64-key pass gives the band count, the mask
   and the positions (_band_gt64: one load, two compares, a mask store, a
-  compress-store) -> 3.1 ms. In the fused step (a synthetic settled state
+  compress-store) -> 3.1 ms; the fused step calls _blocks per 512-element
+  chunk, so it goes straight into the run while theta is at the cached edge
+  (run constants cached with the pieces). Benchmark, per-round median:
+  quantile 4.44x (load 4.1) -> 3.92x with the runs and the 64-key pass (load
+  4.2) -> 3.58x with the cached run (load 2.2); tracked counts unchanged.
+  quantile with CounterInit 4.33x -> 4.25x -> 4.76x: the cached run made it
+  slower (also 4.89x in a second run) and the cause is not found yet. In the
+  fused step (a synthetic settled state
   from the saved stream, one chunk loop, stored w0): the streams alone
   (estimator replaced by a fixed threshold) 1.66x SGD. Tried and dropped:
   software prefetch (llvm.prefetch, one or two chunks ahead, of w, g, w0 and
