@@ -590,6 +590,16 @@ def _run_consts(ib, db, tp, it, dt, la, ia, da):
 
 
 @numba.njit(inline="always")
+def _plain_at_edge(b, m, lb, hb, ib, db, la, ha, ia, da):
+    """Does the plain bulk step (:func:`_bulk_ok`) apply to a block of ``m`` from
+    bits ``b``, in the region of the edge pieces that holds ``b``? (Never on the
+    tie pattern ``tp``: it has no region.)"""
+    if b <= hb:
+        return lb + m * db <= b and b + m * ib <= hb
+    return b >= la and la + m * da <= b and b + m * ia <= ha
+
+
+@numba.njit(inline="always")
 def _edge_run(key, end, b, lb, hb, ib, db, tp, it, dt, la, ha, ia, da, imax, dmax, mag, kind,
               a0, sh, se, mask, off, stats, pos):
     """Straddling bulk steps over consecutive blocks of :data:`_SUB`, the first
@@ -606,11 +616,8 @@ def _edge_run(key, end, b, lb, hb, ib, db, tp, it, dt, la, ha, ia, da, imax, dma
     while end > 0:
         start = max(0, end - _SUB)
         m = end - start
-        if b <= hb:  # _bulk_ok in the region holding b (never on tp: no region)
-            plain = lb + m * db <= b and b + m * ib <= hb
-        else:
-            plain = b >= la and la + m * da <= b and b + m * ia <= ha
-        if plain or lb + m * dmax > b or b + m * imax > ha:
+        if (_plain_at_edge(b, m, lb, hb, ib, db, la, ha, ia, da)
+                or lb + m * dmax > b or b + m * imax > ha):
             break
         blo = np.int32(b - (m - 1) * dmax)
         bhi = np.int32(b + (m - 1) * imax)
@@ -654,10 +661,15 @@ def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats, pos):
         done = False
         run = False
         if (not looked_up and c[3, 0] == 1 and c[0, 0] + m * c[3, 2] <= b
-                and b + m * c[3, 1] <= c[2, 0]):
+                and b + m * c[3, 1] <= c[2, 0]
+                and not _plain_at_edge(b, m, c[0, 0], c[0, 1], c[0, 2], c[0, 3], c[1, 3],
+                                       c[2, 0], c[2, 1], c[2, 2])):
             # theta still at the cached edge (it stays there block after block, and
             # this is called per chunk of golden.dropback's fused step): the run
-            # straight away; if it does not take this block, the look-ups do
+            # straight away; if it does not take this block, the look-ups do. Not
+            # when the plain bulk step applies: theta inside a region that the cached
+            # pieces cover (CounterInit's benchmark stream: 95% of its blocks) would
+            # enter the run only to leave it and redo the block through the look-ups
             run = True
         else:
             looked_up = False
