@@ -21,8 +21,7 @@ count depends on the data, and adds the fixed latencies of the command decoder:
   (``WGRADX``) the forward walk with the activations as the sparse operand.
 * update: one element every three cycles (``3·M·K``: the quantile step's serial
   dependence is pipelined over three cycles) in the update pipeline, then one element per
-  cycle of the padded block grid (``GM·GK·bm·bk``) in the encoder, plus latency (and
-  ``rows - 2`` cycles for the encoder's last write to pass the PE rows' write chain). In the
+  cycle of the padded block grid (``GM·GK·bm·bk``) in the encoder, plus latency. In the
   area configuration (``area=1``, the iCE40) the update runs one element at a time on one
   shared multiplier, 15 cycles each (``15·M·K``); its last element is done 14 cycles after
   its issue instead of 10, which leaves the fixed part 8 cycles shorter (``+ 20``).
@@ -243,7 +242,4 @@ def predict_update(M: int, K: int, p: ArrayParams) -> int:
     gm, gk = -(-M // p.bm), -(-K // p.bk)
     if p.area:
         return _UPDATE_II_AREA * M * K + gm * gk * p.bm * p.bk + _UPDATE_FIXED_AREA
-    # the encoder's last write then passes the write chain (one stage per PE row after
-    # the first; the response waits until it is in the last row's stage)
-    return (_UPDATE_II * M * K + gm * gk * p.bm * p.bk + _UPDATE_FIXED
-            + max(0, p.rows - 2))
+    return _UPDATE_II * M * K + gm * gk * p.bm * p.bk + _UPDATE_FIXED

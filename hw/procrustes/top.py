@@ -238,30 +238,11 @@ class Procrustes(wiring.Component):
             # (the read addresses stay registered: every read is timed by them)
             (bw_en_r, bw_addr_r, bw_data_r, vw_en_r, vw_addr_r, vw_data_r, xw_en_r,
              xw_addr_r, xw_data_r) = bus[:9]
-        # write chain (default configuration): PE row r takes the registered write buses
-        # r cycles after row 0, each row's copy registered from the row before it, so the
-        # wide load words (operand words of cols·data_bits) travel row to row instead of
-        # fanning out from one register to every row. A command that writes (a load, the
-        # encoder) responds once its last write is in the last row's stage (it lands in
-        # the response's cycle, as row 0's did before); wr_pending says a write is still
-        # in the stages before that
-        wr = [[bw_en_r, bw_addr_r, bw_data_r, vw_en_r, vw_addr_r, vw_data_r, xw_en_r,
-               xw_addr_r, xw_data_r]]
-        if not c.area:
-            for r in range(1, R):
-                stage = [Signal.like(v, name=f"{v.name[:-2]}_c{r}") for v in bus[:9]]
-                m.d.sync += [d_.eq(s_) for d_, s_ in zip(stage, wr[-1])]
-                wr.append(stage)
-        wr_pending = Signal() if not c.area else None
-        if R > 2 and not c.area:
-            m.d.comb += wr_pending.eq(Cat(*[st[k].any() for st in wr[:-2]
-                                            for k in (0, 3, 6)]).any())
-        for pr, (bwe, bwa, bwd, vwe, vwa, vwd, xwe, xwa, xwd) in zip(
-                rows, wr if not c.area else wr * R):
+        for pr in rows:
             m.d.comb += [
-                pr.bw_en.eq(bwe), pr.bw_addr.eq(bwa), pr.bw_data.eq(bwd),
-                pr.vw_en.eq(vwe), pr.vw_addr.eq(vwa), pr.vw_data.eq(vwd),
-                pr.xw_en.eq(xwe), pr.xw_addr.eq(xwa), pr.xw_data.eq(xwd),
+                pr.bw_en.eq(bw_en_r), pr.bw_addr.eq(bw_addr_r), pr.bw_data.eq(bw_data_r),
+                pr.vw_en.eq(vw_en_r), pr.vw_addr.eq(vw_addr_r), pr.vw_data.eq(vw_data_r),
+                pr.xw_en.eq(xw_en_r), pr.xw_addr.eq(xw_addr_r), pr.xw_data.eq(xw_data_r),
                 pr.ext_baddr.eq(ext_baddr_r), pr.ext_vaddr.eq(ext_vaddr_r),
                 pr.ext_xaddr.eq(ext_xaddr_r), pr.y_raddr.eq(y_raddr_r),
             ]
@@ -698,10 +679,6 @@ class Procrustes(wiring.Component):
                                                  pr.y_waddr.eq(cmd.addr + cnt),
                                                  pr.y_wdata.eq(word[:C * D])]
                     with m.If(last):
-                        m.next = "WDRAIN" if R > 1 and not c.area else "RESP"
-            if R > 1 and not c.area:
-                with m.State("WDRAIN"):  # the last word is in the write chain's stages
-                    with m.If(~wr_pending):
                         m.next = "RESP"
 
             # unload: the address is set in UADDR (on the registered bus in UWAIT; the
@@ -813,7 +790,7 @@ class Procrustes(wiring.Component):
                         with m.If(bi == GM - 1):
                             m.next = "ENCDRAIN"
             with m.State("ENCDRAIN"):
-                with m.If(~enc_busy & ~wr_pending if not c.area else ~enc_busy):
+                with m.If(~enc_busy):
                     m.d.sync += [value.eq(nnz), regs[Reg.NNZ].eq(nnz)]
                     m.next = "RESP"
 
