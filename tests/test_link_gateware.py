@@ -15,11 +15,11 @@ SIMS = [s for s in ("icarus", "verilator") if s in available_simulators()]
 pytestmark = pytest.mark.skipif(not SIMS, reason="no simulator available")
 
 
-def _run(testcase, **params):
+def _run(testcase, simulator=None, **params):
     core = sim_core("linktest")
     p = {"divisor": core.link.divisor, "timeout_cycles": core.link.timeout_cycles,
          "in_bits": 17, **params}
-    r = simulate(core, test_module="sim.tb.tb_fpga_link", simulator=SIMS[0],
+    r = simulate(core, test_module="sim.tb.tb_fpga_link", simulator=simulator or SIMS[0],
                  name="fpga_linktest", testcase=testcase, params=p)
     assert r.passed, r.log.read_text()[-3000:] if r.log else r
     return r.metrics
@@ -59,3 +59,11 @@ def test_bad_link_parameters_are_refused(kwargs, msg):
                 timeout_cycles=1000)
     with pytest.raises(ValueError, match=msg):
         HostLink(**{**args, **kwargs})
+
+
+@pytest.mark.parametrize("simulator", SIMS)
+def test_clear_during_a_read_reply_rejects_that_reply_and_the_link_recovers(simulator):
+    m = _run("test_clear_during_read_reply", simulator, clear_during_read=True)
+    # the CLEAR's own acknowledgement came while the READ reply was still going out
+    assert m["status"]["dropped_replies"] == 1
+    assert m["status"]["in_beats"] == 0  # CLEAR reset the counters; STATUS wrote no beat

@@ -369,12 +369,22 @@ class HostLink(wiring.Component):
         m.d.comb += info_rd.addr.eq(ridx)
         m.d.sync += info_q.eq(info_rd.data)
 
+        # A CLEAR while a READ reply is being sent empties the FIFO the reply reads from.
+        # The reply still sends the bytes its header promised (a shorter frame would take
+        # the host's deframer out of step), but as zeros that pop nothing (the FIFO may
+        # already hold new output), and with its CRC inverted, so the host rejects the
+        # frame instead of taking zeros for data. Without this the responder waited for
+        # bytes that would never come, and dropped every later reply.
+        abort = Signal()
+        with m.If(clear & busy & (kind == REPLY_READ)):
+            m.d.sync += abort.eq(1)
+
         with m.If(req):
             with m.If(busy):
                 m.d.sync += self.dropped_replies.eq(self.dropped_replies + 1)
             with m.Else():
                 m.d.sync += [busy.eq(1), kind.eq(req_kind), rcmd.eq(req_cmd), rseq.eq(req_seq),
-                             rsid.eq(args[0]), ridx.eq(0)]
+                             rsid.eq(args[0]), ridx.eq(0), abort.eq(0)]
                 with m.Switch(req_kind):
                     with m.Case(REPLY_NAK):
                         m.d.sync += [rlen.eq(2), word.eq(Cat(req_code, cmd))]
@@ -408,7 +418,8 @@ class HostLink(wiring.Component):
         pay_valid = Signal()
         with m.Switch(kind):
             with m.Case(REPLY_READ):
-                m.d.comb += [pay.eq(fifo_data[rsid]), pay_valid.eq(sel_valid)]
+                m.d.comb += [pay.eq(Mux(abort, 0, fifo_data[rsid])),
+                             pay_valid.eq(abort | sel_valid)]
             with m.Case(REPLY_INFO):
                 m.d.comb += [pay.eq(info_q), pay_valid.eq(1)]
             with m.Case(REPLY_STATUS):  # read live: stable while the accelerator is idle
@@ -421,6 +432,7 @@ class HostLink(wiring.Component):
         # the ROM, LATCH takes the byte (popping the FIFO for READ), SEND hands it to the
         # UART, so no path runs from a FIFO or ROM into the transmitter.
         cur = Signal(8)
+        crc_out = Mux(abort, ~rcrc, rcrc)
         with m.FSM(name="responder"):
             with m.State("IDLE"):
                 m.d.sync += hidx.eq(0)
@@ -449,7 +461,7 @@ class HostLink(wiring.Component):
                 with m.If(pay_valid):
                     m.d.sync += cur.eq(pay)
                     for n, f in enumerate(fifos):
-                        with m.If((kind == REPLY_READ) & (rsid == n)):
+                        with m.If((kind == REPLY_READ) & (rsid == n) & ~abort):
                             m.d.comb += f.o.ready.eq(1)
                     m.next = "SEND"
             with m.State("SEND"):
@@ -461,11 +473,11 @@ class HostLink(wiring.Component):
                     with m.Else():
                         m.next = "FETCH"
             with m.State("CRC0"):
-                m.d.comb += [tx.i.payload.eq(rcrc[8:]), tx.i.valid.eq(1)]
+                m.d.comb += [tx.i.payload.eq(crc_out[8:]), tx.i.valid.eq(1)]
                 with m.If(tx.i.ready):
                     m.next = "CRC1"
             with m.State("CRC1"):
-                m.d.comb += [tx.i.payload.eq(rcrc[:8]), tx.i.valid.eq(1)]
+                m.d.comb += [tx.i.payload.eq(crc_out[:8]), tx.i.valid.eq(1)]
                 with m.If(tx.i.ready):
                     m.d.sync += busy.eq(0)
                     m.next = "IDLE"

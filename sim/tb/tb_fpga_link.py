@@ -168,6 +168,62 @@ async def test_frames_errors_and_resync(dut):
 
 
 @cocotb.test()
+async def test_clear_during_read_reply(dut):
+    """A CLEAR that arrives while a READ reply is on the wire: that reply is rejected by
+    its CRC (never taken for data), and the link answers and works normally after it."""
+    p, uart = await _setup(dut)
+    if not p.get("clear_during_read"):
+        return
+    from fpga.protocol import Deframer, Frame, FrameError
+
+    byte_ns = 10 * p["divisor"] * p.get("period_ns", 10)
+    nbytes = (p["in_bits"] + 7) // 8
+    words = [(0x1234 + 977 * n) & 0xFFFF for n in range(20)]
+
+    def beats(ws):
+        return b"".join(w.to_bytes(nbytes, "little") for w in ws)  # ``last`` = 0
+
+    async def until_quiet(quiet_bytes: int) -> bytes:
+        out = bytearray()
+        while data := await uart.read(quiet_bytes * byte_ns):
+            out += data
+        return bytes(out)
+
+    ev = await _reply(uart, encode_frame(Cmd.WRITE, 1, bytes([0]) + beats(words)),
+                      200 * byte_ns)
+    assert [(e.cmd, e.seq) for e in ev] == [(Cmd.WRITE | 0x80, 1)], ev
+    await Timer(20 * byte_ns, unit="ns")  # the echoes reach the output FIFO
+    n = len(words) * nbytes
+    uart.send(encode_frame(Cmd.READ, 2, bytes([0]) + n.to_bytes(2, "little")))
+    got = bytearray()
+    while len(got) < 8:  # the header and a few payload bytes are out
+        got += await uart.read(100 * byte_ns)
+        assert got, "no reply to READ"
+    uart.send(encode_frame(Cmd.CLEAR, 3))
+    got += await until_quiet(3 * n)
+    events = Deframer().feed(bytes(got))
+    # the READ reply, cut short by the CLEAR: it keeps its promised length and fails its
+    # CRC (the CLEAR's own reply, if any, was dropped while the READ reply was going out)
+    assert len(events) == 1 and isinstance(events[0], FrameError), events
+    assert events[0].reason == Nak.CRC and events[0].cmd == Cmd.READ | 0x80, events
+    assert len(got) == 5 + n + 2, len(got)
+    # the link answers again, and a new job runs normally
+    st = await _reply(uart, encode_frame(Cmd.STATUS, 4), 200 * byte_ns)
+    assert len(st) == 1 and isinstance(st[0], Frame) and st[0].seq == 4, st
+    status = decode_status(st[0].payload)
+    report_metric("status", status)
+    more = [0x00FF, 0xA5A5]
+    ev = await _reply(uart, encode_frame(Cmd.WRITE, 5, bytes([0]) + beats(more)), 200 * byte_ns)
+    assert [(e.cmd, e.seq) for e in ev] == [(Cmd.WRITE | 0x80, 5)], ev
+    await Timer(20 * byte_ns, unit="ns")
+    m = len(more) * nbytes
+    ev = await _reply(uart, encode_frame(Cmd.READ, 6, bytes([0]) + (4 * m).to_bytes(2, "little")),
+                      200 * byte_ns)
+    assert len(ev) == 1 and isinstance(ev[0], Frame) and ev[0].seq == 6, ev
+    assert ev[0].payload == beats([w ^ 0xFFFF for w in more]), ev[0].payload.hex()
+
+
+@cocotb.test()
 async def test_host_driver(dut):
     """The host driver runs an app through the simulated board, checked against golden."""
     p, uart = await _setup(dut)
