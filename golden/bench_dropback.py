@@ -39,7 +39,7 @@ figure against torch's ``add_`` on the same arrays, ~2.0 ms, under a load of
   estimator's integer regions (float32 rounding of the factors; the fraction
   tracked, 9.3%, sits between the fractions that the step sizes on either
   side balance), so ~90% of the blocks straddle two step sizes. Those blocks
-  are now decided in bulk too (golden.quantile._edge_bulk: the decisions are
+  are now decided in bulk too (golden.quantile._edge_run: the decisions are
   known, and theta's end bits follow from a closed form per run of untracked
   elements, O(tracked elements) per block): on 11.7M such scores the
   estimator went from ~17 ms (serial chain) to ~12 ms, its per-up walk being
@@ -53,11 +53,35 @@ figure against torch's ``add_`` on the same arrays, ~2.0 ms, under a load of
   Session 6 (load ~2): at the benchmark's edge only the down step changes, so
   the walk over the tracked elements is a shift-only chain (~5 cycles per
   tracked element instead of ~25), and the tracked positions come from a
-  64-wide compress-store (golden.quantile._walk_up/_walk_down,
-  _compress_gt64): the estimator alone 10.4 -> 7.9 ms, the step 5.37x ->
-  4.47x SGD. With the walk and the positions removed (a timing experiment,
-  wrong theta) the step was 2.97x: the update/score/write-back streams are
-  most of what is left.
+  64-wide compress-store (golden.quantile._walk_up/_walk_down): the
+  estimator alone 10.4 -> 7.9 ms, the step 5.37x -> 4.47x SGD. With the walk
+  and the positions removed (a timing experiment, wrong theta) the step was
+  2.97x.
+  Session 7 (load 3-5): the estimator's pieces timed on 65,536 of the
+  benchmark's keys held in L2, 178 times over (11.7M keys): band count 0.76
+  ms, mask loop 0.81, tracked positions 0.74, the walk 1.14, and the whole
+  _blocks 6.05 ms: ~2.6 ms were per-block set-up (region cache and edge-piece
+  look-ups, the walk's divisor and shifts) and its branches. Straddling blocks
+  now go in runs (golden.quantile._edge_run: the set-up once per run of blocks
+  at one edge) -> 4.20 ms, and one 64-key pass gives the band count, the mask
+  and the positions (_band_gt64: one load, two compares, a mask store, a
+  compress-store) -> 3.1 ms; the fused step calls _blocks per 512-element
+  chunk, so it goes straight into the run while theta is at the cached edge
+  (run constants cached with the pieces). Benchmark, per-round median:
+  quantile 4.44x (load 4.1) -> 3.92x with the runs and the 64-key pass (load
+  4.2) -> 3.58x with the cached run (load 2.2); tracked counts unchanged.
+  quantile with CounterInit 4.33x -> 4.25x -> 4.76x: the cached run made it
+  slower (also 4.89x in a second run) and the cause is not found yet. In the
+  fused step (a synthetic settled state
+  from the saved stream, one chunk loop, stored w0): the streams alone
+  (estimator replaced by a fixed threshold) 1.66x SGD. Tried and dropped:
+  software prefetch (llvm.prefetch, one or two chunks ahead, of w, g, w0 and
+  the mask) made the step slower (4.67x -> 6.0-6.2x; the streams alone
+  1.66x -> 3.36x); transfer tables for the walk: the entry bits of the
+  benchmark's blocks are not confined to a small window (from ~700 ulps below
+  the edge to ~120k above; 16 consecutive values hold 15% of the entries),
+  and walks started at the two ends of a +-16 window end on the same bits for
+  only 47% of the blocks, so tables (or bracketing) would cover too few.
 """
 
 from __future__ import annotations

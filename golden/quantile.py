@@ -138,8 +138,9 @@ _NREG = 4  # regions kept by :func:`_region_cached`
 def _region_cache():
     """Empty region cache: rows (lo, hi, inc, dec), lo > hi; then a row whose
     first entry is the next slot; then three rows holding the last edge pieces
-    of :func:`_edge_pieces_cached` (empty: lb > ha)."""
-    rc = np.zeros((_NREG + 4, 4), dtype=np.int64)
+    of :func:`_edge_pieces_cached` (empty: lb > ha), then two rows holding the
+    :func:`_run_consts` of those pieces (first entry 0: none)."""
+    rc = np.zeros((_NREG + 6, 4), dtype=np.int64)
     rc[_NREG + 1, 0] = 1
     rc[:_NREG, 0] = 1
     return rc
@@ -274,6 +275,9 @@ def _edge_pieces_cached(b, u, d, up, down, rc, lo, hi, inc, dec):
         c[0, 0], c[0, 1], c[0, 2], c[0, 3] = lb, hb, ib, db
         c[1, 0], c[1, 1], c[1, 2], c[1, 3] = tp, it, dt, la
         c[2, 0], c[2, 1], c[2, 2] = ha, ia, da
+        r = rc[_NREG + 4:_NREG + 6]
+        r[0, 0], r[0, 1], r[0, 2], r[0, 3], r[1, 0], r[1, 1], r[1, 2], r[1, 3] = _run_consts(
+            ib, db, tp, it, dt, la, ia, da)
     return ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da
 
 
@@ -368,10 +372,12 @@ def _bulk_count(key, blo, bhi):
 # (m-1)*dmax, b + (m-1)*imax], the decisions are known as in the plain bulk
 # step; the end bits depend on the order, but a run of L downs from x has a
 # closed form (da-steps while x >= la, then at most one step from tp, then
-# db-steps), so the block costs O(tracked elements): the tracked positions
-# come 64 keys at a time from one vector compare and a compress-store
-# (_tracked_positions), then one walk over them (_walk_up, _walk_down or
-# _downs per run, below).
+# db-steps), so the block costs O(tracked elements): the band count, the mask
+# and the tracked positions come 64 keys at a time from one load, two vector
+# compares and a compress-store (_band_scan), then one walk over the positions
+# (_walk_up, _walk_down or _downs per run, below). Theta hovers at one edge for
+# many blocks in a row, so _edge_run takes consecutive blocks with the pieces'
+# constants set up once.
 
 _EDGE_MAXSTEP = 4096  # steps up to this many ulps: the floor division below is exact
 
@@ -428,64 +434,86 @@ def _walk_kind(ib, db, tp, it, dt, ia, da):
 
 
 @intrinsic
-def _compress_gt64(typingctx, arr, i, thr, out, n, base):
-    """Stores ``base + t`` for every t < 64 with ``arr[i + 63 - t] > thr``, in
-    ascending t, at ``out[n:]``; returns how many (``arr`` and ``out`` contiguous
-    1-D int32, ``i + 64 <= len(arr)`` and room in ``out`` unchecked). One
-    reversed <64 x i32> load and compare, and LLVM's ``masked.compressstore``
-    (AVX-512 ``vpcompressd``, scalarized by LLVM on CPUs without it): no branch on
-    the data, where walking the compare's bit mask with count-leading-zeros
-    mispredicted once per word."""
+def _band_gt64(typingctx, arr, i, blo, bhi, mask, mi, out, n, base):
+    """The straddling step's whole scan of the 64 keys ``arr[i:i+64]`` in one
+    pass: ``mask[mi + t] = arr[i + t] > bhi`` (one 64-byte store), ``base + t``
+    for every t < 64 with ``arr[i + 63 - t] > bhi``, ascending, at ``out[n:]``
+    by LLVM's ``masked.compressstore`` (AVX-512 ``vpcompressd``, scalarized by LLVM
+    on CPUs without it: no branch on the data, where walking the compare's bit
+    mask with count-leading-zeros mispredicted once per word), and the counts:
+    returns (keys > bhi) + (keys in (blo, bhi]) << 32 (``arr``, ``out``
+    contiguous 1-D int32, ``mask`` contiguous 1-D bool, blo <= bhi; bounds
+    unchecked). Each key is loaded and compared once, where a band-count loop, a
+    mask loop and a compress-store pass each did (~1 ms of ~3.7 per 11.7M keys)."""
     if not (isinstance(arr, types.Array) and arr.dtype == types.int32 and arr.ndim == 1
             and arr.layout == "C" and isinstance(out, types.Array)
             and out.dtype == types.int32 and out.ndim == 1 and out.layout == "C"
-            and thr == types.int32 and all(isinstance(t, types.Integer) for t in (i, n, base))):
+            and isinstance(mask, types.Array) and mask.dtype == types.boolean
+            and mask.ndim == 1 and mask.layout == "C"
+            and blo == types.int32 and bhi == types.int32
+            and all(isinstance(t, types.Integer) for t in (i, mi, n, base))):
         return None
 
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
+        i64 = ir.IntType(64)
         v64 = ir.VectorType(i32, 64)
+        b64 = ir.VectorType(ir.IntType(8), 64)
         a = context.make_array(signature.args[0])(context, builder, args[0])
-        o = context.make_array(signature.args[3])(context, builder, args[3])
+        mk = context.make_array(signature.args[4])(context, builder, args[4])
+        o = context.make_array(signature.args[6])(context, builder, args[6])
         idx = context.cast(builder, args[1], signature.args[1], types.int64)
-        nn = context.cast(builder, args[4], signature.args[4], types.int64)
-        bs = context.cast(builder, args[5], signature.args[5], types.int32)
+        mi = context.cast(builder, args[5], signature.args[5], types.int64)
+        nn = context.cast(builder, args[7], signature.args[7], types.int64)
+        bs = context.cast(builder, args[8], signature.args[8], types.int32)
 
         def splat(x):
             t = builder.insert_element(v64(ir.Undefined), x, ir.Constant(i32, 0))
             return builder.shuffle_vector(t, v64(ir.Undefined), ir.Constant(v64, [0] * 64))
 
         v = builder.load(builder.bitcast(builder.gep(a.data, [idx]), v64.as_pointer()), align=4)
-        v = builder.shuffle_vector(v, v64(ir.Undefined), ir.Constant(v64, list(range(63, -1, -1))))
-        c = builder.icmp_signed(">", v, splat(args[2]))
+        above = builder.icmp_signed(">", v, splat(args[3]))
+        band = builder.xor(above, builder.icmp_signed(">", v, splat(args[2])))  # blo < k <= bhi
+        builder.store(builder.zext(above, b64),
+                      builder.bitcast(builder.gep(mk.data, [mi]), b64.as_pointer()), align=1)
+        rev = builder.shuffle_vector(above, above, ir.Constant(v64, list(range(63, -1, -1))))
         vals = builder.add(splat(bs), ir.Constant(v64, list(range(64))))
         fcs = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [v64, i32.as_pointer(), c.type]),
+            builder.module, ir.FunctionType(ir.VoidType(), [v64, i32.as_pointer(), rev.type]),
             "llvm.masked.compressstore.v64i32")
-        builder.call(fcs, [vals, builder.gep(o.data, [nn]), c])
-        i64 = ir.IntType(64)
+        builder.call(fcs, [vals, builder.gep(o.data, [nn]), rev])
         fpc = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]),
                                              "llvm.ctpop.i64")
-        return builder.call(fpc, [builder.bitcast(c, i64)])
+        nu = builder.call(fpc, [builder.bitcast(above, i64)])
+        nb = builder.call(fpc, [builder.bitcast(band, i64)])
+        return builder.add(nu, builder.shl(nb, ir.Constant(i64, 32)))
 
-    return types.int64(arr, i, thr, out, n, base), codegen
+    return types.int64(arr, i, blo, bhi, mask, mi, out, n, base), codegen
 
 
 @numba.njit(inline="always")
-def _tracked_positions(kv, m, bhi, pos):
-    """Visit positions (0: the last element of ``kv[:m]``) of the keys above
-    ``bhi`` into ``pos`` (int32), ascending; returns how many."""
+def _band_scan(kv, m, blo, bhi, mask, moff, pos):
+    """For the block ``kv[:m]``: mask[moff + j] = kv[j] > bhi, the visit
+    positions (0: the last key) of those keys into ``pos``, ascending; returns
+    (how many, keys in the band (blo, bhi])."""
     n = np.int64(0)
+    nb = np.int64(0)
     top = m  # words of 64 keys kv[top-64:top], from the last
     while top >= 64:
         lo64 = top - 64
-        n += _compress_gt64(kv, lo64, bhi, pos, n, np.int32(m - top))
+        r = _band_gt64(kv, lo64, blo, bhi, mask, moff + lo64, pos, n, np.int32(m - top))
+        n += r & 0xFFFFFFFF
+        nb += r >> 32
         top = lo64
     for ii in range(top):  # the first keys (m not a multiple of 64), last to first
         jj = top - 1 - ii
+        kk = kv[jj]
+        t = kk > bhi
+        mask[moff + jj] = t
+        nb += np.int64((kk > blo) & (kk <= bhi))
         pos[n] = m - 1 - jj
-        n += np.int64(kv[jj] > bhi)
-    return n
+        n += np.int64(t)
+    return n, nb
 
 
 @numba.njit(inline="always")
@@ -500,12 +528,12 @@ def _ilog2(v):
 
 
 @numba.njit(inline="always")
-def _walk_up(x, pos, n, m, inc, a0, db, da, mag):
+def _walk_up(x, pos, n, m, inc, a0, db, da, mag, sh, se):
     """Uniform-up walk over the tracked visit positions ``pos[:n]`` of a block of
-    ``m`` from bits ``x``; returns the end bits."""
+    ``m`` from bits ``x``; returns the end bits. ``sh``, ``se``: log2 of ``da``
+    and of ``da - db`` (:func:`_ilog2`, -1 if not powers of two: then the divide
+    by ``mag``)."""
     e = da - db
-    sh = _ilog2(da)
-    se = _ilog2(e)
     p0 = np.int64(0)
     if sh >= 0 and se >= 0:  # shifts (floor division by 2**sh is exact for any sign)
         y = x - a0 + da  # y >> sh = floor((x - a0) / da) + 1: a short chain on y
@@ -544,37 +572,70 @@ def _walk_down(x, pos, n, m, hb, ib, tp, it, la, ia, dec):
 
 
 @numba.njit(inline="always")
-def _edge_bulk(key, start, end, b, hb, ib, db, tp, it, dt, la, ia, da, imax, dmax,
-               mask, off, pos):
-    """The straddling bulk step of the block ``key[start:end]`` (visited from
-    end-1 down) from bits ``b``, when no key is in the band; returns (done, bits).
-    ``pos``: scratch of at least ``end - start`` int32 (tracked positions)."""
-    m = end - start
-    blo = np.int32(b - (m - 1) * dmax)
-    bhi = np.int32(b + (m - 1) * imax)
-    kv = key[start:end]
-    nb, nu = _bulk_count(kv, blo, bhi)
-    if nb != 0:
-        return False, b
-    mv = mask[off + start:off + end]
-    for jj in range(m):
-        mv[jj] = kv[jj] > bhi
-    mag = np.int64(0) if da == 0 else ((np.int64(1) << 32) + da - 1) // da
-    n = _tracked_positions(kv, m, bhi, pos)
-    kind = _walk_kind(ib, db, tp, it, dt, ia, da)
-    if kind == _WALK_UNIFORM_DOWN:
-        return True, _walk_down(b, pos, n, m, hb, ib, tp, it, la, ia, da)
-    if kind == _WALK_UNIFORM_UP:
-        a0 = tp if (tp >= 0 and dt == da) else la
-        return True, _walk_up(b, pos, n, m, ib, a0, db, da, mag)
-    x = b
-    p0 = np.int64(0)  # visit position of the next element (element end-1-p0)
-    for i in range(n):
-        p = np.int64(pos[i])
-        x = _downs(x, p - p0, hb, db, tp, dt, la, da, mag)
-        x += ib if x <= hb else (it if x == tp else ia)  # the tracked element
-        p0 = p + 1
-    return True, _downs(x, m - p0, hb, db, tp, dt, la, da, mag)
+def _run_consts(ib, db, tp, it, dt, la, ia, da):
+    """(ok, imax, dmax, mag, kind, a0, sh, se): what :func:`_edge_run` needs besides
+    the pieces, computed once per pieces (a 64-bit divide, two log2 loops).
+    ``ok`` (1/0): the straddling step applies to them (steps small enough for
+    the divide by ``mag``, a down step above the edge and from the tie)."""
+    imax = max(ib, it, ia)
+    dmax = max(db, dt, da)
+    ok = (imax < _EDGE_MAXSTEP and dmax < _EDGE_MAXSTEP and da >= 1
+          and (tp < 0 or dt >= 1))
+    mag = ((np.int64(1) << 32) + da - 1) // da if da >= 1 else np.int64(0)
+    kind = np.int64(_walk_kind(ib, db, tp, it, dt, ia, da))
+    a0 = tp if (tp >= 0 and dt == da) else la
+    sh = _ilog2(da)
+    se = _ilog2(da - db)
+    return np.int64(ok), imax, dmax, mag, kind, a0, sh, se
+
+
+@numba.njit(inline="always")
+def _edge_run(key, end, b, lb, hb, ib, db, tp, it, dt, la, ha, ia, da, imax, dmax, mag, kind,
+              a0, sh, se, mask, off, stats, pos):
+    """Straddling bulk steps over consecutive blocks of :data:`_SUB`, the first
+    ``key[end-_SUB:end]`` (visited from end-1 down), from bits ``b``, with the
+    edge pieces of :func:`_edge_pieces` (they hold for any bits in [lb, ha]);
+    returns (end, bits) after the last block it took. It stops before a block
+    that :func:`_blocks` would not give it: the plain bulk step applies (the
+    piece holding ``b`` has room for the block), a step could leave [lb, ha], or
+    a key lies in the band (then its mask entries written here are rewritten by
+    the chain). ``imax`` .. ``se``: :func:`_run_consts` of the pieces (cached with
+    them): theta hovering at one edge takes this step block after block, and the
+    per-block look-ups and set-up (region cache, pieces, divisor) cost as much
+    as the walk. ``pos``: scratch of at least ``_SUB`` int32 (tracked positions)."""
+    while end > 0:
+        start = max(0, end - _SUB)
+        m = end - start
+        if b <= hb:  # _bulk_ok in the region holding b (never on tp: no region)
+            plain = lb + m * db <= b and b + m * ib <= hb
+        else:
+            plain = b >= la and la + m * da <= b and b + m * ia <= ha
+        if plain or lb + m * dmax > b or b + m * imax > ha:
+            break
+        blo = np.int32(b - (m - 1) * dmax)
+        bhi = np.int32(b + (m - 1) * imax)
+        # the mask and positions are written before the band is known to be empty
+        # (if not, the chain rewrites the block's mask; pos is scratch)
+        n, nb = _band_scan(key[start:end], m, blo, bhi, mask, off + start, pos)
+        if nb != 0:
+            break
+        if kind == _WALK_UNIFORM_DOWN:
+            b = _walk_down(b, pos, n, m, hb, ib, tp, it, la, ia, da)
+        elif kind == _WALK_UNIFORM_UP:
+            b = _walk_up(b, pos, n, m, ib, a0, db, da, mag, sh, se)
+        else:
+            x = b
+            p0 = np.int64(0)  # visit position of the next element (element end-1-p0)
+            for i in range(n):
+                p = np.int64(pos[i])
+                x = _downs(x, p - p0, hb, db, tp, dt, la, da, mag)
+                x += ib if x <= hb else (it if x == tp else ia)  # the tracked element
+                p0 = p + 1
+            b = _downs(x, m - p0, hb, db, tp, dt, la, da, mag)
+        stats[0] += 1
+        stats[2] += 1
+        end = start
+    return end, b
 
 
 @numba.njit(inline="always")
@@ -584,43 +645,61 @@ def _blocks(key, n, b, u, d, up, down, mask, off, rc, stats, pos):
     (:func:`_region_cache`, kept between calls), ``stats`` counts [bulk,
     chained, straddling bulk] blocks (the last also counted as bulk). Returns
     the new bits."""
+    c = rc[_NREG + 1:_NREG + 6]  # the cached edge pieces and their run constants
     end = n
+    looked_up = False  # True: the block at `end` goes through the look-ups (not the cache)
     while end > 0:
         start = max(0, end - _SUB)
         m = end - start
-        lo, hi, inc, dec = _region_cached(b, u, d, rc)
         done = False
-        if not _bulk_ok(b, m, lo, hi, inc, dec):
-            # theta near a region edge (where it often settles): the straddling
-            # bulk step if it applies, else chain a longer run at once (the edge
-            # steps pay their set-up once for it)
-            ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da = _edge_pieces_cached(
-                b, u, d, up, down, rc, lo, hi, inc, dec)
-            imax = max(ib, it, ia)
-            dmax = max(db, dt, da)
-            if (ok and imax < _EDGE_MAXSTEP and dmax < _EDGE_MAXSTEP and da >= 1
-                    and (tp < 0 or dt >= 1)
-                    and lb + m * dmax <= b and b + m * imax <= ha):
-                done, b = _edge_bulk(key, start, end, b, hb, ib, db, tp, it, dt, la, ia,
-                                     da, imax, dmax, mask, off, pos)
-                if done:
-                    stats[0] += 1
-                    stats[2] += 1
-            elif not done:
-                start = max(0, end - 4 * _SUB)
-                m = end - start
+        run = False
+        if (not looked_up and c[3, 0] == 1 and c[0, 0] + m * c[3, 2] <= b
+                and b + m * c[3, 1] <= c[2, 0]):
+            # theta still at the cached edge (it stays there block after block, and
+            # this is called per chunk of golden.dropback's fused step): the run
+            # straight away; if it does not take this block, the look-ups do
+            run = True
         else:
-            blo = np.int32(b - (m - 1) * dec)  # in (0, 2**31): inside the region
-            bhi = np.int32(b + (m - 1) * inc)  # (int32 compares vectorize 2x wider)
-            kv = key[start:end]
-            nb, nu = _bulk_count(kv, blo, bhi)
-            if nb == 0:
-                mv = mask[off + start:off + end]
-                for jj in range(m):
-                    mv[jj] = kv[jj] > bhi
-                b = b + nu * inc - (m - nu) * dec
-                stats[0] += 1
-                done = True
+            looked_up = False
+            lo, hi, inc, dec = _region_cached(b, u, d, rc)
+            if not _bulk_ok(b, m, lo, hi, inc, dec):
+                # theta near a region edge (where it often settles): the straddling
+                # bulk step if it applies, else chain a longer run at once (the edge
+                # steps pay their set-up once for it)
+                ok, lb, hb, ib, db, tp, it, dt, la, ha, ia, da = _edge_pieces_cached(
+                    b, u, d, up, down, rc, lo, hi, inc, dec)
+                # (when ok, the pieces and their run constants are those in c)
+                if ok and c[3, 0] == 1 and lb + m * c[3, 2] <= b and b + m * c[3, 1] <= ha:
+                    looked_up = True
+                    run = True
+                else:
+                    start = max(0, end - 4 * _SUB)
+                    m = end - start
+            else:
+                blo = np.int32(b - (m - 1) * dec)  # in (0, 2**31): inside the region
+                bhi = np.int32(b + (m - 1) * inc)  # (int32 compares vectorize 2x wider)
+                kv = key[start:end]
+                nb, nu = _bulk_count(kv, blo, bhi)
+                if nb == 0:
+                    mv = mask[off + start:off + end]
+                    for jj in range(m):
+                        mv[jj] = kv[jj] > bhi
+                    b = b + nu * inc - (m - nu) * dec
+                    stats[0] += 1
+                    done = True
+        if run:  # one call site (the run is inlined: two copies cost code size)
+            e2, b = _edge_run(key, end, b, c[0, 0], c[0, 1], c[0, 2], c[0, 3], c[1, 0],
+                              c[1, 1], c[1, 2], c[1, 3], c[2, 0], c[2, 1], c[2, 2], c[3, 1],
+                              c[3, 2], c[3, 3], c[4, 0], c[4, 1], c[4, 2], c[4, 3], mask, off,
+                              stats, pos)
+            if e2 < end:  # it took at least this block
+                looked_up = False
+                end = e2
+                continue
+            if not looked_up:  # from the cache: this block through the look-ups
+                looked_up = True
+                continue
+            looked_up = False  # a key in the band: the chain
         if not done:
             b = _chain(key[start:end], m, b, u, d, up, down, mask, off + start, rc)
             stats[1] += (m + _SUB - 1) // _SUB  # counted in blocks of _SUB

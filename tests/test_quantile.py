@@ -264,3 +264,112 @@ def test_straddling_block_of_any_length_matches_reference(edge, q, q_step, kind,
     assert np.array_equal(m1, m2)
     assert t_ref.tobytes() == t_fast.tobytes()
     assert stats[2] == 1  # the block took the straddling bulk step
+
+
+def _edge_run_at(s, theta, q, q_step):
+    """golden.quantile._edge_run over the keys of ``s`` from ``theta`` (the pieces
+    of theta's edge): (end, theta after the blocks it took, mask, blocks taken)."""
+    import numba
+
+    from golden.quantile import (
+        _consts,
+        _edge_pieces,
+        _edge_run,
+        _region,
+        _region_cache,
+        _run_consts,
+        factors,
+    )
+
+    @numba.njit
+    def go(key, b, pc, mask, pos):
+        stats = np.zeros(3, dtype=np.int64)
+        ok, imax, dmax, mag, kind, a0, sh, se = _run_consts(pc[2], pc[3], pc[4], pc[5], pc[6],
+                                                             pc[7], pc[9], pc[10])
+        end, b = _edge_run(key, key.shape[0], b, pc[0], pc[1], pc[2], pc[3], pc[4], pc[5],
+                           pc[6], pc[7], pc[8], pc[9], pc[10], imax, dmax, mag, kind, a0, sh,
+                           se, mask, 0, stats, pos)
+        return ok, end, b, stats[2]
+
+    up, down = factors(q, q_step)
+    u, d = _consts(up, down)
+    b = int(_bits(theta))
+    lo, hi, inc, dec = _region(b, u, d)
+    ok, *pieces = _edge_pieces(b, u, d, up, down, _region_cache(), lo, hi, inc, dec)
+    assert ok
+    key = np.where(s > 0, _bits(s), 0).astype(np.int32)
+    mask = np.zeros(s.shape[0], dtype=bool)
+    ok, end, bits, taken = go(key, b, np.array(pieces, dtype=np.int64), mask,
+                              np.empty(256, dtype=np.int32))
+    assert ok == 1  # the straddling step applies to these pieces
+    return int(end), _from_bits(bits)[()], mask, int(taken)
+
+
+def _pinned_stream(theta, q, q_step, n):
+    """Scores far from ``theta`` that keep the reference's theta within one step
+    of ``theta`` (tracked when theta is at or below it): every block straddles."""
+    from golden.quantile import factors
+    up, down = factors(q, q_step)
+    s = np.empty(n, dtype=np.float32)
+    t = theta
+    for i in range(n - 1, -1, -1):
+        if t <= theta:
+            s[i], t = theta * 3, np.float32(t * up)
+        else:
+            s[i], t = theta * 1e-3, np.float32(t * down)
+    return s
+
+
+@pytest.mark.parametrize("edge,q,q_step,kind", [e for e in _EDGES if e[3] is not None])
+def test_edge_run_stops_where_blocks_leave_it(edge, q, q_step, kind):
+    # golden.quantile._edge_run takes consecutive straddling blocks; the blocks it
+    # took must match the float32 reference (mask and theta), and it must stop
+    # before a block with a key in its band (in a 64-key word, or in the scalar
+    # tail of a block that is not a whole number of words) and before a block the
+    # plain bulk step takes (theta pushed far above the edge by a block of
+    # tracked scores). _blocks then takes that block (the tests above).
+    theta = np.float32(edge)
+    n = 12 * 256 + 100  # visited last to first: the partial block (100) comes last
+    s = _pinned_stream(theta, q, q_step, n)
+
+    def check(s, end_expected, past=None):
+        # stops exactly at end_expected, or (past) after taking that block
+        end, t, mask, taken = _edge_run_at(s, theta, q, q_step)
+        m_ref, t_ref = quantile_pass_reference(s[end:], theta, q, q_step)
+        assert end <= past if past is not None else end == end_expected
+        assert taken == (n - end + 255) // 256
+        assert np.array_equal(mask[end:], m_ref)
+        assert t.tobytes() == t_ref.tobytes()
+
+    check(s, 0)  # every block, the partial one too
+    # a key equal to theta at a block's entry: in a 64-key word, in the partial
+    # block's word and in its scalar tail (its first 100 % 64 = 36 keys)
+    for blk, at in ((5, 200), (5, 17), (12, 40), (12, 17)):
+        s2 = s.copy()
+        start = max(0, n - 256 * (blk + 1))  # block `blk` in visit order
+        _, t_ref = quantile_pass_reference(s2[n - 256 * blk:], theta, q, q_step)
+        s2[start + at] = t_ref
+        check(s2, n - 256 * blk)
+    # keys on the band's bounds (b - (m-1)*dmax, b + (m-1)*imax] of block 5 (m =
+    # 256, in a word) and of the partial block (m = 100, in the tail): the bounds
+    # themselves are in the band (the run stops), one ulp outside they are not
+    # (the run takes the block; theta, moved by the key, may then leave the edge)
+    from golden.quantile import _consts, _edge_pieces, _region, _region_cache, factors
+    up, down = factors(q, q_step)
+    u, d = _consts(up, down)
+    b0 = int(_bits(theta))
+    _, lb, hb, ib, db, tp, it, dt, la, ha, ia, da = _edge_pieces(
+        b0, u, d, up, down, _region_cache(), *_region(b0, u, d))
+    imax, dmax = max(ib, it, ia), max(db, dt, da)
+    for blk, at, m in ((5, 100, 256), (12, 20, 100)):
+        start = max(0, n - 256 * (blk + 1))
+        _, t_ref = quantile_pass_reference(s[n - 256 * blk:], theta, q, q_step)
+        b = int(_bits(t_ref))
+        for key, inside in ((b + (m - 1) * imax, True), (b + (m - 1) * imax + 1, False),
+                            (b - (m - 1) * dmax, False), (b - (m - 1) * dmax + 1, True)):
+            s2 = s.copy()
+            s2[start + at] = _from_bits(key)
+            check(s2, n - 256 * blk, past=None if inside else start)
+    s3 = s.copy()
+    s3[n - 4 * 256:n - 3 * 256] = theta * 3  # block 3 all tracked: far above the edge
+    check(s3, n - 4 * 256)
