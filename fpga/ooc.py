@@ -20,7 +20,10 @@ nextpnr's ``--report``. Results are cached by the build plan's hash, like bitstr
 Large designs: ``router="router2"`` selects nextpnr's second router (often much faster on
 congested ECP5 designs); ``place_only=True`` stops after placement (nextpnr
 ``--no-route``) and reports the placer's estimate of fmax from nextpnr's log, with the
-resources (nextpnr prints no critical path before routing).
+resources (nextpnr prints no critical path before routing). ``nextpnr_args`` passes
+placer and router options that fight congestion through to nextpnr, from a fixed list
+(:data:`NEXTPNR_ARGS`: e.g. ``--placer static``, ``--placer-heap-beta 0.7``,
+``--tmg-ripup``); they are part of the build plan, so each set is cached apart.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 from amaranth.hdl import Cat, Elaboratable, Module, Signal, Value
 from amaranth.lib import io, wiring
 
-__all__ = ["HELP", "OOCTop", "ROUTERS", "add_arguments", "critical_path", "measure",
+__all__ = ["HELP", "NEXTPNR_ARGS", "OOCTop", "ROUTERS", "add_arguments", "critical_path", "measure",
            "placed_fmax", "run"]
 
 HELP = "out-of-context fmax and resources of one design on a board's FPGA (nextpnr)"
@@ -53,6 +56,22 @@ DESCRIPTION = (
 
 LFSR_TAPS = (32, 22, 2, 1)  # x^32 + x^22 + x^2 + x + 1, maximal length
 ROUTERS = ("router1", "router2")  # nextpnr's --router choices (router1 is its default)
+# nextpnr options that may be passed through (--nextpnr-arg): name -> the allowed values
+# (None: a flag without a value; a tuple: one of those words; a (lo, hi) pair of numbers:
+# a number in that range). Only placer and router options: the ones this module sets
+# itself (--seed, --router, --no-route, --report, the device) are not in the list.
+NEXTPNR_ARGS = {
+    "--placer": ("heap", "sa", "static"),
+    "--placer-heap-alpha": (0.0, 1.0),
+    "--placer-heap-beta": (0.1, 1.0),
+    "--placer-heap-critexp": (1, 8),
+    "--placer-heap-timingweight": (0, 100),
+    "--placer-heap-cell-placement-timeout": (1, 1000),
+    "--placer-heap-no-ctrl-set": None,
+    "--tmg-ripup": None,
+    "--router2-alt-weights": None,
+    "--no-tmdriv": None,
+}
 _MAX_FREQ = re.compile(r"Max frequency for clock '[^']*': ([0-9.]+) MHz")
 
 
@@ -123,17 +142,53 @@ def placed_fmax(log: str) -> float:
     return round(float(found[-1]), 2)
 
 
+def nextpnr_arg_words(args) -> list[str]:
+    """Check ``args`` (``"--name"`` or ``"--name=value"`` strings) against
+    :data:`NEXTPNR_ARGS` and return them as nextpnr's command-line words."""
+    words = []
+    for a in args:
+        name, eq, value = str(a).partition("=")
+        if name not in NEXTPNR_ARGS:
+            raise ValueError(f"nextpnr_args must be among {', '.join(NEXTPNR_ARGS)}, "
+                             f"not {name!r}")
+        allowed = NEXTPNR_ARGS[name]
+        if allowed is None:
+            if eq:
+                raise ValueError(f"nextpnr_args: {name} takes no value, not {value!r}")
+            words.append(name)
+            continue
+        if isinstance(allowed[0], str):
+            if value not in allowed:
+                raise ValueError(f"nextpnr_args: {name} must be one of "
+                                 f"{', '.join(allowed)}, not {value!r}")
+        else:
+            lo, hi = allowed
+            try:
+                num = (int if isinstance(lo, int) else float)(value)
+            except ValueError:
+                num = None
+            if num is None or not lo <= num <= hi:
+                raise ValueError(f"nextpnr_args: {name} must be in {lo}..{hi}, "
+                                 f"not {value!r}")
+            value = str(num)
+        words += [name, value]
+    return words
+
+
 def measure(design: str, params: dict | None = None, *, board: str = "ulx3s",
             seeds=(1,), out: Path | str = "build/fpga", target_mhz: float | None = None,
-            cache: bool = True, router: str | None = None, place_only: bool = False) -> dict:
+            cache: bool = True, router: str | None = None, place_only: bool = False,
+            nextpnr_args=()) -> dict:
     """Place and route ``design`` alone on ``board``'s FPGA once per seed.
 
     Parameters are the design's defaults, then the board's (as ``procube build``), then
     ``params``. ``router`` is nextpnr's router (``router1``, its default, or
     ``router2``); ``place_only`` stops after placement and reports the placer's fmax
-    estimate (no critical path). Returns ``{"design", "board", "device", "params",
-    "wrapper", "runs": [per seed: fmax, resources, critical path], "fmax_mhz": {min,
-    median, max}, "router", "place_only"}``.
+    estimate (no critical path). ``nextpnr_args``: more nextpnr options, each
+    ``"--name"`` or ``"--name=value"`` from :data:`NEXTPNR_ARGS` (ECP5 only). Returns
+    ``{"design", "board", "device", "params", "wrapper", "runs": [per seed: fmax,
+    resources, critical path], "fmax_mhz": {min, median, max}, "router", "place_only",
+    "nextpnr_args"}``.
     """
     from hw import designs as hw_designs
 
@@ -156,6 +211,9 @@ def measure(design: str, params: dict | None = None, *, board: str = "ulx3s",
         raise ValueError(f"target_mhz must be in 1..500, not {target}")
     if router is not None and router not in ROUTERS:
         raise ValueError(f"router must be one of {', '.join(ROUTERS)}, not {router!r}")
+    extra = nextpnr_arg_words(nextpnr_args)
+    if extra and spec.family != "ecp5":
+        raise ValueError(f"nextpnr_args are for the ECP5 (ulx3s), not {board}")
     full = {**d.defaults(), **board_params(board, design, params)}
     versions = _tool_versions(spec.family)
     runs, wrapper = [], None
@@ -171,6 +229,8 @@ def measure(design: str, params: dict | None = None, *, board: str = "ulx3s",
             np_opts += f" --router {router}"
         if place_only:
             np_opts += " --no-route"
+        if extra:
+            np_opts += " " + " ".join(extra)
         opts = {"nextpnr_opts": np_opts, **synth_overrides(spec)}
         plan = platform.build(top, name="top", do_build=False, **opts)
         key = hashlib.sha256((plan.digest().hex() + json.dumps(versions, sort_keys=True))
@@ -197,12 +257,15 @@ def measure(design: str, params: dict | None = None, *, board: str = "ulx3s",
     return {"design": design, "board": board, "device": spec.device, "params": full,
             "target_mhz": target, "wrapper": wrapper, "tools": versions, "runs": runs,
             "fmax_mhz": {"min": min(fm), "median": statistics.median(fm), "max": max(fm)},
-            "router": router or "router1", "place_only": place_only}
+            "router": router or "router1", "place_only": place_only,
+            "nextpnr_args": extra}
 
 
 def summary_lines(result: dict) -> list[str]:
     lines = [f"{result['design']} out of context on {result['device']} ({result['board']}), "
-             f"params {result['params']}",
+             f"params {result['params']}"
+             + (f", nextpnr {' '.join(result['nextpnr_args'])}"
+                if result.get("nextpnr_args") else ""),
              f"  wrapper: {result['wrapper']['input_bits']} input bits from an LFSR chain, "
              f"{result['wrapper']['output_bits']} output bits into a MISR"]
     for r in result["runs"]:
@@ -249,6 +312,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--place-only", action="store_true",
                         help="stop after placement and report nextpnr's placement estimate "
                              "of fmax (no routing, no critical path)")
+    parser.add_argument("--nextpnr-arg", action="append", default=[], metavar="--NAME[=V]",
+                        help="pass a placer/router option to nextpnr (ECP5; repeatable; "
+                             "write it with '=', e.g. --nextpnr-arg=--placer=static): "
+                             + ", ".join(NEXTPNR_ARGS))
     parser.add_argument("--no-cache", action="store_true", help="run the tools even if cached")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -263,7 +330,7 @@ def run(args) -> int:
         result = measure(args.design, dict(args.param), board=args.board,
                          seeds=args.seed or [1], out=args.out, target_mhz=args.target_mhz,
                          cache=not args.no_cache, router=args.router,
-                         place_only=args.place_only)
+                         place_only=args.place_only, nextpnr_args=args.nextpnr_arg)
     except (BuildError, ToolchainError) as e:
         print(f"procube bench fmax: {e}", file=sys.stderr)
         return 1

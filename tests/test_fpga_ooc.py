@@ -62,6 +62,16 @@ def test_fifo_on_ice40_reports_fmax_and_keeps_the_memory(tmp_path):
     ({"target_mhz": 0.5}, r"target_mhz must be in 1\.\.500, not 0\.5"),
     ({"params": {"width": 0}}, r"width must be in 1\.\.4096"),
     ({"router": "router3"}, r"router must be one of router1, router2, not 'router3'"),
+    ({"nextpnr_args": ["--seed=2"]}, r"nextpnr_args must be among --placer, .*not '--seed'"),
+    ({"nextpnr_args": ["--placer=magic"]},
+     r"nextpnr_args: --placer must be one of heap, sa, static, not 'magic'"),
+    ({"nextpnr_args": ["--placer-heap-beta=1.5"]},
+     r"nextpnr_args: --placer-heap-beta must be in 0\.1\.\.1\.0, not '1\.5'"),
+    ({"nextpnr_args": ["--placer-heap-beta=0.5;ls"]},
+     r"nextpnr_args: --placer-heap-beta must be in 0\.1\.\.1\.0, not '0\.5;ls'"),
+    ({"nextpnr_args": ["--tmg-ripup=1"]}, r"nextpnr_args: --tmg-ripup takes no value, not '1'"),
+    ({"nextpnr_args": ["--tmg-ripup"], "board": "icebreaker"},
+     r"nextpnr_args are for the ECP5 \(ulx3s\), not icebreaker"),
 ])
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -82,8 +92,11 @@ def test_cli_options():
     assert (a.design, a.param, a.seed, a.board) == ("cubist", [("h", 8)], [2, 3], "ulx3s")
     assert (a.router, a.place_only) == (None, False)
     assert "LFSR" in p.format_help()
-    a = p.parse_args(["--design", "fifo", "--router", "router2", "--place-only"])
+    assert a.nextpnr_arg == []
+    a = p.parse_args(["--design", "fifo", "--router", "router2", "--place-only",
+                      "--nextpnr-arg=--placer=static", "--nextpnr-arg=--tmg-ripup"])
     assert (a.router, a.place_only) == ("router2", True)
+    assert a.nextpnr_arg == ["--placer=static", "--tmg-ripup"]
     with pytest.raises(SystemExit):
         p.parse_args(["--design", "fifo", "--router", "router9"])
 
@@ -99,21 +112,27 @@ def test_placed_fmax_is_the_last_estimate_of_the_log():
 
 def test_place_only_and_router2_on_the_ecp5(tmp_path):
     # --no-route: the fmax is the placer's estimate (no critical path before routing);
-    # --router router2 routes, with the usual report and critical path
-    placed = ooc.measure("fifo", {"width": 8, "depth": 16}, out=tmp_path, place_only=True)
+    # --router router2 routes, with the usual report and critical path; nextpnr_args
+    # reach nextpnr's command line
+    placed = ooc.measure("fifo", {"width": 8, "depth": 16}, out=tmp_path, place_only=True,
+                         nextpnr_args=["--placer-heap-beta=0.8", "--tmg-ripup"])
     run = placed["runs"][0]
     assert placed["place_only"] is True and run["placed_only"] is True
+    assert placed["nextpnr_args"] == ["--placer-heap-beta", "0.8", "--tmg-ripup"]
     assert 10 < run["fmax_mhz"] < 1000 and run["critical_path"] is None
     assert run["resources"]["LUT"]["used"] > 15
     script = (tmp_path / run["dir"].split("/")[-1] / "build_top.sh").read_text()
     assert "--no-route" in script and "--router" not in script
+    assert "--placer-heap-beta 0.8 --tmg-ripup" in script
     assert any("placement estimate of fmax" in ln for ln in ooc.summary_lines(placed))
+    assert "nextpnr --placer-heap-beta 0.8 --tmg-ripup" in ooc.summary_lines(placed)[0]
     routed = ooc.measure("fifo", {"width": 8, "depth": 16}, out=tmp_path, router="router2")
     run2 = routed["runs"][0]
     assert routed["router"] == "router2" and run2["placed_only"] is False
     assert run2["critical_path"]["delay_ns"] > 0 and 10 < run2["fmax_mhz"] < 1000
     script = (tmp_path / run2["dir"].split("/")[-1] / "build_top.sh").read_text()
     assert "--router router2" in script and "--no-route" not in script
+    assert "--placer-heap-beta" not in script
 
 
 def test_ecp5_flow_keeps_the_flip_flops_of_kept_signals(tmp_path):
