@@ -70,8 +70,13 @@ figure against torch's ``add_`` on the same arrays, ~2.0 ms, under a load of
   (run constants cached with the pieces). Benchmark, per-round median:
   quantile 4.44x (load 4.1) -> 3.92x with the runs and the 64-key pass (load
   4.2) -> 3.58x with the cached run (load 2.2); tracked counts unchanged.
-  quantile with CounterInit 4.33x -> 4.25x -> 4.76x: the cached run made it
-  slower (also 4.89x in a second run) and the cause is not found yet. In the
+  quantile with CounterInit 4.33x -> 4.25x -> 4.76x: its theta sits inside a
+  region (95% plain bulk blocks) that the cached edge pieces also cover, and
+  the cached run was entered and left at once for each such block; with the
+  cache check skipping the run where the plain step applies, a diagnostic of
+  that mode alone went 4.62x -> 4.09x (stored w0 unchanged, 3.37x vs 3.38x).
+  The final bench (load 1.0): 2.41, 3.83, 3.93, 4.59; quantile's 3.58 above
+  and 3.93 here are the same code, so the spread between runs is wide. In the
   fused step (a synthetic settled state
   from the saved stream, one chunk loop, stored w0): the streams alone
   (estimator replaced by a fixed threshold) 1.66x SGD. Tried and dropped:
