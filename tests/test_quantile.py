@@ -266,30 +266,35 @@ def test_straddling_block_of_any_length_matches_reference(edge, q, q_step, kind,
     assert stats[2] == 1  # the block took the straddling bulk step
 
 
+_EDGE_RUN = []  # the compiled driver of _edge_run_at, built once per process
+
+
+def _edge_run_driver():
+    """A compiled caller of golden.quantile._edge_run (an inline-only kernel).
+    Built on first use and kept: each build compiles the run (seconds)."""
+    if not _EDGE_RUN:
+        import numba
+
+        from golden.quantile import _edge_run, _run_consts
+
+        @numba.njit
+        def go(key, b, pc, mask, pos):
+            stats = np.zeros(3, dtype=np.int64)
+            ok, imax, dmax, mag, kind, a0, sh, se = _run_consts(pc[2], pc[3], pc[4], pc[5],
+                                                                 pc[6], pc[7], pc[9], pc[10])
+            end, b = _edge_run(key, key.shape[0], b, pc[0], pc[1], pc[2], pc[3], pc[4], pc[5],
+                               pc[6], pc[7], pc[8], pc[9], pc[10], imax, dmax, mag, kind, a0,
+                               sh, se, mask, 0, stats, pos)
+            return ok, end, b, stats[2]
+
+        _EDGE_RUN.append(go)
+    return _EDGE_RUN[0]
+
+
 def _edge_run_at(s, theta, q, q_step):
     """golden.quantile._edge_run over the keys of ``s`` from ``theta`` (the pieces
     of theta's edge): (end, theta after the blocks it took, mask, blocks taken)."""
-    import numba
-
-    from golden.quantile import (
-        _consts,
-        _edge_pieces,
-        _edge_run,
-        _region,
-        _region_cache,
-        _run_consts,
-        factors,
-    )
-
-    @numba.njit
-    def go(key, b, pc, mask, pos):
-        stats = np.zeros(3, dtype=np.int64)
-        ok, imax, dmax, mag, kind, a0, sh, se = _run_consts(pc[2], pc[3], pc[4], pc[5], pc[6],
-                                                             pc[7], pc[9], pc[10])
-        end, b = _edge_run(key, key.shape[0], b, pc[0], pc[1], pc[2], pc[3], pc[4], pc[5],
-                           pc[6], pc[7], pc[8], pc[9], pc[10], imax, dmax, mag, kind, a0, sh,
-                           se, mask, 0, stats, pos)
-        return ok, end, b, stats[2]
+    from golden.quantile import _consts, _edge_pieces, _region, _region_cache, factors
 
     up, down = factors(q, q_step)
     u, d = _consts(up, down)
@@ -299,8 +304,8 @@ def _edge_run_at(s, theta, q, q_step):
     assert ok
     key = np.where(s > 0, _bits(s), 0).astype(np.int32)
     mask = np.zeros(s.shape[0], dtype=bool)
-    ok, end, bits, taken = go(key, b, np.array(pieces, dtype=np.int64), mask,
-                              np.empty(256, dtype=np.int32))
+    ok, end, bits, taken = _edge_run_driver()(key, b, np.array(pieces, dtype=np.int64), mask,
+                                              np.empty(256, dtype=np.int32))
     assert ok == 1  # the straddling step applies to these pieces
     return int(end), _from_bits(bits)[()], mask, int(taken)
 
