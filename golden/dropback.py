@@ -883,3 +883,9 @@ class Dropback(torch.optim.Optimizer):
                 eq_seen = _topk_mask(bits[off[i]:off[i + 1]], thr, need_eq, eq_seen, mask)
             self._reset_all(work, d32)
         self.tracked_count = k  # exact by construction (tests count the masks)
+
+
+# On-disk cache of the kernels above, stamped with all golden sources (golden/jitcache.py).
+from golden import jitcache as _jitcache  # noqa: E402
+
+_jitcache.enable(globals())

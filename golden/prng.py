@@ -243,3 +243,9 @@ class CounterInit:
         bounds = init_bounds([p.shape for p in params])
         for i, (p, b) in enumerate(zip(params, bounds)):
             p.copy_(self.w0(i, p.shape, b).to(p.dtype))
+
+
+# On-disk cache of the kernels above, stamped with all golden sources (golden/jitcache.py).
+from golden import jitcache as _jitcache  # noqa: E402
+
+_jitcache.enable(globals())

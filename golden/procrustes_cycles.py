@@ -243,3 +243,9 @@ def predict_update(M: int, K: int, p: ArrayParams) -> int:
     if p.area:
         return _UPDATE_II_AREA * M * K + gm * gk * p.bm * p.bk + _UPDATE_FIXED_AREA
     return _UPDATE_II * M * K + gm * gk * p.bm * p.bk + _UPDATE_FIXED
+
+
+# On-disk cache of the kernels above, stamped with all golden sources (golden/jitcache.py).
+from golden import jitcache as _jitcache  # noqa: E402
+
+_jitcache.enable(globals())

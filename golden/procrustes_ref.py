@@ -823,3 +823,9 @@ def train_fixed(model: FixedMLP, x_train, y_train, *, epochs: int, batch: int = 
         if progress is not None:
             progress.update(1)
     return losses
+
+
+# On-disk cache of the kernels above, stamped with all golden sources (golden/jitcache.py).
+from golden import jitcache as _jitcache  # noqa: E402
+
+_jitcache.enable(globals())

@@ -789,3 +789,9 @@ class StreamingQuantile:
         """One pass; returns the tracked mask and updates ``theta``."""
         mask, self.theta = quantile_pass(scores, self.theta, self.q, self.q_step)
         return mask
+
+
+# On-disk cache of the kernels above, stamped with all golden sources (golden/jitcache.py).
+from golden import jitcache as _jitcache  # noqa: E402
+
+_jitcache.enable(globals())

@@ -1,0 +1,50 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import golden
+from golden.jitcache import source_stamp
+
+_GOLDEN = Path(golden.__file__).parent
+
+# one golden kernel called in a fresh process; prints its outputs and the cache hits
+_RUN = """
+import numpy as np
+from golden import prng
+out = prng.prng_u32(7, np.arange(5))
+print(out.tolist(), prng._prng_array.stats.cache_hits.most_common() != [])
+"""
+
+
+def _run(cache_dir, **env):
+    e = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), **env)
+    res = subprocess.run([sys.executable, "-c", _RUN], capture_output=True, text=True, env=e,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.split()
+
+
+def test_stamp_covers_every_golden_source(tmp_path):
+    for p in _GOLDEN.glob("*.py"):
+        shutil.copy(p, tmp_path / p.name)
+    assert source_stamp(tmp_path) == source_stamp(_GOLDEN)
+    # an edit of a module a kernel inlines (not the kernel's own file) changes it
+    q = tmp_path / "quantile.py"
+    q.write_text(q.read_text() + "\n# edited\n")
+    assert source_stamp(tmp_path) != source_stamp(_GOLDEN)
+
+
+def test_second_process_loads_the_kernels_from_the_disk_cache(tmp_path):
+    first = _run(tmp_path)
+    second = _run(tmp_path)
+    assert first[-1] == "False" and second[-1] == "True"  # compiled, then loaded
+    assert first[:-1] == second[:-1]  # the same numbers either way
+    assert any(tmp_path.rglob("prng._prng_array*.nbi"))
+
+
+def test_cache_can_be_turned_off(tmp_path):
+    _run(tmp_path, PROCUBE_NUMBA_CACHE="0")
+    again = _run(tmp_path, PROCUBE_NUMBA_CACHE="0")
+    assert again[-1] == "False" and not any(tmp_path.rglob("*.nbi"))
