@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/procube demo
 
+# One pytest worker per core; worksteal keeps the long simulations from piling up on
+# one worker. The simulation builds are locked per design (sim/runner.py).
+TEST_JOBS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
