@@ -104,6 +104,39 @@ def test_area_configuration_takes_one_multiplier_for_the_update():
     assert area.count("cell $mul") < dflt.count("cell $mul") - 8
 
 
+# eight rows (the ULX3S's), narrow and shallow to build fast: the result words reach the
+# top level one lane at a time through the rows' registered picks (hw/procrustes/top.py)
+EIGHT = dict(rows=8, cols=2, lanes=2, val_depth=512, x_depth=64, g_depth=64, y_depth=64,
+             blk_depth=64)
+
+
+def test_every_result_bank_of_eight_rows_loads_and_unloads_its_own_words(simulator):
+    r = simulate(Procrustes(Config(**EIGHT)), test_module=TB, simulator=simulator,
+                 name="procrustes", testcase="test_result_banks",
+                 params=dict(stall=0.25, seed=3, count=6, **EIGHT))
+    assert r.passed, r.log.read_text()[-4000:] if r.log else r
+    assert r.metrics["banks"] == 8
+
+
+@pytest.mark.slow
+def test_eight_rows_every_phase_bit_exact_and_cycles_match_the_model():
+    # the update and the encoder read dW and W' from every row, the farthest included
+    cfg = Config(**EIGHT)
+    r = simulate(Procrustes(cfg), test_module=TB, simulator="verilator", name="procrustes",
+                 testcase="test_phases",
+                 params=dict(cases=6, max_dim=17, stall=0.25, seed=11, **EIGHT))
+    assert r.passed, r.log.read_text()[-4000:] if r.log else r
+    recs = r.metrics["records"]
+    assert max(rec["M"] for rec in recs) >= 8  # the eighth row holds results
+    ap = ArrayParams.of(cfg)
+    for rec in recs:
+        M, K, N, bal = rec["M"], rec["K"], rec["N"], rec["balanced"]
+        mask = np.array([[ch == "1" for ch in row] for row in rec["mask"]], dtype=bool)
+        assert rec["update"] == predict_update(M, K, ap), (M, K)
+        assert rec["fwd"] == predict_forward(mask, N, ap, bal)
+        assert rec["bwd"] == predict_backward(mask, N, ap, bal)
+
+
 def test_bad_commands_set_an_error_and_the_next_command_runs(simulator):
     r = _run(simulator, "test_bad_commands", stall=0.1)
     assert r.metrics["bad_commands"] >= 11  # 8 commands and 3 schedule tables

@@ -180,7 +180,13 @@ class PERow(wiring.Component):
             "ext_xaddr": In(16), "xdata": Out(C * D),
             "y_raddr": In(16), "ydata": Out(C * D),
             "y_wen": In(C), "y_waddr": In(16), "y_wdata": In(C * D),
-        })
+        } | ({} if c.area else {
+            # one lane of the registered result word, zero unless this row is picked:
+            # the top level ORs the rows' lanes (the update, the encoder and the unload
+            # take D bits from each row, not the whole word); the pick is registered here
+            "y_pick": In(1), "y_pick_lane": In(max(1, (C - 1).bit_length())),
+            "ylane": Out(D),
+        }))
 
     def elaborate(self, platform):
         c = self.cfg
@@ -629,13 +635,28 @@ class PERow(wiring.Component):
         with m.If(gv & G.end & ~wgrad):
             m.d.sync += self.done.eq(1)
         yw_en, yw_addr, yw_data = Signal(C), Signal(YB), Signal(C * D)
-        with m.If(pe_write):
-            m.d.sync += [yw_en.eq((1 << C) - 1), yw_addr.eq(Mux(wgrad, wptr, cur)),
-                         yw_data.eq(Cat(*[v.as_unsigned()[:D] for v in outs]))]
-        with m.Else():
-            m.d.sync += [yw_en.eq(self.y_wen), yw_addr.eq(self.y_waddr),
-                         yw_data.eq(self.y_wdata)]
-        m.d.comb += [ywr.en.eq(yw_en), ywr.addr.eq(yw_addr), ywr.data.eq(yw_data)]
+        pe_data = Cat(*[v.as_unsigned()[:D] for v in outs])
+        if c.area:
+            with m.If(pe_write):
+                m.d.sync += [yw_en.eq((1 << C) - 1), yw_addr.eq(Mux(wgrad, wptr, cur)),
+                             yw_data.eq(pe_data)]
+            with m.Else():
+                m.d.sync += [yw_en.eq(self.y_wen), yw_addr.eq(self.y_waddr),
+                             yw_data.eq(self.y_wdata)]
+            m.d.comb += [ywr.en.eq(yw_en), ywr.addr.eq(yw_addr), ywr.data.eq(yw_data)]
+        else:
+            # the top level's write data (a load word or the update's W') arrives
+            # registered there, on one bus shared by every row (only the enables are
+            # per row): a row registers its own results and picks between the two
+            pw = Signal()
+            m.d.sync += pw.eq(pe_write)
+            with m.If(pe_write):
+                m.d.sync += [yw_en.eq((1 << C) - 1), yw_addr.eq(Mux(wgrad, wptr, cur)),
+                             yw_data.eq(pe_data)]
+            with m.Else():
+                m.d.sync += [yw_en.eq(self.y_wen), yw_addr.eq(self.y_waddr)]
+            m.d.comb += [ywr.en.eq(yw_en), ywr.addr.eq(yw_addr),
+                         ywr.data.eq(Mux(pw, yw_data, self.y_wdata))]
         with m.If(self.start):
             m.d.sync += [self.done.eq(0), have.eq(0), wptr.eq(0), posc.eq(0)]
 
@@ -676,4 +697,13 @@ class PERow(wiring.Component):
         m.d.comb += frd.addr.eq(rrow)
         m.d.sync += [ynull_q.eq((self.y_raddr < posc) & ~written),
                      self.ydata.eq(Mux(ynull_q, 0, yrd.data))]
+        if not c.area:
+            pick, pick_lane = Signal(), Signal.like(self.y_pick_lane)
+            m.d.sync += [pick.eq(self.y_pick), pick_lane.eq(self.y_pick_lane)]
+            lane = Signal(D)
+            with m.Switch(pick_lane):
+                for i in range(C):
+                    with m.Case(i):
+                        m.d.comb += lane.eq(self.ydata[i * D:(i + 1) * D])
+            m.d.comb += self.ylane.eq(Mux(pick, lane, 0))
         return m

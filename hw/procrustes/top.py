@@ -5,6 +5,9 @@ See ``hw/procrustes/README.md`` for the dataflow of each phase and the command s
 
 from __future__ import annotations
 
+import functools
+import operator
+
 from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
@@ -246,7 +249,29 @@ class Procrustes(wiring.Component):
                 pr.ext_baddr.eq(ext_baddr_r), pr.ext_vaddr.eq(ext_vaddr_r),
                 pr.ext_xaddr.eq(ext_xaddr_r), pr.y_raddr.eq(y_raddr_r),
             ]
-        ydata = Array([pr.ydata for pr in rows])
+        if c.area:
+            ydata = Array([pr.ydata for pr in rows])
+            ywd = None
+        else:
+            # Result words never cross to the top level whole: each row registers the
+            # pick (row selected, lane) one cycle ahead of its registered result word and
+            # offers that lane alone (zero if not picked); the top level ORs the rows'
+            # lanes (D bits, not an 8:1 multiplexer of C·D-bit words). The update (pick
+            # at P2, lane at P3), the encoder (EN2, EN3) and the unload (one lane a cycle)
+            # never overlap. Writes into the result banks (a Y load word, the update's
+            # W') go out on one registered bus shared by the rows; only the enables are
+            # per row.
+            ydata = None
+            pick, pick_row = Signal(), Signal(max(1, c.log_rows))
+            pick_lane = Signal(max(1, c.log_cols))
+            for r, pr in enumerate(rows):
+                m.d.comb += [pr.y_pick.eq(pick & (pick_row == r)), pr.y_pick_lane.eq(pick_lane)]
+            ylane = Signal(D)
+            m.d.comb += ylane.eq(functools.reduce(operator.or_, [pr.ylane for pr in rows]))
+            ywd, ywd_r = Signal(C * D), Signal(C * D)
+            m.d.sync += ywd_r.eq(ywd)
+            for pr in rows:
+                m.d.comb += pr.y_wdata.eq(ywd_r)
         row_done = Cat(*[pr.done for pr in rows]).all()
 
         # phase configuration of the PE rows (combinational from the latched command)
@@ -355,12 +380,11 @@ class Procrustes(wiring.Component):
             # P3: popcount below the element's bit; decayed w0; the dW word (the result
             # bank's output is registered in the PE row) and its lane, registered
             below = Cat(*[P[3].bmask[i] & (i < P[3].t) for i in range(NB)])
-            yword = ydata[P[3].ybank]
+            # (the pick is set from P2: the row's lane of the registered word is here)
+            with m.If(P[2].valid):
+                m.d.comb += [pick.eq(1), pick_row.eq(P[2].ybank), pick_lane.eq(P[2].lane)]
             dw_lane = Signal(signed(D))
-            with m.Switch(P[3].lane):
-                for i in range(C):
-                    with m.Case(i):
-                        m.d.comb += dw_lane.eq(yword[i * D:(i + 1) * D].as_signed())
+            m.d.comb += dw_lane.eq(ylane.as_signed())
             m.d.sync += [
                 P[4].popc.eq(sum(below[i] for i in range(NB))),
                 P[4].set.eq(P[3].bmask.bit_select(P[3].t, 1)),
@@ -392,8 +416,9 @@ class Procrustes(wiring.Component):
             wnew = Mux(qstep.tracked, Q2.w1, Q2.dw0)
             for r, pr in enumerate(rows):
                 with m.If(qstep.done & (Q2.ybank == r)):
-                    m.d.comb += [pr.y_wen.eq(Const(1, C) << Q2.lane), pr.y_waddr.eq(Q2.yaddr),
-                                 pr.y_wdata.eq(Cat(*[wnew[:D]] * C))]
+                    m.d.comb += [pr.y_wen.eq(Const(1, C) << Q2.lane), pr.y_waddr.eq(Q2.yaddr)]
+            with m.If(qstep.done):
+                m.d.comb += ywd.eq(Cat(*[wnew[:D]] * C))
             with m.If(qstep.done):
                 m.d.sync += regs[Reg.THETA].eq(qstep.theta_next)
                 with m.If(qstep.tracked):
@@ -430,11 +455,16 @@ class Procrustes(wiring.Component):
                 EN1.lane.eq(e_k & (C - 1)), EN1.bank.eq((bi + bj) & (L - 1)),
                 EN1.baddr.eq(cmd.addr + brow + (bj >> c.log_lanes)),
             ]
-        eword = ydata[EN3.ybank]
-        with m.Switch(EN3.lane):
-            for i in range(C):
-                with m.Case(i):
-                    m.d.sync += EN4.ev.eq(eword[i * D:(i + 1) * D])
+        if c.area:
+            eword = ydata[EN3.ybank]
+            with m.Switch(EN3.lane):
+                for i in range(C):
+                    with m.Case(i):
+                        m.d.sync += EN4.ev.eq(eword[i * D:(i + 1) * D])
+        else:
+            with m.If(EN2.valid):
+                m.d.comb += [pick.eq(1), pick_row.eq(EN2.ybank), pick_lane.eq(EN2.lane)]
+            m.d.sync += EN4.ev.eq(ylane)
         ev = EN4.ev
         enz = EN4.inside & (ev != 0)
         blkmask = Signal(NB)
@@ -454,6 +484,7 @@ class Procrustes(wiring.Component):
         enc_busy = EN1.valid | EN2.valid | EN3.valid | EN4.valid
 
         uword, uword_r = Signal(c.word_bits), Signal(c.word_bits)
+        ulane = Signal(max(1, c.log_cols))  # lane of a result word being unloaded
         unloading = Signal()
         gaddr_unload = Signal(16)
 
@@ -676,8 +707,11 @@ class Procrustes(wiring.Component):
                             for r, pr in enumerate(rows):
                                 with m.If(cmd.arg == r):
                                     m.d.comb += [pr.y_wen.eq((1 << C) - 1),
-                                                 pr.y_waddr.eq(cmd.addr + cnt),
-                                                 pr.y_wdata.eq(word[:C * D])]
+                                                 pr.y_waddr.eq(cmd.addr + cnt)]
+                                    if c.area:
+                                        m.d.comb += pr.y_wdata.eq(word[:C * D])
+                            if not c.area:
+                                m.d.comb += ywd.eq(word[:C * D])
                     with m.If(last):
                         m.next = "RESP"
 
@@ -692,11 +726,28 @@ class Procrustes(wiring.Component):
                 m.next = "UWAIT2"
             with m.State("UWAIT2"):  # the result banks' outputs are registered
                 m.d.comb += unloading.eq(1)
+                if not c.area:  # a result word's first lane is picked
+                    m.d.comb += [pick.eq(cmd.sel == Buf.Y), pick_row.eq(cmd.arg),
+                                 pick_lane.eq(0)]
                 m.next = "ULATCH"
             with m.State("ULATCH"):
                 m.d.comb += unloading.eq(1)
-                m.d.sync += uword_r.eq(uword)
-                m.next = "UDATA"
+                if c.area:
+                    m.d.sync += uword_r.eq(uword)
+                    m.next = "UDATA"
+                else:
+                    # a result word comes a lane a cycle (cols cycles), shifted in from
+                    # the top so that lane 0 ends at the bottom; the next lane is picked
+                    with m.If(cmd.sel == Buf.Y):
+                        m.d.comb += [pick.eq(1), pick_row.eq(cmd.arg), pick_lane.eq(ulane + 1)]
+                        m.d.sync += [uword_r.eq(Cat(uword_r[D:C * D], ylane)),
+                                     ulane.eq(ulane + 1)]
+                        with m.If(ulane == C - 1):
+                            m.d.sync += ulane.eq(0)
+                            m.next = "UDATA"
+                    with m.Else():
+                        m.d.sync += uword_r.eq(uword)
+                        m.next = "UDATA"
             with m.State("UDATA"):
                 m.d.comb += [self.dout.valid.eq(1), self.dout.payload.eq(uword_r)]
                 with m.If(self.dout.ready):
@@ -836,8 +887,9 @@ class Procrustes(wiring.Component):
                 with m.Case(Buf.SCHED):
                     m.d.comb += uword.eq(Array(sched)[(cmd.addr + cnt)[:c.log_rows + 1]])
                 with m.Case(Buf.Y):
-                    m.d.comb += [y_raddr.eq(cmd.addr + cnt),
-                                 uword.eq(ydata[cmd.arg[:max(1, c.log_rows)]])]
+                    m.d.comb += y_raddr.eq(cmd.addr + cnt)
+                    if c.area:
+                        m.d.comb += uword.eq(ydata[cmd.arg[:max(1, c.log_rows)]])
         m.d.comb += grd.addr.eq(Mux(running, sq_gaddr, gaddr_unload))
         return m
 

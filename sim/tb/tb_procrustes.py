@@ -11,6 +11,9 @@ Tests (select one with ``simulate(testcase=...)``); parameters from ``sim.tbutil
 * ``test_digits``: ``steps`` training steps on sklearn's digits, RTL in the loop; the
   loss must decrease.
 * ``test_bad_commands``: illegal commands answer with an error and the next command runs.
+* ``test_result_banks``: every PE row's result bank, loaded with distinct random words and
+  unloaded (each lane of a word takes its own way through the rows' lane picks), in
+  random row order with random addresses.
 """
 
 from __future__ import annotations
@@ -279,6 +282,33 @@ async def test_bad_commands(dut):
         bs = BlockSparse.encode(W, (cfg.bm, cfg.bk))
         assert_equal(await host.forward(bs, X), ref.forward(bs, X, fc), "after bad table")
     report_metric("bad_commands", len(bad) + len(bad_tables))
+
+
+@cocotb.test()
+async def test_result_banks(dut):
+    from hw.procrustes import Buf, Op
+    from sim.streams import pack_lanes, unpack_lanes
+
+    p = params()
+    host = await setup(dut, p)
+    cfg = host.cfg
+    rng = np.random.default_rng(int(p.get("seed", 1)))
+    lo, hi = -(1 << (cfg.data_bits - 1)), 1 << (cfg.data_bits - 1)
+    count = int(p.get("count", 5))
+    banks = {}
+    for r in rng.permutation(cfg.rows):
+        addr = int(rng.integers(0, cfg.y_depth - count + 1))
+        words = rng.integers(lo, hi, size=(count, cfg.cols))
+        await host.command(Op.LOAD, sel=Buf.Y, arg=int(r), addr=addr, count=count,
+                           words=[pack_lanes(w, cfg.data_bits) for w in words])
+        banks[int(r)] = (addr, words)
+    for r in rng.permutation(cfg.rows):  # every bank kept its own words
+        addr, words = banks[int(r)]
+        res = await host.command(Op.UNLOAD, sel=Buf.Y, arg=int(r), addr=addr, count=count,
+                                 unload=count)
+        got = [unpack_lanes(w, cfg.data_bits, cfg.cols) for w in res["data"]]
+        assert_equal(got, words, f"result bank {r}")
+    report_metric("banks", len(banks))
 
 
 
