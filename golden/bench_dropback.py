@@ -87,6 +87,32 @@ figure against torch's ``add_`` on the same arrays, ~2.0 ms, under a load of
   the edge to ~120k above; 16 consecutive values hold 15% of the entries),
   and walks started at the two ends of a +-16 window end on the same bits for
   only 47% of the blocks, so tables (or bracketing) would cover too few.
+  Session 8 (load ~5, the benchmark's settled state after 12 steps, stored
+  w0, medians of 15 rounds, each piece against the SGD step of its round):
+  the step 3.51x; the 62 kernel calls alone 3.20x, so ~0.3x is Python around
+  them (_work 0.14x; the 62 numba dispatches with empty arrays 0.04-0.05x).
+  With warm caches (a do-nothing kernel in its place) the Python part is only
+  ~170 us per step (0.065x): the step's own streams evict the interpreter's
+  objects, so it runs cold. Inside the kernel: update + key alone 1.62x,
+  + the estimator 2.78x (the estimator ~1.16x), update + key + a fixed-
+  threshold write-back 2.04x (the streams), all of it 3.37x. On 11.7M
+  synthetic elements against torch's add_: the update loop is vectorized
+  (16-lane zmm, two shuffles per vector for the descending order) and
+  memory-bound (0.54x when its data sit in L2, 1.53x from memory); a single
+  fused pass without buffers (read w, g, w0; write w and the mask) is 1.86-
+  1.99x, 1.40x without the mask store, so the 1.42x byte floor is not reached
+  by 5 descending streams (numba's descending SGD alone is 1.02x, the fused
+  pass ascending 1.80x); the chunk buffers add little (1.86x with the buffers
+  and no mask store). Tried and dropped: chunks of 2048-16384 (1.48x -> 2.07-
+  2.38x for the update), ascending chunks (3.05x), software prefetch of the
+  next chunks again (1.81x -> 2.29-2.61x), the next chunk's update fused into
+  this chunk's write-back loop (1.80x -> 2.50x). Kept: one kernel call for all
+  parameters (golden.dropback._quantile_all, a table of addresses cached
+  between steps; the chunk buffers and region cache kept too): in one process
+  on the same kernels, 25 rounds alternating the two Python paths (load 4.0),
+  3.46x -> 3.26x SGD (median per-round difference 0.20x); tracked counts
+  unchanged. Benchmark runs (per-round median, the spread between runs is
+  wide): quantile 3.47x before (load 5.7), 3.43x after (load 3.0).
 """
 
 from __future__ import annotations

@@ -387,3 +387,70 @@ def test_quantile_mode_with_momentum_and_weight_decay_matches_reference(counter)
         for p, r in zip(ps, ref):
             assert torch.equal(p, r)
             assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[r]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("counter", [False, True])
+def test_quantile_one_call_table_follows_grads_groups_and_lr_changes(counter):
+    # Quantile mode takes every parameter in one kernel call through a table of
+    # addresses (golden.dropback._quantile_all), whose static part is cached between
+    # steps. Grads given as non-contiguous views (converted copies),
+    # fresh grad tensors every step, a param without a grad on one step (left alone,
+    # not scored), two param groups with their own lr and momentum (0 in one), an lr changed
+    # between steps and a param's data replaced: weights, mask and theta equal
+    # torch.optim.SGD followed by the reference estimator pass and the reset.
+    from golden.quantile import quantile_pass_reference
+    ps, ref = _params(5), _params(5)
+    init = CounterInit(2) if counter else None
+    if counter:
+        CounterInit(2).apply_(ps)
+        CounterInit(2).apply_(ref)
+    n = sum(p.numel() for p in ps)
+    q = 1 - 150 / n
+    groups = lambda xs: [dict(params=[xs[0]], lr=0.2, momentum=0.0),  # noqa: E731
+                         dict(params=[xs[1], xs[2]], lr=0.1)]
+    opt = Dropback(groups(ps), lr=0.3, track_size=150, quantile=q, q_init=0.05, q_step=2e-3,
+                   init_decay=0.8, momentum=0.5, init=init)
+    sgd = torch.optim.SGD(groups(ref), lr=0.3, momentum=0.5)
+    w0 = [opt.w0(p).clone() for p in ps]
+    theta = np.float32(0.05)
+    decay = 1.0
+    for t in range(5):
+        _grads(ref, t)
+        for p, r in zip(ps, ref):
+            p.grad = r.grad.clone()
+        ps[2].grad = ps[2].grad.t().contiguous().t()  # a non-contiguous view
+        assert not ps[2].grad.is_contiguous()
+        if t == 2:
+            ps[1].grad = ref[1].grad = None
+        if t == 3:
+            for o in (opt, sgd):
+                o.param_groups[0]["lr"] = 0.05
+        if t == 4:  # (not on a step where the set of params with a grad changes)
+            with torch.no_grad():  # new storage for a parameter (same values)
+                ps[2].data = ps[2].data.clone()
+        opt.step()
+        sgd.step()
+        decay = decay * 0.8 if t else 1.0
+        d32 = np.float32(decay)
+        live = [i for i, r in enumerate(ref) if r.grad is not None]
+        with torch.no_grad():
+            scores = _flat([(ref[i] - d32 * w0[i]).abs() for i in live])
+            mask, theta = quantile_pass_reference(scores.numpy(), theta, q, 2e-3)
+            mask = torch.from_numpy(mask)
+            off = 0
+            for i in live:
+                r = ref[i]
+                mk = mask[off:off + r.numel()].view(r.shape)
+                r[~mk] = (d32 * w0[i])[~mk]
+                if "momentum_buffer" in sgd.state[r]:
+                    sgd.state[r]["momentum_buffer"][~mk] = 0
+                off += r.numel()
+        assert 0 < int(mask.sum()) < mask.numel()
+        assert torch.equal(_flat([opt.mask[i] for i in live]), mask)
+        assert opt.tracked_count == int(mask.sum())
+        assert opt.threshold == float(theta)
+        for p, r in zip(ps, ref):
+            assert torch.equal(p, r)
+        for i in (1, 2):
+            assert torch.equal(opt.state[ps[i]]["momentum_buffer"],
+                               sgd.state[ref[i]]["momentum_buffer"])
