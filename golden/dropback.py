@@ -685,6 +685,27 @@ class Dropback(torch.optim.Optimizer):
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
 
+    def _check_groups(self):
+        """Each param group's own lr, momentum and weight decay (groups may set
+        them, and change them between steps) in range, and a momentum buffer for
+        every parameter of a group with momentum: a group given momentum that the
+        optimizer's default did not have gets zeroed buffers (as SGD's first
+        step with momentum), instead of the kernels writing past an empty one."""
+        for k, group in enumerate(self.param_groups):
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            if not (lr >= 0 and math.isfinite(lr)):
+                raise ValueError(f"param group {k}: lr must be a finite number >= 0, not {lr}")
+            if not 0 <= mom < 1:
+                raise ValueError(f"param group {k}: momentum must be in [0, 1), not {mom}")
+            if not (wd >= 0 and math.isfinite(wd)):
+                raise ValueError(
+                    f"param group {k}: weight_decay must be a finite number >= 0, not {wd}")
+            if mom != 0:
+                for p in group["params"]:
+                    st = self.state[p]
+                    if "momentum_buffer" not in st:
+                        st["momentum_buffer"] = torch.zeros_like(p)
+
     @property
     def mask(self) -> list[torch.Tensor]:
         """Tracked mask of every parameter (after the last step), in order."""
@@ -749,6 +770,7 @@ class Dropback(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_groups()
         if self.step_count > 0:
             self.decay *= self.init_decay
         self.step_count += 1

@@ -73,6 +73,46 @@ def test_full_budget_equals_sgd_with_momentum_and_weight_decay():
             assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[r]["momentum_buffer"])
 
 
+@pytest.mark.parametrize("quantile", [None, 0.5])
+def test_group_momentum_without_a_default_gets_its_own_buffers(quantile):
+    # The optimizer's default momentum is 0, one group sets its own (and another turns
+    # momentum on after two steps): their buffers are made as SGD makes them, and the
+    # weights stay SGD's (full budget; quantile mode with every score above theta).
+    ps, ref = _params(), _params()
+    groups = lambda xs: [dict(params=xs[:2], momentum=0.9), dict(params=xs[2:])]  # noqa: E731
+    n = sum(p.numel() for p in ps)
+    opt = Dropback(groups(ps), lr=0.1, track_size=n, quantile=quantile, q_init=1e-30)
+    sgd = torch.optim.SGD(groups(ref), lr=0.1)
+    for t in range(4):
+        if t == 2:
+            opt.param_groups[1]["momentum"] = sgd.param_groups[1]["momentum"] = 0.5
+        _grads(ps, t)
+        _grads(ref, t)
+        opt.step()
+        sgd.step()
+        for p, r in zip(ps, ref):
+            assert torch.equal(p, r)
+            if "momentum_buffer" in sgd.state[r]:
+                assert torch.equal(opt.state[p]["momentum_buffer"],
+                                   sgd.state[r]["momentum_buffer"])
+        assert ("momentum_buffer" in opt.state[ps[2]]) == (t >= 2)
+
+
+def test_bad_group_hyperparameters_are_refused_at_the_step():
+    ps = _params()
+    opt = Dropback([dict(params=ps[:1], momentum=1.5), dict(params=ps[1:])], lr=0.1,
+                   track_size=10)
+    _grads(ps, 0)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=r"param group 0: momentum must be in \[0, 1\), not 1.5"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))  # nothing changed
+    opt.param_groups[0]["momentum"] = 0.0
+    opt.param_groups[1]["lr"] = float("nan")
+    with pytest.raises(ValueError, match=r"param group 1: lr must be a finite number >= 0"):
+        opt.step()
+
+
 def test_sgd_step_is_one_fused_rounding_like_torch():
     # lr*g = (3*2**23 + 1) * 2**-28 lies exactly halfway between two float32 values
     # and w = 2**-100 is far below half an ulp of float64: the fused multiply-add
