@@ -713,8 +713,8 @@ def _plain_at_edge(b, m, lb, hb, ib, db, la, ha, ia, da):
     bits ``b``, in the region of the edge pieces that holds ``b``? (Never on the
     tie pattern ``tp``: it has no region.)"""
     if b <= hb:
-        return lb + m * db <= b and b + m * ib <= hb
-    return b >= la and la + m * da <= b and b + m * ia <= ha
+        return _bulk_ok(b, m, lb, hb, ib, db)
+    return b >= la and _bulk_ok(b, m, la, ha, ia, da)
 
 
 @numba.njit(inline="always")
