@@ -23,9 +23,13 @@ demo: $(STAMP)
 	$(VENV)/bin/procube demo
 
 # One pytest worker per core; worksteal keeps the long simulations from piling up on
-# one worker. The simulation builds are locked per design (sim/runner.py).
+# one worker. The simulation builds are locked per design (sim/runner.py). The golden
+# numba kernels are compiled once first (golden/warm.py; minutes on a fresh clone), so
+# the workers load them from the disk cache instead of each compiling them inside a
+# test's time limit.
 TEST_JOBS ?= auto
 test: $(STAMP)
+	$(PY) -m golden.warm
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
 test-fast: $(STAMP)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import golden
 from golden.jitcache import source_stamp
 
@@ -48,3 +50,16 @@ def test_cache_can_be_turned_off(tmp_path):
     _run(tmp_path, PROCUBE_NUMBA_CACHE="0")
     again = _run(tmp_path, PROCUBE_NUMBA_CACHE="0")
     assert again[-1] == "False" and not any(tmp_path.rglob("*.nbi"))
+
+
+def test_warm_runs_every_part_and_says_so(capsys):
+    # make test runs `python -m golden.warm` before the parallel workers start
+    from golden import warm
+
+    assert warm.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("golden kernels ready: ")
+    for part in ("dropback top-k", "quantile", "prng", "procrustes_ref"):
+        assert f"{part} " in out
+    with pytest.raises(SystemExit):  # no options
+        warm.main(["--jobs", "2"])

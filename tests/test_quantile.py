@@ -3,7 +3,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from golden.quantile import StreamingQuantile, quantile_pass, quantile_pass_reference
+from golden.quantile import (
+    _POS_LEN,
+    StreamingQuantile,
+    quantile_pass,
+    quantile_pass_reference,
+)
 
 
 @settings(max_examples=30, deadline=None)
@@ -305,7 +310,7 @@ def _edge_run_at(s, theta, q, q_step):
     key = np.where(s > 0, _bits(s), 0).astype(np.int32)
     mask = np.zeros(s.shape[0], dtype=bool)
     ok, end, bits, taken = _edge_run_driver()(key, b, np.array(pieces, dtype=np.int64), mask,
-                                              np.empty(256, dtype=np.int32))
+                                              np.empty(_POS_LEN, dtype=np.int32))
     assert ok == 1  # the straddling step applies to these pieces
     return int(end), _from_bits(bits)[()], mask, int(taken)
 
@@ -378,3 +383,54 @@ def test_edge_run_stops_where_blocks_leave_it(edge, q, q_step, kind):
     s3 = s.copy()
     s3[n - 4 * 256:n - 3 * 256] = theta * 3  # block 3 all tracked: far above the edge
     check(s3, n - 4 * 256)
+
+
+_SCAN64 = []
+
+
+def _scan64_driver():
+    """A compiled caller of golden.quantile._band_scan64 with the path as an argument
+    (the estimator takes the one for this CPU; both are checked here)."""
+    if not _SCAN64:
+        import numba
+
+        from golden.quantile import _band_scan64
+
+        @numba.njit
+        def go(kv, blo, bhi, mask, pos, compress):
+            n = np.int64(0)
+            nb = np.int64(0)
+            top = kv.shape[0]
+            while top >= 64:
+                n, b = _band_scan64(kv, top - 64, blo, bhi, mask, 0, pos, n,
+                                    np.int32(kv.shape[0] - top), compress)
+                nb += b
+                top -= 64
+            return n, nb
+
+        _SCAN64.append(go)
+    return _SCAN64[0]
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["compress-store", "table"])
+@pytest.mark.parametrize("frac", [0.0, 0.03, 0.5, 1.0])
+def test_band_scan_paths_give_mask_positions_and_band_count(compress, frac):
+    # Both ways of listing the tracked positions of 64-key words (the AVX-512
+    # compress-store, the byte table elsewhere) against plain numpy: the mask, the
+    # visit positions (0: the last key) ascending, the counts; words of all-zero,
+    # all-one and sparse bits, and the band's own edges (blo excluded, bhi included).
+    rng = np.random.default_rng(int(frac * 100) + compress)
+    m = 256
+    kv = np.where(rng.random(m) < frac, 5000, 0).astype(np.int32)
+    kv += rng.integers(0, 40, m).astype(np.int32)
+    kv[rng.integers(0, m, 8)] = 1000  # on blo: outside the band
+    kv[rng.integers(0, m, 8)] = 2000  # on bhi: inside it
+    blo, bhi = np.int32(1000), np.int32(2000)
+    mask = np.zeros(m, dtype=bool)
+    pos = np.full(_POS_LEN, -7, dtype=np.int32)
+    n, nb = _scan64_driver()(kv, blo, bhi, mask, pos, compress)
+    above = kv > bhi
+    assert np.array_equal(mask, above)
+    want = np.sort(m - 1 - np.nonzero(above)[0])
+    assert n == want.size and np.array_equal(pos[:n], want)
+    assert nb == int(((kv > blo) & (kv <= bhi)).sum())
