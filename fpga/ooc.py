@@ -20,7 +20,9 @@ nextpnr's ``--report``. Results are cached by the build plan's hash, like bitstr
 Large designs: ``router="router2"`` selects nextpnr's second router (often much faster on
 congested ECP5 designs); ``place_only=True`` stops after placement (nextpnr
 ``--no-route``) and reports the placer's estimate of fmax from nextpnr's log, with the
-resources (nextpnr prints no critical path before routing). ``nextpnr_args`` passes
+resources and the estimated critical path: nextpnr prints none before routing, so it
+writes an SDF of its predicted delays (``--sdf top.sdf``) and :mod:`fpga.sdf_sta` finds
+the worst path in it (the path behind the placer's estimate). ``nextpnr_args`` passes
 placer and router options that fight congestion through to nextpnr, from a fixed list
 (:data:`NEXTPNR_ARGS`: e.g. ``--placer static``, ``--placer-heap-beta 0.7``,
 ``--tmg-ripup``); they are part of the build plan, so each set is cached apart.
@@ -38,8 +40,8 @@ from pathlib import Path
 from amaranth.hdl import Cat, Elaboratable, Module, Signal, Value
 from amaranth.lib import io, wiring
 
-__all__ = ["HELP", "NEXTPNR_ARGS", "OOCTop", "ROUTERS", "add_arguments", "critical_path", "measure",
-           "placed_fmax", "run"]
+__all__ = ["HELP", "NEXTPNR_ARGS", "OOCTop", "ROUTERS", "add_arguments", "critical_path",
+           "estimated_critical_path", "measure", "placed_fmax", "run"]
 
 HELP = "out-of-context fmax and resources of one design on a board's FPGA (nextpnr)"
 
@@ -129,6 +131,21 @@ def critical_path(report: dict) -> dict | None:
             "delay_ns": round(sum(s["delay"] for s in steps), 2),
             "logic_levels": sum(1 for s in steps if s["type"] == "logic"),
             "nets": [s["net"] for s in steps if s.get("net")]}
+
+
+def estimated_critical_path(sdf: Path) -> dict | None:
+    """The worst path of a placed design's SDF (nextpnr's predicted net delays), in the
+    form of :func:`critical_path` (``nets``: the sink pins, ``estimated``: True)."""
+    from .sdf_sta import analyze, worst_paths
+
+    paths = worst_paths(analyze(sdf), 1)
+    if not paths:
+        return None
+    wp = paths[0]
+    return {"from": wp["from"], "to": wp["to"], "delay_ns": wp["delay_ns"],
+            "logic_levels": wp["logic_levels"], "estimated": True,
+            "nets": [f"{cell}.{port}" for (cell, port), kind, _, _ in wp["steps"]
+                     if kind == "net"]}
 
 
 def placed_fmax(log: str) -> float:
@@ -228,7 +245,7 @@ def measure(design: str, params: dict | None = None, *, board: str = "ulx3s",
         if router is not None:
             np_opts += f" --router {router}"
         if place_only:
-            np_opts += " --no-route"
+            np_opts += " --no-route --sdf top.sdf"
         if extra:
             np_opts += " " + " ".join(extra)
         opts = {"nextpnr_opts": np_opts, **synth_overrides(spec)}
@@ -242,13 +259,15 @@ def measure(design: str, params: dict | None = None, *, board: str = "ulx3s",
             res["cached"] = True
         else:
             np_report, seconds = run_plan(plan, bdir, spec.family)
+            cp = critical_path(np_report)
             if place_only:  # no timing in the report before routing: the placer's estimate
                 np_report = {**np_report, "fmax": {"placed": {
                     "achieved": placed_fmax((bdir / "top.tim").read_text()),
                     "constraint": target}}}
+                cp = estimated_critical_path(bdir / "top.sdf")
             parsed = parse_nextpnr_report(np_report, spec.family)
             res = {"seed": seed, "fmax_mhz": parsed["fmax_mhz"],
-                   "resources": parsed["resources"], "critical_path": critical_path(np_report),
+                   "resources": parsed["resources"], "critical_path": cp,
                    "placed_only": place_only, "seconds": round(seconds, 1), "dir": str(bdir)}
             path.write_text(json.dumps(res, indent=2) + "\n")
             res["cached"] = False
@@ -276,7 +295,8 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"  seed {r['seed']}: {kind} {r['fmax_mhz']:.2f} MHz  {cells}  ({when})")
         cp = r.get("critical_path")
         if cp:
-            lines.append(f"    critical path {cp['delay_ns']} ns, logic cells "
+            lines.append(f"    {'estimated ' if cp.get('estimated') else ''}critical path "
+                         f"{cp['delay_ns']} ns, logic cells "
                          f"{cp['logic_levels']}: {cp['from']} -> {cp['to']}")
     f = result["fmax_mhz"]
     verdict = "met" if result["runs"][0]["fmax_mhz"] >= result["target_mhz"] else "MISSED"
@@ -311,7 +331,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "often much faster on large, congested designs)")
     parser.add_argument("--place-only", action="store_true",
                         help="stop after placement and report nextpnr's placement estimate "
-                             "of fmax (no routing, no critical path)")
+                             "of fmax and the estimated critical path (no routing)")
     parser.add_argument("--nextpnr-arg", action="append", default=[], metavar="--NAME[=V]",
                         help="pass a placer/router option to nextpnr (ECP5; repeatable; "
                              "write it with '=', e.g. --nextpnr-arg=--placer=static): "

@@ -57,6 +57,9 @@ _GEMM_FIXED = 8 + 1  # accept..CHECK (8, schedule checked there too); RUNSTART..
 _WALK_TAIL = 2  # end marker popped -> done flag visible (raised while G holds it)
 _PUSH_LAT = 3  # issue (S0) -> push or drop (S3): bank words in S1, slice in S2
 _WGRAD_FIXED = 16
+# the default configuration (area=0) registers the PE rows' ANDed done flags before the
+# command decoder sees them: FWD, BWD, WGRADX and WGRAD end a cycle later
+_DONE_REG = 1
 _UPDATE_FIXED = 28
 _UPDATE_II = 3  # cycles per element in the update pipeline (the quantile step's loop)
 # area configuration: 15 cycles per element (7 products on one multiplier: 3 for the
@@ -216,7 +219,7 @@ def predict_gemm(mask, N: int, p: ArrayParams, *, transpose: bool, balanced: boo
         sched = schedule(counts.sum(axis=1), p.rows, balanced, nt)
     if sched.nt != nt:
         raise ValueError(f"sched.nt must be the number of tiles {nt}, got {sched.nt}")
-    return _GEMM_FIXED + int(row_cycles(counts, sched, nt, p).max())
+    return _GEMM_FIXED + (0 if p.area else _DONE_REG) + int(row_cycles(counts, sched, nt, p).max())
 
 
 def predict_forward(mask, N: int, p: ArrayParams, balanced: bool = True) -> int:
@@ -228,7 +231,7 @@ def predict_backward(mask, N: int, p: ArrayParams, balanced: bool = True) -> int
 
 
 def predict_weight_grad(M: int, K: int, N: int, p: ArrayParams) -> int:
-    return -(-M // p.rows) * -(-K // p.cols) * N + _WGRAD_FIXED
+    return -(-M // p.rows) * -(-K // p.cols) * N + _WGRAD_FIXED + (0 if p.area else _DONE_REG)
 
 
 def predict_weight_grad_sparse(x_mask, M: int, p: ArrayParams, balanced: bool = True) -> int:

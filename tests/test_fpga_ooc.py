@@ -111,7 +111,8 @@ def test_placed_fmax_is_the_last_estimate_of_the_log():
 
 
 def test_place_only_and_router2_on_the_ecp5(tmp_path):
-    # --no-route: the fmax is the placer's estimate (no critical path before routing);
+    # --no-route: the fmax is the placer's estimate, the critical path is found in the
+    # SDF of nextpnr's predicted delays (fpga.sdf_sta): its delay is the estimate's;
     # --router router2 routes, with the usual report and critical path; nextpnr_args
     # reach nextpnr's command line
     placed = ooc.measure("fifo", {"width": 8, "depth": 16}, out=tmp_path, place_only=True,
@@ -119,10 +120,13 @@ def test_place_only_and_router2_on_the_ecp5(tmp_path):
     run = placed["runs"][0]
     assert placed["place_only"] is True and run["placed_only"] is True
     assert placed["nextpnr_args"] == ["--placer-heap-beta", "0.8", "--tmg-ripup"]
-    assert 10 < run["fmax_mhz"] < 1000 and run["critical_path"] is None
+    assert 10 < run["fmax_mhz"] < 1000
+    cp = run["critical_path"]
+    assert cp["estimated"] is True and cp["nets"]
+    assert 1000 / cp["delay_ns"] == pytest.approx(run["fmax_mhz"], rel=0.01)
     assert run["resources"]["LUT"]["used"] > 15
     script = (tmp_path / run["dir"].split("/")[-1] / "build_top.sh").read_text()
-    assert "--no-route" in script and "--router" not in script
+    assert "--no-route --sdf top.sdf" in script and "--router" not in script
     assert "--placer-heap-beta 0.8 --tmg-ripup" in script
     assert any("placement estimate of fmax" in ln for ln in ooc.summary_lines(placed))
     assert "nextpnr --placer-heap-beta 0.8 --tmg-ripup" in ooc.summary_lines(placed)[0]

@@ -27,9 +27,10 @@ Pipeline:
 * ``E`` computes the value address ``val_base + ptr[b] + popcount(mask[b] & ((1 << t)-1))``
   and the operand address (registered in ``A``, which reads both memories); ``D1``
   registers the memories' outputs, ``DM`` multiplies, ``D2`` accumulates with
-  saturation. A job's first element restarts the accumulators and writes the previous
-  job's result (rounded and saturated, through a register) at its position; an end
-  marker flushes the last one.
+  saturation (the default configuration registers the multipliers' operands and
+  products once more: ``DM2`` and ``DP``, two more cycles). A job's first element
+  restarts the accumulators and writes the previous job's result (rounded and
+  saturated, through a register) at its position; an end marker flushes the last one.
 
 In the weight-gradient mode the walker is idle and the top-level sequencer drives the
 element stage directly (dense: ``dY[m, n]`` from the gradient buffer, ``Xᵀ[n, tile]``).
@@ -150,7 +151,9 @@ class PERow(wiring.Component):
         self.index = index
         D, C, L = c.data_bits, c.cols, c.lanes
         super().__init__({
-            # run control and phase configuration (held stable during a run)
+            # run control and phase configuration (held stable during a run). The default
+            # configuration registers ``start`` and ``ext`` here (the top level drives
+            # them a cycle ahead) and ``mode`` is the run's mode, held from the decode
             "start": In(1),
             "mode": In(2),
             "gshift": In(1),  # FWD walk with the weight gradient's rounding (WGRADX)
@@ -178,12 +181,13 @@ class PERow(wiring.Component):
             "ext_baddr": In(16), "bdata": Out(L * c.mbw),
             "ext_vaddr": In(c.ptr_bits), "vdata": Out(D),
             "ext_xaddr": In(16), "xdata": Out(C * D),
-            "y_raddr": In(16), "ydata": Out(C * D),
+            "y_raddr": In(16),
             "y_wen": In(C), "y_waddr": In(16), "y_wdata": In(C * D),
-        } | ({} if c.area else {
-            # one lane of the registered result word, zero unless this row is picked:
+        } | ({"ydata": Out(C * D)} if c.area else {
+            # one lane of the result word, registered, zero unless this row is picked:
             # the top level ORs the rows' lanes (the update, the encoder and the unload
-            # take D bits from each row, not the whole word); the pick is registered here
+            # take D bits from each row, not the whole word); the pick comes a cycle
+            # ahead of the word (registered here), the lane is cut from the bank's output
             "y_pick": In(1), "y_pick_lane": In(max(1, (C - 1).bit_length())),
             "ylane": Out(D),
         }))
@@ -204,17 +208,37 @@ class PERow(wiring.Component):
         # counters are only as wide as the top level's range checks let them grow
         # (``area_widths``); the default configuration keeps 16 bits.
         OW, TW, JW, GW, LW = area_widths(c) if c.area else (16,) * 5
-        mode_r = Signal(2)
-        ng_m1, nt_m1, lim = (Signal(w, name=n) for w, n in
+        # The default configuration keeps every row's copy of the broadcast configuration
+        # (``keep``: Yosys would merge the rows' identical registers into one that drives
+        # the whole die), and registers ``start``, ``ext`` and the run's mode here.
+        kp = {} if c.area else {"keep": 1}
+        mode_r = Signal(2, attrs=kp)
+        ng_m1, nt_m1, lim = (Signal(w, name=n, attrs=kp) for w, n in
                              ((GW, "ng_m1"), (TW, "nt_m1"), (LW, "lim_r")))
-        gkl, blk_base = Signal(BB, name="gkl_r"), Signal(BB, name="blk_base_r")
-        xstride = Signal(XB, name="xstride_r")
-        val_base = Signal(c.ptr_bits)
+        gkl = Signal(BB, name="gkl_r", attrs=kp)
+        blk_base = Signal(BB, name="blk_base_r", attrs=kp)
+        xstride = Signal(XB, name="xstride_r", attrs=kp)
+        val_base = Signal(c.ptr_bits, attrs=kp)
         o0, t0, n0 = Signal(OW), Signal(TW), Signal(JW)
         o1, t1, n1 = Signal(OW), Signal(TW), Signal(JW)
-        nt_r = Signal(TW)
-        has1, one_group, gshift = Signal(), Signal(), Signal()
-        m.d.sync += mode_r.eq(self.mode)
+        nt_r = Signal(TW, attrs=kp)
+        if c.area:
+            has1, one_group, gshift = Signal(), Signal(), Signal()
+        else:
+            has1, one_group, gshift = (Signal(name=n, attrs=kp)
+                                       for n in ("has1", "one_group", "gshift"))
+        if c.area:
+            start, ext, mode_in = self.start, self.ext, self.mode
+            m.d.sync += mode_r.eq(self.mode)
+        else:
+            # start and ext arrive a cycle ahead; the mode is the run's, taken at start
+            # (and held after the run: nothing reads it then)
+            start = Signal(name="start_r", attrs=kp)
+            ext = Signal(name="ext_r", init=1, attrs=kp)
+            mode_in = Signal(2, name="mode_in", attrs=kp)
+            m.d.sync += [start.eq(self.start), ext.eq(self.ext), mode_in.eq(self.mode)]
+            with m.If(start):
+                m.d.sync += mode_r.eq(mode_in)
         cfg_dom = m.d.comb if c.area else m.d.sync
         cfg_dom += [
             ng_m1.eq(self.ng - 1), nt_m1.eq(self.nt - 1),
@@ -231,11 +255,17 @@ class PERow(wiring.Component):
             has0 = Signal()
             m.d.sync += has0.eq(self.n0 != 0)
         else:
-            has0 = n0 != 0
+            has0 = Signal(attrs=kp)
+            m.d.sync += has0.eq(n0 != 0)
         # the rounding is taken at the start and held: the last result of a walk is
         # written after ``done`` (see D2), when the top level may hold the next command
-        with m.If(self.start):
+        # the result word's rounding (WGRAD and WGRADX), registered in the default
+        # configuration: it selects in every lane's rounding
+        wg_round = None if c.area else Signal(attrs=kp)
+        with m.If(start):
             m.d.sync += gshift.eq(self.gshift)
+            if not c.area:
+                m.d.sync += wg_round.eq((mode_in == MODE_WGRAD) | self.gshift)
         mode_bwd = mode_r == MODE_BWD
         wgrad = mode_r == MODE_WGRAD
 
@@ -289,7 +319,11 @@ class PERow(wiring.Component):
             with m.Switch(lane):
                 for l in range(L):
                     with m.Case(l):
-                        m.d.sync += su_lgv[b].eq(gkl * l)
+                        if c.area:
+                            m.d.sync += su_lgv[b].eq(gkl * l)
+                        else:  # shifts and adds (a DSP block per row otherwise)
+                            m.d.sync += su_lgv[b].eq(sum(gkl << k for k in range(l.bit_length())
+                                                         if l >> k & 1))
         # per range: bases (rb: block-row base, xb0: operand base, cb: column bases) and
         # job counts (reps0: jobs of the first issue, left0: jobs after it, lnt0: left0
         # minus a full row of tiles, for the replayed walk's next row)
@@ -311,6 +345,17 @@ class PERow(wiring.Component):
                 left0[hh].eq(nh - reps0[hh]),
                 lnt0[hh].eq(nh - reps0[hh] - nt_r),
             ]
+        if not c.area:
+            # the walk's compares as flags, set with the counters (see S0): each range's
+            # first tile is the last one (tl0), its first issue leaves no job (lz0); the
+            # configuration is held long enough for these to settle before start
+            tl0 = [Signal(name=f"tl0_{h}") for h in range(2)]
+            lz0 = [Signal(name=f"lz0_{h}") for h in range(2)]
+            ng_m2, nt_m2 = Signal(GW, attrs=kp), Signal(TW, attrs=kp)
+            nt_one = Signal(attrs=kp)
+            m.d.sync += [ng_m2.eq(self.ng - 2), nt_m2.eq(self.nt - 2), nt_one.eq(self.nt == 1)]
+            for hh, th in enumerate((t0, t1)):
+                m.d.sync += [tl0[hh].eq(th == nt_m1), lz0[hh].eq(left0[hh] == 0)]
 
         # ---- S0: walk (output row, tile, group), address the banks ---------------
         # Issue is credit-based: a group is issued only while the FIFO has a slot for it
@@ -348,11 +393,19 @@ class PERow(wiring.Component):
         bj = o >> c.log_bk
         for b in range(L):
             addr = Mux(mode_bwd, colb[b] + gbase, rowbase + g)
-            m.d.comb += [brd[b].addr.eq(Mux(self.ext, self.ext_baddr, addr)),
+            m.d.comb += [brd[b].addr.eq(Mux(ext, self.ext_baddr, addr)),
                          brd[b].en.eq(1)]
 
-        last_g = g == ng_m1
-        last_t = t == nt_m1
+        if c.area:
+            last_g = g == ng_m1
+            last_t = t == nt_m1
+            left_zero = left == 0
+            has_credit = credits != 0
+        else:
+            # registered flags (g == ng - 1, t == nt - 1, left == 0, credits != 0), each
+            # set where its counter is: the issue decision is a few LUTs from registers
+            last_g, last_t, left_zero, has_credit = (
+                Signal(name=n) for n in ("last_g_r", "last_t_r", "left_zero_r", "has_credit_r"))
         o_next = o + 1
         log_sx_fwd, log_sx_bwd = c.log_bk, c.log_bm
         gl = g << c.log_lanes
@@ -361,14 +414,22 @@ class PERow(wiring.Component):
             return [h.eq(hh), o.eq((o0, o1)[hh]), t.eq((t0, t1)[hh]),
                     rowbase.eq(rb[hh]), xbase.eq(xb0[hh]), reps.eq(reps0[hh]),
                     left.eq(left0[hh]), lnt.eq(lnt0[hh])] + \
-                [colb[b].eq(cb[hh][b]) for b in range(L)]
+                [colb[b].eq(cb[hh][b]) for b in range(L)] + \
+                ([] if c.area else [last_t.eq(tl0[hh]), left_zero.eq(lz0[hh])])
 
         m.d.sync += s1.valid.eq(0)
-        m.d.sync += credits.eq(credits - issue + pop + drop)
+        if c.area:
+            m.d.sync += credits.eq(credits - issue + pop + drop)
+        else:
+            credits_nx = Signal.like(credits)
+            m.d.comb += credits_nx.eq(credits - issue + pop + drop)
+            m.d.sync += [credits.eq(credits_nx), has_credit.eq(credits_nx != 0)]
         with m.FSM(name="walk"):
             with m.State("IDLE"):
-                with m.If(self.start & (self.mode != MODE_WGRAD)):
+                with m.If(start & (mode_in != MODE_WGRAD)):
                     m.d.sync += [g.eq(0), gbase.eq(0), seen.eq(0), credits.eq(c.fifo_depth)]
+                    if not c.area:
+                        m.d.sync += [last_g.eq(one_group), has_credit.eq(1)]
                     with m.If(has0):
                         m.d.sync += load_range(0)
                         m.next = "ISSUE"
@@ -378,7 +439,7 @@ class PERow(wiring.Component):
                     with m.Else():
                         m.next = "END"
             with m.State("ISSUE"):
-                m.d.comb += issue.eq(credits != 0)
+                m.d.comb += issue.eq(has_credit)
                 with m.If(issue):
                     opbase = Mux(mode_bwd, g << (c.log_lanes + log_sx_bwd),
                                  g << (c.log_lanes + log_sx_fwd))
@@ -395,12 +456,20 @@ class PERow(wiring.Component):
                     ]
                     with m.If(~last_g):
                         m.d.sync += [g.eq(g + 1), gbase.eq(gbase + (gkl << c.log_lanes))]
+                        if not c.area:
+                            m.d.sync += last_g.eq(g == ng_m2)
                     with m.Else():
                         m.d.sync += [g.eq(0), gbase.eq(0)]
+                        if not c.area:
+                            m.d.sync += last_g.eq(one_group)
                         with m.If(~last_t & ~one_group):
                             m.d.sync += [t.eq(t + 1), xbase.eq(xbase + xstride)]
+                            if not c.area:
+                                m.d.sync += last_t.eq(t == nt_m2)
                         with m.Else():
                             m.d.sync += [t.eq(0), xbase.eq(0), o.eq(o_next)]
+                            if not c.area:
+                                m.d.sync += last_t.eq(nt_one)
                             with m.If(~mode_bwd & ((o_next & (c.bm - 1)) == 0)):
                                 m.d.sync += rowbase.eq(rowbase + gkl)
                             with m.If(mode_bwd & ((o_next & (c.bk - 1)) == 0)):
@@ -415,15 +484,19 @@ class PERow(wiring.Component):
                             neg = lnt < 0
                             m.d.sync += [reps.eq(Mux(neg, left, nt_r)),
                                          left.eq(Mux(neg, 0, lnt)), lnt.eq(lnt - nt_r)]
+                            if not c.area:
+                                m.d.sync += left_zero.eq(neg | (lnt.as_unsigned()[:JW] == 0))
                         with m.Else():
                             m.d.sync += left.eq(left - 1)
-                        with m.If(left == 0):
+                            if not c.area:
+                                m.d.sync += left_zero.eq(left == 1)
+                        with m.If(left_zero):
                             with m.If(~h & has1):
                                 m.d.sync += load_range(1)  # no gap between the ranges
                             with m.Else():
                                 m.next = "END"
             with m.State("END"):
-                m.d.comb += issue.eq(credits != 0)
+                m.d.comb += issue.eq(has_credit)
                 with m.If(issue):
                     m.d.sync += [s1.valid.eq(1), s1.end.eq(1), s1.reps.eq(1)]
                     m.next = "WAIT"
@@ -437,7 +510,17 @@ class PERow(wiring.Component):
         s2w = [Signal(c.mbw, name=f"s2w{l}") for l in range(L)]
         m.d.sync += s2.eq(s1)
         bank_words = [brd[b].data for b in range(L)]
-        for l in range(L):
+        if not c.area and L > 1:
+            # the default configuration registers the banks' outputs as they are (a block
+            # RAM's output has a long clock-to-out) and rotates them in S2
+            s2raw = [Signal(c.mbw, name=f"s2raw{b}") for b in range(L)]
+            m.d.sync += [s2raw[b].eq(bank_words[b]) for b in range(L)]
+            for l in range(L):
+                with m.Switch((s2.rot + l) & (L - 1)):
+                    for b in range(L):
+                        with m.Case(b):
+                            m.d.comb += s2w[l].eq(s2raw[b])
+        for l in range(L if c.area or L == 1 else 0):
             if L > 1:
                 with m.Switch((s1.rot + l) & (L - 1)):
                     for b in range(L):
@@ -564,8 +647,8 @@ class PERow(wiring.Component):
         # ---- A: read value and operand ----------------------------------------------
         xaddr = Mux(wgrad, self.sq_xaddr, A.xaddr)
         m.d.comb += [
-            vrd.addr.eq(Mux(self.ext, self.ext_vaddr, A.vaddr)),
-            xrd.addr.eq(Mux(self.ext, self.ext_xaddr, xaddr)),
+            vrd.addr.eq(Mux(ext, self.ext_vaddr, A.vaddr)),
+            xrd.addr.eq(Mux(ext, self.ext_xaddr, xaddr)),
         ]
         D1 = Signal(ctl)
         with m.If(wgrad):
@@ -581,17 +664,36 @@ class PERow(wiring.Component):
         w = Signal(signed(D), reset_less=nr)
         xw = Signal(C * D, reset_less=nr)
         DM = Signal(ctl)
-        m.d.sync += [
-            DM.eq(D1), xw.eq(xrd.data),
-            w.eq(Mux(wgrad, self.g_lane, Mux(D1.null, 0, vrd.data.as_signed()))),
-        ]
+        if c.area:
+            m.d.sync += [
+                DM.eq(D1), xw.eq(xrd.data),
+                w.eq(Mux(wgrad, self.g_lane, Mux(D1.null, 0, vrd.data.as_signed()))),
+            ]
+        else:  # (the value memory's output registered as it is, chosen a stage later)
+            w_g, w_null = Signal(signed(D), name="w_g"), Signal(name="w_null")
+            m.d.sync += [DM.eq(D1), xw.eq(xrd.data), w.eq(vrd.data.as_signed()),
+                         w_g.eq(self.g_lane), w_null.eq(D1.null)]
+        # The default configuration registers each side of the multipliers twice: the
+        # DSP blocks sit in their own rows of the die, away from the memories and from
+        # the accumulators (+2 cycles from D1 to D2; a walk's done is raised at G, the
+        # weight gradient's at D2)
+        mw, mx = w, xw
+        if not c.area:
+            mw, mx, DM2 = Signal(signed(D), name="w2"), Signal(C * D, name="xw2"), Signal(ctl)
+            m.d.sync += [mw.eq(Mux(wgrad, w_g, Mux(w_null, 0, w))), mx.eq(xw), DM2.eq(DM)]
 
         # ---- DM: multiply -----------------------------------------------------------
         D2 = Signal(ctl)
         prods = [Signal(signed(2 * D), name=f"p{i}", reset_less=nr) for i in range(C)]
-        m.d.sync += D2.eq(DM)
+        padd = prods  # the products the accumulators add
+        if c.area:
+            m.d.sync += D2.eq(DM)
+        else:
+            DP = Signal(ctl)
+            padd = [Signal(signed(2 * D), name=f"pr{i}") for i in range(C)]
+            m.d.sync += [DP.eq(DM2), D2.eq(DP)] + [padd[i].eq(prods[i]) for i in range(C)]
         for i in range(C):
-            m.d.sync += prods[i].eq(w * xw[i * D:(i + 1) * D].as_signed())
+            m.d.sync += prods[i].eq(mw * mx[i * D:(i + 1) * D].as_signed())
 
         # ---- D2: accumulate; results (and external writes) go to the bank through a
         # register stage -------------------------------------------------------------
@@ -601,8 +703,9 @@ class PERow(wiring.Component):
         cur = Signal(YB)  # forward/backward: result position of the job in D2
         # the result word: rounded by w_frac (forward/backward) or by the weight
         # gradient's shift (WGRAD, WGRADX), one increment per lane
-        wg_round = Signal()
-        m.d.comb += wg_round.eq(wgrad | gshift)
+        if c.area:
+            wg_round = Signal()
+            m.d.comb += wg_round.eq(wgrad | gshift)
         outs = [round_sat(m, accs[i], (c.w_frac, c.wgrad_shift), wg_round, D, f"y{i}")
                 for i in range(C)]
         pe_write = Signal()
@@ -619,13 +722,20 @@ class PERow(wiring.Component):
                     # its top two bits differ (only those two fan out of the adder, so
                     # each sum bit packs with its flip-flop in an iCE40 logic cell)
                     sm = Signal(signed(A_ + 1), name=f"accs{i}")
-                    m.d.comb += sm.eq(base + prods[i])
+                    m.d.comb += sm.eq(base + padd[i])
                     ovf = sm[A_] ^ sm[A_ - 1]
                     m.d.sync += accs[i].eq(Mux(ovf, Mux(sm[A_], -(1 << (A_ - 1)),
                                                         (1 << (A_ - 1)) - 1), sm[:A_]))
                 else:
-                    m.d.sync += accs[i].eq(sat(m, base + prods[i], A_, f"accn{i}"))
-            with m.If(D2.end & wgrad):
+                    m.d.sync += accs[i].eq(sat(m, base + padd[i], A_, f"accn{i}"))
+            if c.area:
+                with m.If(D2.end & wgrad):
+                    m.d.sync += self.done.eq(1)
+        if not c.area:
+            # the weight gradient's done from the end marker two stages before D2 (so the
+            # run is as long as with one register each side of the multipliers); its last
+            # result is written two cycles later, while the top level responds
+            with m.If(DM2.valid & DM2.end & wgrad):
                 m.d.sync += self.done.eq(1)
         # a walk's done rises when the emitter holds its end marker (G): the last
         # result's remaining stages (E .. D2, the write) land while the top level
@@ -645,19 +755,18 @@ class PERow(wiring.Component):
                              yw_data.eq(self.y_wdata)]
             m.d.comb += [ywr.en.eq(yw_en), ywr.addr.eq(yw_addr), ywr.data.eq(yw_data)]
         else:
-            # the top level's write data (a load word or the update's W') arrives
-            # registered there, on one bus shared by every row (only the enables are
-            # per row): a row registers its own results and picks between the two
+            # the top level's writes (a load word or the update's W': data, address and
+            # this row's lane enables) arrive registered there, the data and the address
+            # on buses shared by every row: a row registers its own results and picks
+            # between the two (its own first)
             pw = Signal()
             m.d.sync += pw.eq(pe_write)
             with m.If(pe_write):
-                m.d.sync += [yw_en.eq((1 << C) - 1), yw_addr.eq(Mux(wgrad, wptr, cur)),
-                             yw_data.eq(pe_data)]
-            with m.Else():
-                m.d.sync += [yw_en.eq(self.y_wen), yw_addr.eq(self.y_waddr)]
-            m.d.comb += [ywr.en.eq(yw_en), ywr.addr.eq(yw_addr),
+                m.d.sync += [yw_addr.eq(Mux(wgrad, wptr, cur)), yw_data.eq(pe_data)]
+            m.d.comb += [ywr.en.eq(Mux(pw, (1 << C) - 1, self.y_wen)),
+                         ywr.addr.eq(Mux(pw, yw_addr, self.y_waddr)),
                          ywr.data.eq(Mux(pw, yw_data, self.y_wdata))]
-        with m.If(self.start):
+        with m.If(start):
             m.d.sync += [self.done.eq(0), have.eq(0), wptr.eq(0), posc.eq(0)]
 
         # ---- null results ---------------------------------------------------------
@@ -684,7 +793,7 @@ class PERow(wiring.Component):
             fw_port.data.eq(Mux(row_ok.bit_select(wrow, 1), frmw.data, 0)
                             | (Const(1, 1 << wb) << wbit)),
         ]
-        with m.If(self.start):
+        with m.If(start):
             m.d.sync += row_ok.eq(0)
         with m.Elif(wr_any):
             m.d.sync += row_ok.eq(row_ok | (Const(1, nrows) << wrow))
@@ -695,15 +804,21 @@ class PERow(wiring.Component):
         written = row_ok.bit_select(rrow, 1) & frd.data.bit_select(rbit, 1)
         ynull_q = Signal()
         m.d.comb += frd.addr.eq(rrow)
-        m.d.sync += [ynull_q.eq((self.y_raddr < posc) & ~written),
-                     self.ydata.eq(Mux(ynull_q, 0, yrd.data))]
-        if not c.area:
+        if c.area:
+            m.d.sync += [ynull_q.eq((self.y_raddr < posc) & ~written),
+                         self.ydata.eq(Mux(ynull_q, 0, yrd.data))]
+        else:
+            # the picked lane is cut from the bank's output and registered (the pick, a
+            # cycle ahead, registered too): no word-wide register
+            m.d.sync += ynull_q.eq((self.y_raddr < posc) & ~written)
             pick, pick_lane = Signal(), Signal.like(self.y_pick_lane)
             m.d.sync += [pick.eq(self.y_pick), pick_lane.eq(self.y_pick_lane)]
             lane = Signal(D)
             with m.Switch(pick_lane):
                 for i in range(C):
                     with m.Case(i):
-                        m.d.comb += lane.eq(self.ydata[i * D:(i + 1) * D])
-            m.d.comb += self.ylane.eq(Mux(pick, lane, 0))
+                        m.d.comb += lane.eq(yrd.data[i * D:(i + 1) * D])
+            ylane = Signal(D)
+            m.d.sync += ylane.eq(Mux(pick & ~ynull_q, lane, 0))
+            m.d.comb += self.ylane.eq(ylane)
         return m

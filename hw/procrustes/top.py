@@ -218,9 +218,15 @@ class Procrustes(wiring.Component):
                                            | ((ck_p[:LW] + ck_add2) > ck_lim2)))
 
         running = Signal()  # PE rows own their memories' read ports
-        ext_r = Signal(init=1)  # registered: the rows' address multiplexers select on it
-        m.d.sync += ext_r.eq(~running)
-        m.d.comb += [r_.ext.eq(ext_r) for r_ in rows]
+        running_r = None
+        if c.area:
+            ext_r = Signal(init=1)  # registered: the rows' address multiplexers select on it
+            m.d.sync += ext_r.eq(~running)
+            m.d.comb += [r_.ext.eq(ext_r) for r_ in rows]
+        else:  # each PE row registers its own copy
+            m.d.comb += [r_.ext.eq(~running) for r_ in rows]
+            running_r = Signal()
+            m.d.sync += running_r.eq(running)
 
         # broadcast write buses and external read addresses (defaults: nothing written),
         # registered once here before they fan out to every PE row: a write lands, and a
@@ -272,16 +278,40 @@ class Procrustes(wiring.Component):
             m.d.sync += ywd_r.eq(ywd)
             for pr in rows:
                 m.d.comb += pr.y_wdata.eq(ywd_r)
+        # the result banks' write enables (per row) and address: the area configuration
+        # drives the rows' ports (registered in the rows); the default registers them
+        # here, with the data (one bus for the address)
+        ywen_t, ywaddr_t = [pr.y_wen for pr in rows], [pr.y_waddr for pr in rows]
+        if not c.area:
+            ywen_c = [Signal(C, name=f"ywen{r}") for r in range(R)]
+            ywen_r = [Signal(C, name=f"ywen{r}_r") for r in range(R)]
+            ywaddr_c, ywaddr_r = Signal(16, name="ywaddr"), Signal(16, name="ywaddr_r")
+            m.d.sync += [a.eq(b) for a, b in zip(ywen_r, ywen_c)] + [ywaddr_r.eq(ywaddr_c)]
+            for r, pr in enumerate(rows):
+                m.d.comb += [pr.y_wen.eq(ywen_r[r]), pr.y_waddr.eq(ywaddr_r)]
+            ywen_t, ywaddr_t = ywen_c, [ywaddr_c] * R
         row_done = Cat(*[pr.done for pr in rows]).all()
+        start = Signal()
+        if not c.area:
+            # the rows' done flags, ANDed and registered (a run's end is seen a cycle
+            # later); the flags of the previous run are still up in the start cycle
+            row_done_r = Signal()
+            m.d.sync += row_done_r.eq(row_done & ~start)
+            row_done = row_done_r
 
         # phase configuration of the PE rows (combinational from the latched command)
         op = cmd.op
         is_bwd = op == Op.BWD
-        start = Signal()
         mode = Signal(2)
+        # the default configuration's rows register start a cycle ahead (start_next: the
+        # command decoder's step into RUNSTART or WGSTART) and take the run's mode from
+        # the command (held from the decode)
+        start_next = Signal()
+        run_mode = Mux(op == Op.WGRAD, MODE_WGRAD, Mux(is_bwd, MODE_BWD, MODE_FWD))
         for r, pr in enumerate(rows):
             m.d.comb += [
-                pr.start.eq(start), pr.mode.eq(mode), pr.gshift.eq(op == Op.WGRADX),
+                pr.start.eq(start if c.area else start_next),
+                pr.mode.eq(mode if c.area else run_mode), pr.gshift.eq(op == Op.WGRADX),
                 pr.ng.eq(Mux(is_bwd, (GM + L - 1) >> c.log_lanes, GKL)),
                 pr.lim.eq(Mux(is_bwd, GM, GK)),
                 pr.gkl.eq(GKL), pr.nt.eq(NT),
@@ -377,12 +407,13 @@ class Procrustes(wiring.Component):
                     with m.Case(b):
                         m.d.comb += bword.eq(row0.bdata[b * c.mbw:(b + 1) * c.mbw])
             m.d.sync += [P[3].bmask.eq(bword[:NB]), P[3].bptr.eq(bword[NB:])]
-            # P3: popcount below the element's bit; decayed w0; the dW word (the result
-            # bank's output is registered in the PE row) and its lane, registered
+            # P3: popcount below the element's bit; decayed w0; the dW lane (cut from the
+            # result bank's output and registered in the PE row), registered
             below = Cat(*[P[3].bmask[i] & (i < P[3].t) for i in range(NB)])
-            # (the pick is set from P2: the row's lane of the registered word is here)
-            with m.If(P[2].valid):
-                m.d.comb += [pick.eq(1), pick_row.eq(P[2].ybank), pick_lane.eq(P[2].lane)]
+            # (the pick is set from P1, registered in the row with the word's arrival at
+            # P2; the row's registered lane is here)
+            with m.If(P[1].valid):
+                m.d.comb += [pick.eq(1), pick_row.eq(P[1].ybank), pick_lane.eq(P[1].lane)]
             dw_lane = Signal(signed(D))
             m.d.comb += dw_lane.eq(ylane.as_signed())
             m.d.sync += [
@@ -414,9 +445,9 @@ class Procrustes(wiring.Component):
             Q1, Q2 = Signal(ulay, name="Q1"), Signal(ulay, name="Q2")
             m.d.sync += [Q1.eq(U3), Q2.eq(Q1)]
             wnew = Mux(qstep.tracked, Q2.w1, Q2.dw0)
-            for r, pr in enumerate(rows):
+            for r in range(R):
                 with m.If(qstep.done & (Q2.ybank == r)):
-                    m.d.comb += [pr.y_wen.eq(Const(1, C) << Q2.lane), pr.y_waddr.eq(Q2.yaddr)]
+                    m.d.comb += [ywen_t[r].eq(Const(1, C) << Q2.lane), ywaddr_t[r].eq(Q2.yaddr)]
             with m.If(qstep.done):
                 m.d.comb += ywd.eq(Cat(*[wnew[:D]] * C))
             with m.If(qstep.done):
@@ -462,11 +493,16 @@ class Procrustes(wiring.Component):
                     with m.Case(i):
                         m.d.sync += EN4.ev.eq(eword[i * D:(i + 1) * D])
         else:
-            with m.If(EN2.valid):
-                m.d.comb += [pick.eq(1), pick_row.eq(EN2.ybank), pick_lane.eq(EN2.lane)]
+            with m.If(EN1.valid):
+                m.d.comb += [pick.eq(1), pick_row.eq(EN1.ybank), pick_lane.eq(EN1.lane)]
             m.d.sync += EN4.ev.eq(ylane)
         ev = EN4.ev
-        enz = EN4.inside & (ev != 0)
+        if c.area:
+            enz = EN4.inside & (ev != 0)
+        else:  # (the value's zero test a stage earlier)
+            en4_nz = Signal()
+            m.d.sync += en4_nz.eq(ylane != 0)
+            enz = EN4.inside & en4_nz
         blkmask = Signal(NB)
         blkptr = Signal(PB + 1)
         nnz = Signal(NW)
@@ -487,6 +523,15 @@ class Procrustes(wiring.Component):
         ulane = Signal(max(1, c.log_cols))  # lane of a result word being unloaded
         unloading = Signal()
         gaddr_unload = Signal(16)
+
+        if not c.area:  # a schedule word's load, registered (LOAD)
+            sch_we, sch_idx, sch_word = Signal(), Signal(33), Signal(48)
+            m.d.sync += sch_we.eq(0)
+            with m.If(sch_we):
+                for i in range(2 * R):
+                    with m.If(sch_idx == i):
+                        m.d.sync += sched[i].eq(sch_word)
+            usidx = Signal(33)  # a schedule word's unload index, registered (UADDR)
 
         # ---- command FSM ---------------------------------------------------------------
         with m.If(~self.resp.valid):
@@ -616,7 +661,11 @@ class Procrustes(wiring.Component):
                         sbad_now.append((w[32:48] != 0) & ((w[0:16] >= out_rows)
                                                            | (w[16:32] >= NT)))
                     sbad_now.append((lo[32:48] + hi[32:48]) > c.y_depth)
-                m.d.sync += sched_bad.eq(Cat(*sbad_now).any())
+                if c.area:
+                    m.d.sync += sched_bad.eq(Cat(*sbad_now).any())
+                else:  # (two stages: the table and the fields are held through CHECK)
+                    sbad_rows = Signal(len(sbad_now))
+                    m.d.sync += [sbad_rows.eq(Cat(*sbad_now)), sched_bad.eq(sbad_rows.any())]
                 m.d.sync += i0.eq(i0 + 1)
                 walks = (op == Op.FWD) | (op == Op.BWD) | (op == Op.WGRADX)
                 with m.If(ck_bad | ((i0 == 5) & walks & sched_bad)):
@@ -634,8 +683,12 @@ class Procrustes(wiring.Component):
                         with m.Case(Op.GET):
                             m.next = "GET"
                         with m.Case(Op.FWD, Op.BWD, Op.WGRADX):
+                            if not c.area:
+                                m.d.comb += start_next.eq(1)
                             m.next = "RUNSTART"
                         with m.Case(Op.WGRAD):
+                            if not c.area:
+                                m.d.comb += start_next.eq(1)
                             m.next = "WGSTART"
                         with m.Case(Op.UPDATE):
                             m.next = "UPDSTART"
@@ -643,6 +696,8 @@ class Procrustes(wiring.Component):
                             m.next = "RESP"
 
             with m.State("RUNSTART"):
+                # (the area configuration's rows take start from here; the default's from
+                # start_next, a cycle ahead)
                 m.d.comb += [start.eq(1), mode.eq(Mux(is_bwd, MODE_BWD, MODE_FWD)),
                              running.eq(1)]
                 m.next = "RUNWAIT"
@@ -700,14 +755,18 @@ class Procrustes(wiring.Component):
                             m.d.comb += [gwr.en.eq(1), gwr.addr.eq(cmd.addr + cnt),
                                          gwr.data.eq(word[:R * D])]
                         with m.Case(Buf.SCHED):
-                            for i in range(2 * R):
-                                with m.If(cmd.addr + cnt == i):
-                                    m.d.sync += sched[i].eq(word[:48])
+                            if c.area:
+                                for i in range(2 * R):
+                                    with m.If(cmd.addr + cnt == i):
+                                        m.d.sync += sched[i].eq(word[:48])
+                            else:  # written a cycle later, from registers (below)
+                                m.d.sync += [sch_we.eq(1), sch_idx.eq(cmd.addr + cnt),
+                                             sch_word.eq(word[:48])]
                         with m.Case(Buf.Y):
                             for r, pr in enumerate(rows):
                                 with m.If(cmd.arg == r):
-                                    m.d.comb += [pr.y_wen.eq((1 << C) - 1),
-                                                 pr.y_waddr.eq(cmd.addr + cnt)]
+                                    m.d.comb += [ywen_t[r].eq((1 << C) - 1),
+                                                 ywaddr_t[r].eq(cmd.addr + cnt)]
                                     if c.area:
                                         m.d.comb += pr.y_wdata.eq(word[:C * D])
                             if not c.area:
@@ -720,15 +779,21 @@ class Procrustes(wiring.Component):
             # registered and offered in UDATA
             with m.State("UADDR"):
                 m.d.comb += unloading.eq(1)
+                if not c.area:
+                    m.d.sync += usidx.eq(cmd.addr + cnt)
                 m.next = "UWAIT"
             with m.State("UWAIT"):
                 m.d.comb += unloading.eq(1)
+                if not c.area:  # a result word's first lane is picked (the row registers
+                    # the pick, then the lane, cut from the bank's output, in ULATCH)
+                    m.d.comb += [pick.eq(cmd.sel == Buf.Y), pick_row.eq(cmd.arg),
+                                 pick_lane.eq(0)]
                 m.next = "UWAIT2"
             with m.State("UWAIT2"):  # the result banks' outputs are registered
                 m.d.comb += unloading.eq(1)
-                if not c.area:  # a result word's first lane is picked
+                if not c.area:  # the second lane
                     m.d.comb += [pick.eq(cmd.sel == Buf.Y), pick_row.eq(cmd.arg),
-                                 pick_lane.eq(0)]
+                                 pick_lane.eq(1 % C)]
                 m.next = "ULATCH"
             with m.State("ULATCH"):
                 m.d.comb += unloading.eq(1)
@@ -737,9 +802,10 @@ class Procrustes(wiring.Component):
                     m.next = "UDATA"
                 else:
                     # a result word comes a lane a cycle (cols cycles), shifted in from
-                    # the top so that lane 0 ends at the bottom; the next lane is picked
+                    # the top so that lane 0 ends at the bottom; the lane after next is
+                    # picked (the bank's address is held, so is its output)
                     with m.If(cmd.sel == Buf.Y):
-                        m.d.comb += [pick.eq(1), pick_row.eq(cmd.arg), pick_lane.eq(ulane + 1)]
+                        m.d.comb += [pick.eq(1), pick_row.eq(cmd.arg), pick_lane.eq(ulane + 2)]
                         m.d.sync += [uword_r.eq(Cat(uword_r[D:C * D], ylane)),
                                      ulane.eq(ulane + 1)]
                         with m.If(ulane == C - 1):
@@ -885,12 +951,15 @@ class Procrustes(wiring.Component):
                 with m.Case(Buf.G):
                     m.d.comb += [gaddr_unload.eq(cmd.addr + cnt), uword.eq(u_g)]
                 with m.Case(Buf.SCHED):
-                    m.d.comb += uword.eq(Array(sched)[(cmd.addr + cnt)[:c.log_rows + 1]])
+                    six = (cmd.addr + cnt) if c.area else usidx
+                    m.d.comb += uword.eq(Array(sched)[six[:c.log_rows + 1]])
                 with m.Case(Buf.Y):
                     m.d.comb += y_raddr.eq(cmd.addr + cnt)
                     if c.area:
                         m.d.comb += uword.eq(ydata[cmd.arg[:max(1, c.log_rows)]])
-        m.d.comb += grd.addr.eq(Mux(running, sq_gaddr, gaddr_unload))
+        # (the default configuration selects on running registered: the sequencer's
+        # first address is registered too, and the unload comes long after a run)
+        m.d.comb += grd.addr.eq(Mux(running if c.area else running_r, sq_gaddr, gaddr_unload))
         return m
 
     def _serial_update(self, m, rows, row0, regs, ydata, prng, u_issue, um, uk, hx, cmd,
