@@ -273,7 +273,7 @@ def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b,
             x = wn[jj]  # both loaded unconditionally: a select, not a branch (vectorizes)
             r = r0[jj]
             mv[jj] = t
-            nt += np.int32(t)
+            nt = np.int32(nt + np.int32(t))  # int32 lanes: see _spec_loop
             wv[jj] = x if t else r
             if mom != 0:
                 v = bv[jj]
@@ -451,9 +451,11 @@ def _spec_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, 
             pj = not (tr or rs)
             mb[jj] = np.uint8(1) if tr else (np.uint8(2) if pj else np.uint8(0))
             p8[jj] = np.uint8(pj)
-            c_hi += np.int32(tr)
-            c_lo += np.int32(sb > lo)
-            npend += np.int32(pj)
+            # the counts stay int32 (numba widens int32 + int32 to int64, and int64
+            # accumulators held this loop to 4 lanes on AVX2: ymm of int64)
+            c_hi = np.int32(c_hi + np.int32(tr))
+            c_lo = np.int32(c_lo + np.int32(sb > lo))
+            npend = np.int32(npend + np.int32(pj))
         mv = m8[start:stop]
         for jj in range(m):
             mv[jj] = mb[jj]

@@ -356,8 +356,8 @@ def _bulk_count(key, blo, bhi):
     nu = np.int32(0)
     for jj in range(key.shape[0]):
         kk = key[jj]
-        nb += np.int32((kk > blo) & (kk <= bhi))
-        nu += np.int32(kk > bhi)
+        nb = np.int32(nb + np.int32((kk > blo) & (kk <= bhi)))  # int32 lanes (numba's
+        nu = np.int32(nu + np.int32(kk > bhi))  # int32 + int32 is int64: half the width)
     return nb, nu
 
 
