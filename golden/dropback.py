@@ -63,6 +63,7 @@ from golden.prng import CounterInit, init_bounds, w0_nb
 from golden.quantile import (
     _blocks,
     _consts,
+    _host_has_avx512,
     _key,
     _region_cache,
     check_quantile_args,
@@ -383,12 +384,16 @@ def _quantile_all(tab, seeds, bounds, hyp, counter, d32, b, up, down, key, r0, w
 #
 # Speed (measured on 11.7M elements, one core): the element loop touches only
 # the streams (w, g, w0 or its PRNG, momentum) and L1 buffers of one chunk
-# (scores, mask bytes, pending flags); writing the mask bytes straight into the
-# big mask array inside the loop cost ~1.4 ms per pass, through an L1 buffer
-# and a byte copy ~0.6 ms. Pending elements are found 8 flags per uint64 word
-# and a count-trailing-zeros per element.
+# (scores, pending flags, and the mask bytes where ``direct`` is off). On the
+# AVX-512 machine of the earlier sessions, writing the mask bytes straight into
+# the big mask array inside the loop cost ~1.4 ms per pass, through an L1 buffer
+# and a byte copy ~0.6 ms; on the AVX2 machine of session 10 (EPYC) the direct
+# write is the faster one (top-k step 2.69x -> 2.48x SGD, 50 alternating rounds
+# in one process), so it is the default where the CPU has no AVX-512. Pending
+# elements are found 8 flags per uint64 word and a count-trailing-zeros per element.
 
 _CHUNK = 1024  # elements per chunk of the pass (pending count, then a scan if any)
+_DIRECT_MASK = not _host_has_avx512()  # the hint pass's default mask write (see above)
 
 
 @intrinsic
@@ -412,7 +417,7 @@ def _sbits(x):
 
 @numba.njit(inline="always")
 def _spec_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, lo, hi,
-               m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st):
+               m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st, direct):
     p8 = pend.view(np.uint8)  # pending flags of the chunk, read back 8 per uint64
     nc, nl, nleft = st[0], st[1], st[2]
     n_hi = np.int64(0)
@@ -431,6 +436,7 @@ def _spec_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, 
             w0v = w0c
         else:
             w0v = w0[start:stop]
+        mv = m8[start:stop]
         c_hi = np.int32(0)
         c_lo = np.int32(0)
         npend = np.int32(0)
@@ -449,16 +455,20 @@ def _spec_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, 
             if mom != 0:
                 bv[jj] = np.float32(0) if rs else bv[jj]
             pj = not (tr or rs)
-            mb[jj] = np.uint8(1) if tr else (np.uint8(2) if pj else np.uint8(0))
+            code = np.uint8(1) if tr else (np.uint8(2) if pj else np.uint8(0))
+            if direct:
+                mv[jj] = code
+            else:
+                mb[jj] = code
             p8[jj] = np.uint8(pj)
             # the counts stay int32 (numba widens int32 + int32 to int64, and int64
             # accumulators held this loop to 4 lanes on AVX2: ymm of int64)
             c_hi = np.int32(c_hi + np.int32(tr))
             c_lo = np.int32(c_lo + np.int32(sb > lo))
             npend = np.int32(npend + np.int32(pj))
-        mv = m8[start:stop]
-        for jj in range(m):
-            mv[jj] = mb[jj]
+        if not direct:
+            for jj in range(m):
+                mv[jj] = mb[jj]
         if npend > 0:  # the chunk's pending elements in index order
             for jj in range(m, min(_CHUNK, (m + 7) & ~7)):  # flags past a short chunk
                 p8[jj] = np.uint8(0)
@@ -494,33 +504,45 @@ def _spec_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, 
     st[4] += n_lo
 
 
-@numba.njit(cache=False)
-def _spec(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, lo, hi, m8, sbuf,
-          mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st):
-    """The hint pass over one parameter (global offset ``off``). Pending elements
-    in the band go to ``cidx``/``cbits``; those below it (not recoverable) have
-    their new weight and momentum saved to ``lidx``/``lw``/``lb`` and are reset;
-    either kind stays pending (mask 2, new weight kept) and is only counted in
-    ``nleft`` when its list is full. ``sbuf``/``mb``/``pend``: chunk buffers.
-    ``st``: [band listed, low listed, left pending, count > hi, count > lo],
-    updated. Literal flags per variant as in :func:`_update_score`."""
+@numba.njit(inline="always")
+def _spec_variants(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, lo, hi,
+                   m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st, direct):
     z = np.float32(0)
-    lo = np.int32(lo)
-    hi = np.int32(hi)
     plain = mom == 0 and wd == 0
     if counter:
         if plain:
             _spec_loop(w, g, buf, w0, seed, bound, True, neg_lr, z, z, d32, d32p, lo, hi,
-                       m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st)
+                       m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st, direct)
         else:
             _spec_loop(w, g, buf, w0, seed, bound, True, neg_lr, mom, wd, d32, d32p, lo, hi,
-                       m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st)
+                       m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st, direct)
     elif plain:
         _spec_loop(w, g, buf, w0, seed, bound, False, neg_lr, z, z, d32, d32p, lo, hi,
-                   m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st)
+                   m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st, direct)
     else:
         _spec_loop(w, g, buf, w0, seed, bound, False, neg_lr, mom, wd, d32, d32p, lo, hi,
-                   m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st)
+                   m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st, direct)
+
+
+@numba.njit(cache=False)
+def _spec(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, lo, hi, m8, sbuf,
+          mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st, direct):
+    """The hint pass over one parameter (global offset ``off``). Pending elements
+    in the band go to ``cidx``/``cbits``; those below it (not recoverable) have
+    their new weight and momentum saved to ``lidx``/``lw``/``lb`` and are reset;
+    either kind stays pending (mask 2, new weight kept) and is only counted in
+    ``nleft`` when its list is full. ``sbuf``/``mb``/``pend``: chunk buffers
+    (``mb`` unused when ``direct``: the mask bytes go straight to ``m8``).
+    ``st``: [band listed, low listed, left pending, count > hi, count > lo],
+    updated. Literal flags per variant as in :func:`_update_score`."""
+    lo = np.int32(lo)
+    hi = np.int32(hi)
+    if direct:
+        _spec_variants(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, lo,
+                       hi, m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st, True)
+    else:
+        _spec_variants(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, lo,
+                       hi, m8, sbuf, mb, w0c, pend, off, cidx, cbits, lidx, lw, lb, st, False)
 
 
 @numba.njit(cache=False)
@@ -662,6 +684,7 @@ class Dropback(torch.optim.Optimizer):
         self.hint_hits = 0
         self.hint_misses = 0
         self.use_hint = True  # False: always the full radix select (the reference path)
+        self.direct_mask = _DIRECT_MASK  # hint pass: mask bytes straight to the mask
         self._thr_hist = (None, None)  # last two top-k thresholds
         self._band = 4e-3  # hint band half-width, relative; adapted every step
         self._errs: list[float] = []  # relative errors of the last predictions
@@ -925,7 +948,7 @@ class Dropback(torch.optim.Optimizer):
         for (i, w, g, buf, w0, seed, bound, counter, nlr, mom, wd, mask) in work:
             _spec(w, g, buf, w0, seed, bound, counter, nlr, mom, wd, d32, d32p, lo, hi,
                   mask.view(np.uint8), sbuf, mb, w0c, pend, off[i], cidx, cbits, lidx, lw, lb,
-                  st)
+                  st, bool(self.direct_mask))
         nc, nl, nleft, n_hi, n_lo = (int(x) for x in st)
         self._listed = (nc + nleft, nl + nleft)
         cut = [off[t[0]] for t in work] + [off[work[-1][0] + 1]]

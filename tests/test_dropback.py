@@ -299,10 +299,11 @@ def test_zero_budget_and_all_tied_scores():
 
 
 def _run_pair(steps, *, counter=False, momentum=0.0, weight_decay=0.0, init_decay=0.95,
-              track=600, grad_fn=None):
+              track=600, grad_fn=None, direct=None):
     """The same steps on two optimizers: threshold hint on, and off (the full
     radix select on every step, the reference path). Returns both and their
-    per-step (weights, mask, threshold)."""
+    per-step (weights, mask, threshold). ``direct``: the hint pass's mask write
+    (straight to the mask, or through its chunk buffer; None: the host's default)."""
     runs = []
     for hint in (True, False):
         g = torch.Generator().manual_seed(0)
@@ -315,6 +316,8 @@ def _run_pair(steps, *, counter=False, momentum=0.0, weight_decay=0.0, init_deca
         opt = Dropback(ps, lr=0.05, track_size=track, momentum=momentum,
                        weight_decay=weight_decay, init_decay=init_decay, init=init)
         opt.use_hint = hint
+        if direct is not None:
+            opt.direct_mask = direct
         gen = torch.Generator().manual_seed(5)
         hist = []
         for t in range(steps):
@@ -340,10 +343,13 @@ def _assert_same(runs):
     assert oa.tracked_count == ob.tracked_count
 
 
+@pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("counter,momentum,weight_decay", [
     (False, 0.0, 0.0), (True, 0.0, 0.0), (False, 0.9, 1e-3), (True, 0.9, 0.0)])
-def test_hint_path_bit_identical_to_radix_path(counter, momentum, weight_decay):
-    runs = _run_pair(14, counter=counter, momentum=momentum, weight_decay=weight_decay)
+def test_hint_path_bit_identical_to_radix_path(counter, momentum, weight_decay, direct):
+    # both mask writes of the hint pass (each CPU runs one by default)
+    runs = _run_pair(14, counter=counter, momentum=momentum, weight_decay=weight_decay,
+                     direct=direct)
     _assert_same(runs)
     opt = runs[0][0]
     assert opt.hint_hits >= 8  # the hint path really ran (the first step has no hint)
@@ -370,8 +376,9 @@ def test_hint_path_ties_at_threshold_and_jumps():
     assert runs[0][0].hint_misses >= 2 and runs[0][0].hint_hits >= 4
 
 
+@pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_hint_path_lists_overflow(momentum):
+def test_hint_path_lists_overflow(momentum, direct):
     # Lists of capacity 1 (then twice the last count): elements that do not fit
     # stay pending and are collected again after the pass, on hits and misses.
     def grads(t, ps, opt):
@@ -379,7 +386,7 @@ def test_hint_path_lists_overflow(momentum):
         opt._listed = (0, 0)
         if t == 7:
             ps[0].grad.mul_(0.01)  # the threshold drops: a miss below the band
-    runs = _run_pair(10, momentum=momentum, grad_fn=grads)
+    runs = _run_pair(10, momentum=momentum, grad_fn=grads, direct=direct)
     _assert_same(runs)
     assert runs[0][0].hint_misses >= 1 and runs[0][0].hint_hits >= 5
 
