@@ -120,6 +120,11 @@ figure against torch's ``add_`` on the same arrays, ~2.0 ms, under a load of
   instead (golden.quantile._POS_LUT): 4.6 ms, and quantile 7.15x -> 4.46x SGD
   in back-to-back bench runs (top-k 3.43x/3.45x on this machine, against
   2.41x on the AVX-512 one).
+  Session 10, same machine: the top-k pass's per-chunk counts were int64
+  (numba widens int32 + int32), which held its loop to 4 lanes on AVX2; in
+  int32 it runs 8-wide (top-k 4.0-4.25x -> 2.8-3.4x at load 2), and the mask
+  bytes go straight into the mask without AVX-512 (Dropback.direct_mask);
+  bench at load 1.2: top-k 2.62x, quantile 3.94x, CounterInit 4.85x/6.62x.
 """
 
 from __future__ import annotations
