@@ -248,6 +248,9 @@ async def test_bad_commands(dut):
         (dict(op=Op.FWD, m=4, k=cfg.x_depth + 1, n=cfg.cols), Err.RANGE),
         (dict(op=Op.WGRAD, m=4, k=4, n=cfg.g_depth + 1), Err.RANGE),
         (dict(op=Op.LOAD, sel=Buf.X, addr=cfg.x_depth - 1, count=2), Err.RANGE),
+        # the start alone beyond the buffer, and a start that wraps 32 bits
+        (dict(op=Op.LOAD, sel=Buf.G, addr=cfg.g_depth + 1, count=1), Err.RANGE),
+        (dict(op=Op.LOAD, sel=Buf.VALUES, addr=(1 << 32) - 1, count=2), Err.RANGE),
         (dict(op=Op.UNLOAD, sel=Buf.Y, arg=cfg.rows, count=1), Err.RANGE),
         (dict(op=Op.UPDATE, m=cfg.val_depth, k=2), Err.RANGE),
     ]
