@@ -24,13 +24,13 @@ demo: $(STAMP)
 
 # One pytest worker per core; worksteal keeps the long simulations from piling up on
 # one worker. The simulation builds are locked per design (sim/runner.py). The golden
-# numba kernels are compiled once first (golden/warm.py; minutes on a fresh clone), so
-# the workers load them from the disk cache instead of each compiling them inside a
-# test's time limit.
+# numba kernels are compiled once first (golden/warm.py: minutes on a fresh clone, in two
+# processes), so the workers load them from the disk cache instead of each compiling
+# them inside a test's time limit. The 15 slowest tests are listed at the end.
 TEST_JOBS ?= auto
 test: $(STAMP)
 	$(PY) -m golden.warm
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

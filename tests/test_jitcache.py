@@ -56,10 +56,37 @@ def test_warm_runs_every_part_and_says_so(capsys):
     # make test runs `python -m golden.warm` before the parallel workers start
     from golden import warm
 
-    assert warm.main([]) == 0
+    assert warm.main(["--jobs", "2"]) == 0  # the two quantile parts in two processes
     out = capsys.readouterr().out
     assert out.startswith("golden kernels ready: ")
-    for part in ("dropback top-k", "quantile", "prng", "procrustes_ref"):
+    for part in ("quantile", "dropback top-k (stored w0)", "quantile pass",
+                 "dropback top-k (CounterInit)", "prng", "procrustes_ref"):
         assert f"{part} " in out
-    with pytest.raises(SystemExit):  # no options
-        warm.main(["--jobs", "2"])
+    assert "jobs 2)" in out
+    assert warm.main(["--jobs", "1"]) == 0
+    assert "jobs 1)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        warm.main(["--jobs", "0"])
+    assert e.value.code == 2
+    assert "--jobs must be >= 1, not 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="jobs must be >= 1, not 0"):
+        warm.warm(0)
+
+
+def test_warm_lanes_share_no_kernel():
+    # the lanes run in two processes at once: a kernel compiled in both would have its
+    # cache entry written by two processes. Each lane in a fresh process of its own.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from golden import warm
+
+    def in_fresh_process(lane):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(warm.lane_kernels, lane).result()
+
+    quantile, other = in_fresh_process(0), in_fresh_process(1)
+    assert "golden.dropback._quantile_all" in quantile
+    assert any(k.startswith("golden.prng.") for k in quantile)  # CounterInit's
+    assert "golden.quantile._pass" in other and len(other) >= 3
+    assert not quantile & other, sorted(quantile & other)
