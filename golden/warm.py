@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -50,12 +51,15 @@ def _dropback_steps(kinds, counters=(False, True)):
             opt.step()
 
 
+_TOPK_KINDS = [dict(), dict(momentum=0.9, weight_decay=1e-3)]
+
+
 def _topk_stored():
-    _dropback_steps([dict(), dict(momentum=0.9, weight_decay=1e-3)], counters=(False,))
+    _dropback_steps(_TOPK_KINDS, counters=(False,))
 
 
 def _topk_counter():
-    _dropback_steps([dict(), dict(momentum=0.9, weight_decay=1e-3)], counters=(True,))
+    _dropback_steps(_TOPK_KINDS, counters=(True,))
 
 
 def _quantile():
@@ -119,8 +123,6 @@ def _timed(parts):
 def lane_kernels(lane: int) -> set[str]:
     """Run lane ``lane`` of :data:`LANES` and return the golden numba kernels it
     compiled or loaded (``module.name``). Meant for a fresh process."""
-    import sys
-
     from numba.core.dispatcher import Dispatcher
 
     _timed(LANES[lane])

@@ -56,7 +56,7 @@ def test_warm_runs_every_part_and_says_so(capsys):
     # make test runs `python -m golden.warm` before the parallel workers start
     from golden import warm
 
-    assert warm.main(["--jobs", "2"]) == 0  # the two quantile parts in two processes
+    assert warm.main(["--jobs", "2"]) == 0  # the two lanes in two processes
     out = capsys.readouterr().out
     assert out.startswith("golden kernels ready: ")
     for part in ("quantile", "dropback top-k (stored w0)", "quantile pass",
