@@ -21,7 +21,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 import cocotb
-from cocotb.triggers import Event, FallingEdge, ReadOnly
+from cocotb.triggers import Event, FallingEdge, ReadOnly, RisingEdge
+from cocotb.utils import get_sim_time
 
 __all__ = [
     "NoPauses",
@@ -148,6 +149,7 @@ class StreamSource:
         self.count = 0
         self._idle = Event()
         self._idle.set()
+        self._queued = Event()
         self.valid.value = 0
         self._task = cocotb.start_soon(self._run())
 
@@ -155,6 +157,7 @@ class StreamSource:
         """Queue one item (an int, or a dict when a codec is given)."""
         self.queue.append(item)
         self._idle.clear()
+        self._queued.set()
 
     def send_all(self, items: Iterable) -> None:
         for item in items:
@@ -176,6 +179,14 @@ class StreamSource:
                 current = self.queue.popleft()
                 self.payload.value = self._encode(current)
             self.valid.value = int(current is not None)
+            if current is None and not self.queue:
+                # Idle with valid low: sleep until send() queues an item, then take it
+                # at the next falling edge, as the polling did. (Polling woke an idle
+                # source twice a cycle, as costly as a busy one.) The pause generator
+                # is asked only while an item waits, so the stall pattern is unchanged.
+                self._queued.clear()
+                await self._queued.wait()
+                continue
             await ReadOnly()
             if current is not None and int(self.ready.value):
                 current = None
@@ -217,10 +228,8 @@ class StreamSink:
 
     async def _run(self):
         held = None  # payload of a valid beat that was not accepted last cycle
-        cycle = 0
         while True:
             await FallingEdge(self.clk)
-            cycle += 1
             ready = not self.pauses()
             self.ready.value = int(ready)
             await ReadOnly()
@@ -228,10 +237,10 @@ class StreamSink:
             if self.check_rules and held is not None:
                 if not valid:
                     self.violations.append(f"{self.name}: valid dropped before transfer "
-                                           f"at cycle {cycle}")
+                                           f"at {get_sim_time('ns')} ns")
                 elif self.payload.value.to_unsigned() != held:
                     self.violations.append(f"{self.name}: payload changed while stalled "
-                                           f"at cycle {cycle}")
+                                           f"at {get_sim_time('ns')} ns")
             held = None
             if valid:
                 word = self.payload.value.to_unsigned()
@@ -241,3 +250,10 @@ class StreamSink:
                     self._arrived.set()
                 else:
                     held = word
+            else:
+                # valid is low and changes only at a clock edge: sleep until it rises
+                # (ready keeps its value), then sample from the next falling edge on, as
+                # the polling did. Polling woke an idle sink twice a cycle; the pause
+                # generator is now asked once per cycle with a beat offered, plus once
+                # when the first beat after a gap arrives.
+                await RisingEdge(self.valid)
