@@ -217,6 +217,13 @@ def simulate(
         "PROCUBE_PARAMS": json.dumps(params or {}),
         "PROCUBE_METRICS": str(metrics_file),
         "PROCUBE_SIMULATOR": simulator,
+        # cocotb rewrites the asserts of every module imported after it starts ("*.py"),
+        # torch's ~1,500 included: 20-30 s of each run went to parsing and compiling them.
+        # Only the testbenches' own asserts need the detailed messages.
+        "COCOTB_REWRITE_ASSERTION_FILES": "tb_*.py",
+        # A testbench runs in a fresh directory: anything it caches (the tiny ViT that
+        # tb_cubist takes real features from) goes here, beside the builds.
+        "PROCUBE_CACHE_DIR": str((root / "cache").resolve()),
     }
     with _environment(simulator):
         runner = get_runner(simulator)

@@ -15,6 +15,7 @@ frames, the unmerge unit, and steady-state throughput.
 
 from __future__ import annotations
 
+import os
 import random
 
 import cocotb
@@ -337,7 +338,8 @@ async def test_real_features(dut):
         return
     from golden.vit import real_feature_frames
 
-    feats = real_feature_frames(p.get("real_frames", 2), seed=0)
+    feats = real_feature_frames(p.get("real_frames", 2), seed=0,
+                                cache_dir=os.environ.get("PROCUBE_CACHE_DIR", "out/cache"))
     x = feats.frames if hasattr(feats, "frames") else feats[0]
     hw = tuple(feats.hw) if hasattr(feats, "hw") else (8, 8)
     prefix = int(feats.prefix) if hasattr(feats, "prefix") else 1
