@@ -265,7 +265,8 @@ def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b,
             wn[jj] = x
             r0[jj] = r
             key[jj] = _key(abs(x - r))
-        b = _blocks(key, m, b, u, d, up, down, ml, 0, rc, stats, pos)  # mask of the chunk in L1
+        b = _blocks_at(_addr(key), m, b, u, d, up, down, _addr(ml), _addr(rc), rc.shape[0],
+                       _addr(stats), stats.shape[0], _addr(pos), pos.shape[0])  # mask in L1
         mv = mask[start:end]
         nt = np.int32(0)
         for ii in range(m):
@@ -320,6 +321,33 @@ def _ptr_intrinsic(dtype):
 
 _f32_ptr = _ptr_intrinsic(types.float32)
 _bool_ptr = _ptr_intrinsic(types.boolean)
+_i32_ptr = _ptr_intrinsic(types.int32)
+_i64_ptr = _ptr_intrinsic(types.int64)
+
+
+@numba.njit(inline="always")
+def _addr(a):
+    """The data address of array ``a``, as int64."""
+    return np.int64(a.ctypes.data)
+
+
+# The estimator is a call from the fused step, not inlined into each of its four
+# variants: numba types an inline="always" function again at every call site, and that
+# typing (not LLVM: 21 s of 408) was nearly all of the fused step's compile time with
+# four copies of _blocks; with one, golden.warm's quantile lane took 66 s. The call gets
+# the chunk's buffers by address: a call with the arrays themselves (which numba
+# reference-counts) made the quantile step ~0.2x of an SGD step slower in three
+# alternating `procube bench dropback` runs; by address it was within their noise.
+@numba.njit(cache=False)
+def _blocks_at(key_a, n, b, u, d, up, down, ml_a, rc_a, rc_n, st_a, st_n, pos_a, pos_n):
+    """:func:`golden.quantile._blocks` over the ``n`` keys at ``key_a`` into the mask at
+    ``ml_a`` (region cache, stats and positions scratch at the other addresses)."""
+    key = numba.carray(_i32_ptr(key_a), n)
+    ml = numba.carray(_bool_ptr(ml_a), n)
+    rc = numba.carray(_i64_ptr(rc_a), (rc_n, 4))
+    stats = numba.carray(_i64_ptr(st_a), st_n)
+    pos = numba.carray(_i32_ptr(pos_a), pos_n)
+    return _blocks(key, n, b, u, d, up, down, ml, np.int64(0), rc, stats, pos)
 
 
 @numba.njit(cache=False)
