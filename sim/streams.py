@@ -228,8 +228,10 @@ class StreamSink:
 
     async def _run(self):
         held = None  # payload of a valid beat that was not accepted last cycle
+        open_cycle = False  # woken after a falling edge, before the rising one
         while True:
-            await FallingEdge(self.clk)
+            if not open_cycle:
+                await FallingEdge(self.clk)
             ready = not self.pauses()
             self.ready.value = int(ready)
             await ReadOnly()
@@ -250,10 +252,13 @@ class StreamSink:
                     self._arrived.set()
                 else:
                     held = word
-            else:
-                # valid is low and changes only at a clock edge: sleep until it rises
-                # (ready keeps its value), then sample from the next falling edge on, as
-                # the polling did. Polling woke an idle sink twice a cycle; the pause
-                # generator is now asked once per cycle with a beat offered, plus once
-                # when the first beat after a gap arrives.
+            open_cycle = False
+            if not valid:
+                # Sleep until valid rises (polling woke an idle sink twice a cycle; the
+                # pause generator is now asked once per cycle from the first beat on).
+                # Registered, valid rises with the clock: then ready is set at the next
+                # falling edge, as the polling did. Through a combinational path from an
+                # input the bench drives at a falling edge, it rises with the clock low:
+                # that cycle is still open, and ready (held while asleep) is set now.
                 await RisingEdge(self.valid)
+                open_cycle = not (self.clk.value.is_resolvable and int(self.clk.value))
