@@ -224,9 +224,14 @@ def _w0v(w0v, jj, base, seed, bound, counter):
     return w0v[jj]
 
 
-_QCHUNK = 512  # quantile mode: elements per chunk (its buffers and streams stay in L1:
-# measured on the update/score/write-back loops, 11.7M elements: 7.7 ms at 2048,
-# 6.0 at 1024, 4.8 at 512)
+# Quantile mode: elements per chunk (its buffers and streams stay in L1). The best size
+# depends on the machine. On the AVX-512 machine of the earlier sessions, the update,
+# score and write-back loops alone over 11.7M elements took 7.7 ms at 2048, 6.0 at 1024
+# and 4.8 at 512. On the AVX2 EPYC of session 13, the whole quantile step against the
+# same step at 512, both in one process with the rounds paired (40 rounds each run):
+# 1024 took 0.92, 0.97 and 0.93 of the time (median per-round ratio), 1536 took 0.97
+# and 2048 took 0.99.
+_QCHUNK = 512 if _host_has_avx512() else 1024
 
 
 @numba.njit(inline="always")

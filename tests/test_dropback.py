@@ -393,12 +393,16 @@ def test_hint_path_lists_overflow(momentum, direct):
 
 @pytest.mark.parametrize("counter", [False, True])
 def test_quantile_mode_with_momentum_and_weight_decay_matches_reference(counter):
-    # Parameters of several chunks of the quantile pass (512 elements, visited last
-    # to first), momentum and weight decay, stored or regenerated w0: weights,
-    # momentum buffers, mask and theta equal torch.optim.SGD's step followed by the
-    # reference estimator pass and the reset (untracked: d32*w0, momentum 0).
+    # Parameters of several chunks of the quantile pass (_QCHUNK elements, visited
+    # last to first; the last one two full chunks and a partial one), momentum and
+    # weight decay, stored or regenerated w0: weights, momentum buffers, mask and
+    # theta equal torch.optim.SGD's step followed by the reference estimator pass
+    # and the reset (untracked: d32*w0, momentum 0).
+    from golden.dropback import _QCHUNK
     from golden.quantile import quantile_pass_reference
-    ps, ref = _params(3), _params(3)
+    long = 2 * _QCHUNK + 77
+    ps = _params(3) + [torch.randn(long, generator=torch.Generator().manual_seed(5))]
+    ref = [p.detach().clone().requires_grad_() for p in ps]
     init = CounterInit(4) if counter else None
     if counter:
         CounterInit(4).apply_(ps)
