@@ -36,7 +36,8 @@ sequence above (tests/test_dropback.py compares them step by step):
   a narrow band, reset below it (the new weight saved first when it cannot
   be recomputed on a miss), the few elements in it listed and decided
   after the pass from the exact count above the band;
-* quantile mode: one pass per parameter, last chunk of 512 elements to first:
+* quantile mode: one pass per parameter, last chunk of _QCHUNK elements (512, or 1024
+  without AVX-512) to first:
   update + score + d32*w0 into L1 buffers, the estimator of
   :mod:`golden.quantile` (bulk blocks of 256 decided without the serial chain
   when theta cannot reach any of their scores, the exact integer chain
