@@ -230,8 +230,8 @@ def _w0v(w0v, jj, base, seed, bound, counter):
 # score and write-back loops alone over 11.7M elements took 7.7 ms at 2048, 6.0 at 1024
 # and 4.8 at 512. On the AVX2 EPYC of session 13, the whole quantile step against the
 # same step at 512, both in one process with the rounds paired (40 rounds each run):
-# 1024 took 0.92, 0.97 and 0.93 of the time (median per-round ratio), 1536 took 0.97
-# and 2048 took 0.99.
+# 1024 took 0.920, 0.972, 0.931, 0.992 and 0.965 of the time (median per-round ratio;
+# with CounterInit 1.015), 1536 took 0.965 and 2048 0.988.
 _QCHUNK = 512 if _host_has_avx512() else 1024
 
 
