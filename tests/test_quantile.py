@@ -5,7 +5,9 @@ from hypothesis import strategies as st
 
 from golden.quantile import (
     _POS_LEN,
+    _POS_SLACK,
     StreamingQuantile,
+    _host_has_avx512,
     quantile_pass,
     quantile_pass_reference,
 )
@@ -385,40 +387,55 @@ def test_edge_run_stops_where_blocks_leave_it(edge, q, q_step, kind):
     check(s3, n - 4 * 256)
 
 
-_SCAN64 = []
+_SCAN64 = {}
 
 
-def _scan64_driver():
+def _scan64_driver(native):
     """A compiled caller of golden.quantile._band_scan64 with the path as an argument
-    (the estimator takes the one for this CPU; both are checked here)."""
-    if not _SCAN64:
+    (the estimator takes the one for this CPU; both are checked here). ``native``:
+    the compress path's AVX-512 register-form IR, else its portable IR (LLVM's
+    masked.compressstore); the flag is read when the caller compiles."""
+    if native not in _SCAN64:
         import numba
 
-        from golden.quantile import _band_scan64
+        import golden.quantile as gq
 
-        @numba.njit
+        @numba.njit(cache=False)
         def go(kv, blo, bhi, mask, pos, compress):
             n = np.int64(0)
             nb = np.int64(0)
             top = kv.shape[0]
             while top >= 64:
-                n, b = _band_scan64(kv, top - 64, blo, bhi, mask, 0, pos, n,
-                                    np.int32(kv.shape[0] - top), compress)
+                n, b = gq._band_scan64(kv, top - 64, blo, bhi, mask, 0, pos, n,
+                                       np.int32(kv.shape[0] - top), compress)
                 nb += b
                 top -= 64
             return n, nb
 
-        _SCAN64.append(go)
-    return _SCAN64[0]
+        saved = gq._COMPRESS
+        gq._COMPRESS = native
+        try:  # compile both specializations now, under the flag
+            for c in (True, False):
+                go(np.zeros(64, np.int32), np.int32(0), np.int32(0), np.zeros(64, bool),
+                   np.zeros(_POS_LEN, np.int32), c)
+        finally:
+            gq._COMPRESS = saved
+        _SCAN64[native] = go
+    return _SCAN64[native]
 
 
-@pytest.mark.parametrize("compress", [True, False], ids=["compress-store", "table"])
+@pytest.mark.parametrize("path", ["compress-avx512", "compress-portable", "table"])
 @pytest.mark.parametrize("frac", [0.0, 0.03, 0.5, 1.0])
-def test_band_scan_paths_give_mask_positions_and_band_count(compress, frac):
-    # Both ways of listing the tracked positions of 64-key words (the AVX-512
-    # compress-store, the byte table elsewhere) against plain numpy: the mask, the
-    # visit positions (0: the last key) ascending, the counts; words of all-zero,
-    # all-one and sparse bits, and the band's own edges (blo excluded, bhi included).
+def test_band_scan_paths_give_mask_positions_and_band_count(path, frac):
+    # Each way of listing the tracked positions of 64-key words (AVX-512's
+    # register-form compress and full stores, the portable compress-store IR, the
+    # byte table) against plain numpy: the mask, the visit positions (0: the last
+    # key) ascending, the counts; words of all-zero, all-one and sparse bits, and
+    # the band's own edges (blo excluded, bhi included). The entries written past
+    # the last position stay inside _POS_SLACK.
+    if path == "compress-avx512" and not _host_has_avx512():
+        pytest.skip("this CPU has no AVX-512F, so the register-form compress cannot run")
+    compress = path != "table"
     rng = np.random.default_rng(int(frac * 100) + compress)
     m = 256
     kv = np.where(rng.random(m) < frac, 5000, 0).astype(np.int32)
@@ -428,9 +445,10 @@ def test_band_scan_paths_give_mask_positions_and_band_count(compress, frac):
     blo, bhi = np.int32(1000), np.int32(2000)
     mask = np.zeros(m, dtype=bool)
     pos = np.full(_POS_LEN, -7, dtype=np.int32)
-    n, nb = _scan64_driver()(kv, blo, bhi, mask, pos, compress)
+    n, nb = _scan64_driver(path == "compress-avx512")(kv, blo, bhi, mask, pos, compress)
     above = kv > bhi
     assert np.array_equal(mask, above)
     want = np.sort(m - 1 - np.nonzero(above)[0])
     assert n == want.size and np.array_equal(pos[:n], want)
+    assert (pos[n + _POS_SLACK:] == -7).all()  # nothing written past the slack
     assert nb == int(((kv > blo) & (kv <= bhi)).sum())
