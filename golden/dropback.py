@@ -65,6 +65,7 @@ from golden.quantile import (
     _blocks,
     _consts,
     _host_has_avx512,
+    _host_is_amd_zen,
     _key,
     _region_cache,
     check_quantile_args,
@@ -231,7 +232,9 @@ def _w0v(w0v, jj, base, seed, bound, counter):
 # and 4.8 at 512. On the AVX2 EPYC of session 13, the whole quantile step against the
 # same step at 512, both in one process with the rounds paired (40 rounds each run):
 # 1024 took 0.920, 0.972, 0.931, 0.992 and 0.965 of the time (median per-round ratio;
-# with CounterInit 1.015), 1536 took 0.965 and 2048 0.988.
+# with CounterInit 1.015), 1536 took 0.965 and 2048 0.988. On the Zen 4 EPYC of
+# session 14 (AVX-512) 1024 is far slower than 512 (1.412, 1.357; with CounterInit
+# 1.157, 1.248) and 256 no faster (0.968, 0.926; 0.996, 1.055), so AVX-512 keeps 512.
 _QCHUNK = 512 if _host_has_avx512() else 1024
 
 
@@ -423,11 +426,14 @@ def _quantile_all(tab, seeds, bounds, hyp, counter, d32, b, up, down, key, r0, w
 # the big mask array inside the loop cost ~1.4 ms per pass, through an L1 buffer
 # and a byte copy ~0.6 ms; on the AVX2 machine of session 10 (EPYC) the direct
 # write is the faster one (top-k step 2.69x -> 2.48x SGD, 50 alternating rounds
-# in one process), so it is the default where the CPU has no AVX-512. Pending
+# in one process), and on session 14's Zen 4 EPYC, which has AVX-512, too (the
+# direct write's step against the buffered one, paired rounds: 0.971, 0.954,
+# 0.946, 0.910; the buffered one against itself: 1.026, 1.007). So the buffer
+# is the default only on AVX-512 CPUs that are not AMD Zen. Pending
 # elements are found 8 flags per uint64 word and a count-trailing-zeros per element.
 
 _CHUNK = 1024  # elements per chunk of the pass (pending count, then a scan if any)
-_DIRECT_MASK = not _host_has_avx512()  # the hint pass's default mask write (see above)
+_DIRECT_MASK = not _host_has_avx512() or _host_is_amd_zen()  # the hint pass's mask write
 
 
 @intrinsic

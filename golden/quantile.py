@@ -443,6 +443,17 @@ def _host_has_avx512() -> bool:
         return False
 
 
+def _host_is_amd_zen() -> bool:
+    """Is this CPU an AMD Zen (LLVM's host name ``znver*``)? Some defaults below were
+    measured per machine, and the AVX-512 flag alone does not tell Zen 4 from the
+    Intel AVX-512 machine of the earlier sessions."""
+    try:
+        from llvmlite import binding as llb
+        return llb.get_host_cpu_name().startswith("znver")
+    except Exception:  # noqa: BLE001 (no host name: not known to be Zen)
+        return False
+
+
 # Tracked positions from a 64-bit word of compare bits, where the CPU has no
 # compress instruction (AVX2): LLVM scalarizes masked.compressstore into 64
 # conditional stores, one data-dependent branch per key (on an AVX2 EPYC the
