@@ -60,7 +60,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from golden.prng import CounterInit, init_bounds, w0_nb
+from golden.prng import CounterInit, init_bounds, w0_at_nb, w0_nb
 from golden.quantile import (
     _blocks,
     _consts,
@@ -222,7 +222,7 @@ def _reset_thr(w, buf, w0, seed, bound, counter, mom, d32, bits, thr, mask):
 def _w0v(w0v, jj, base, seed, bound, counter):
     """w0 of element ``base + jj`` of a parameter, ``w0v`` the stored view from ``base``."""
     if counter:
-        return w0_nb(seed, np.uint64(base + jj), bound)
+        return w0_at_nb(seed, base, jj, bound)
     return w0v[jj]
 
 
@@ -263,10 +263,9 @@ def _quantile_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, b,
         # hardware prefetchers on (ascending loops in descending chunks ran ~2x slower)
         # (unsigned indices: a signed index computed as m-1-ii gets numba's
         # negative-index test, which stops vectorization: ~10x slower)
-        if counter:  # w0 of the chunk first, in its own loop (as in _spec_loop)
-            for ii in range(m):
-                jj = np.uint64(m - 1 - ii)
-                r0[jj] = d32 * w0_nb(seed, np.uint64(start) + jj, bound)
+        if counter:  # w0 of the chunk first, in its own loop (as in _spec_loop); it
+            for jj in range(m):  # touches no stream, so it can run upwards
+                r0[jj] = d32 * w0_at_nb(seed, start, jj, bound)
         for ii in range(m):
             jj = np.uint64(m - 1 - ii)
             r = r0[jj] if counter else d32 * w0v[jj]
@@ -472,7 +471,7 @@ def _spec_loop(w, g, buf, w0, seed, bound, counter, neg_lr, mom, wd, d32, d32p, 
         bv = buf[start:stop]
         if counter:  # w0 of the chunk into L1 first: a separate loop runs ~2x faster
             for jj in range(m):
-                w0c[jj] = w0_nb(seed, np.uint64(start + jj), bound)
+                w0c[jj] = w0_at_nb(seed, start, jj, bound)
             w0v = w0c
         else:
             w0v = w0[start:stop]

@@ -107,3 +107,26 @@ def test_compiled_w0_matches_spec_on_many_indices_and_the_zero_state(seed):
     for j in zero:
         assert out[j] == np.float32(bound * (_scalar_spec(seed, j) * 2.0**-31 - 1.0))
     assert zero == {0: [0], (5 * 0x9E3779B9) % 2**32: [5]}.get(seed, [])
+
+
+@pytest.mark.parametrize("base", [0, 1000, 2**32 - 300, 2**40 + 7])
+def test_w0_from_a_base_and_an_offset_matches_the_spec(base):
+    # golden.prng.w0_at_nb adds base and offset in 32 bits (the fused Dropback loops
+    # regenerate a chunk of w0 from its start): the bits must be those of index
+    # base + offset, also where the sum passes 2**32 (only its low 32 bits count).
+    import numba
+
+    from golden.prng import w0_at_nb
+
+    @numba.njit(cache=False)
+    def fill(seed, base, bound, out):
+        for jj in range(out.shape[0]):
+            out[jj] = w0_at_nb(seed, np.uint64(base), jj, bound)
+
+    seed = 0x12345678
+    bound = 1 / math.sqrt(27)
+    out = np.empty(600, dtype=np.float32)
+    fill(np.uint64(seed), base, bound, out)
+    x = torch.tensor([prng_u32(seed, base + j) for j in range(out.size)], dtype=torch.float64)
+    ref = (bound * (x * 2.0**-31 - 1.0)).to(torch.float32).numpy()
+    assert np.array_equal(out.view(np.int32), ref.view(np.int32))
