@@ -564,7 +564,7 @@ def _band_gt64(typingctx, arr, i, blo, bhi, mask, mi, out, n, base):
         cur = nn
         for q in range(4):  # positions base + 16q .. base + 16q + 15: keys i+63-16q down
             sel = builder.shuffle_vector(
-                above, above, ir.Constant(v16, [63 - t for t in range(16 * q, 16 * q + 16)]))
+                above, above, ir.Constant(v16, [63 - k for k in range(16 * q, 16 * q + 16)]))
             vals = builder.add(base16, ir.Constant(v16, list(range(16 * q, 16 * q + 16))))
             _compress16_ir(builder, vals, sel, builder.gep(o.data, [cur]))
             cnt = builder.call(fpc, [builder.zext(builder.bitcast(sel, ir.IntType(16)), i64)])
