@@ -1,6 +1,7 @@
 import argparse
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -95,7 +96,7 @@ def test_every_method_gets_the_same_tuning_budget():
     sizes = {m: len(E.grid(m)) for m in E.METHODS}
     assert set(sizes.values()) == {12}
     for hp in E.grid("procrustes"):
-        steps = min(E.CHECKPOINTS) * math.ceil(1078 / hp["batch"])
+        steps = min(E.CHECKPOINTS) * (1078 // hp["batch"])  # full batches only
         assert hp["init_decay"] ** steps < 1e-3  # untracked weights are ~0: MACs skippable
     with pytest.raises(ValueError, match="method must be one of dense, dropback, procrustes"):
         E.grid("adam")
@@ -209,6 +210,23 @@ def test_train_one_budget_masks_and_checkpoints():
     assert 0 < total <= r["tracked"]  # weight matrices hold at most the whole budget
     assert set(r["masks"]) == {"fc1.weight", "fc2.weight", "fc3.weight"}
     assert sorted(r["curve"]) == [1, 2] and r["curve"][2] == r["accuracy"]
+
+
+def test_train_one_steps_on_full_batches_only():
+    data = load_digits_split(0, size=8)
+    steps = []
+
+    def factory(cfg, params):
+        opt = E.make_optimizer(cfg, params)
+        step = opt.step
+        opt.step = lambda *a, **k: (steps.append(len(steps)), step(*a, **k))[1]
+        return opt
+
+    cfg = E.RunConfig("mlp", "procrustes", ratio=10, epochs=3, batch=32, train_limit=70)
+    E.train_one(cfg, data, optimizer_factory=factory)
+    assert len(steps) == 3 * 2  # 70 images: two batches of 32, the 6 left over skipped
+    with pytest.raises(ValueError, match=r"batch must be an integer in \[1, 70\]"):
+        E.train_one(replace(cfg, batch=71), data)
 
 
 def test_lenet300_is_lenet_300_100_on_the_64_pixels():

@@ -463,6 +463,34 @@ def test_fixed_mlp_initial_weights_and_learning():
     assert 0.5 * m.track_size < m.tracked_count < 2 * m.track_size
 
 
+def test_epoch_batches_are_full_and_follow_the_permutation():
+    gen, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(2):  # one randperm per epoch, as before partial batches were dropped
+        bs = P.epoch_batches(70, 32, gen)
+        assert [len(b) for b in bs] == [32, 32]
+        assert torch.equal(torch.cat(bs), torch.randperm(70, generator=ref)[:64])
+    assert [len(b) for b in P.epoch_batches(64, 32, gen)] == [32, 32]
+    assert [len(b) for b in P.epoch_batches(5, 5, gen)] == [5]
+    for bad in (0, 71, 2.0):
+        with pytest.raises(ValueError, match=r"batch must be an integer in \[1, 70\]"):
+            P.epoch_batches(70, bad, gen)
+
+
+def test_train_fixed_steps_on_full_batches_only():
+    m = P.FixedMLP([64, 8, 10], seed=1)
+    data = load_digits_split(0, size=8)
+    x, y = data.x_train.reshape(len(data.x_train), -1)[:40], data.y_train[:40]
+    sizes = []
+    step = m.train_step
+    m.train_step = lambda xb, yb: (sizes.append(len(xb)), step(xb, yb))[1]
+    assert len(P.train_fixed(m, x, y, epochs=2, batch=16)) == 2
+    assert sizes == [16, 16, 16, 16]  # 40 images: 8 left over each epoch
+    before = [w.copy() for w in m.weights]
+    with pytest.raises(ValueError, match=r"batch must be an integer in \[1, 40\]"):
+        P.train_fixed(m, x, y, epochs=1, batch=41)
+    assert all(np.array_equal(a, b) for a, b in zip(before, m.weights))  # nothing changed
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
