@@ -392,29 +392,30 @@ def test_mm_lanes_is_max_magnitude_with_ties_to_the_first_on_every_8_bit_pair():
     assert not wrong, wrong[:5]
 
 
-def test_mag_flags_decide_as_mm_lanes_both_ways_on_every_8_bit_pair():
-    """area=1's H-MERGE compares once (mag_flags) and picks later (pick_lanes): the same
-    lanes as mm_lanes(x, t) and mm_lanes(t, x), ties to the first operand."""
+def test_mag_flags_are_both_strict_magnitude_compares_on_every_8_bit_pair():
+    """area=1's H-MERGE compares once (mag_flags) and picks later (pick_lanes); mm_lanes
+    is built on the first flag. Both flags against |.| on the integers, and a pick on
+    each, ties to the first operand."""
     from amaranth.hdl import Module, Signal
 
-    from hw.cubist.unit import mag_flags, mm_lanes, pick_lanes
+    from hw.cubist.unit import mag_flags, pick_lanes
 
     x, t = Signal(8), Signal(8)
     tx, xt = mag_flags(x, t, 1, 8)
-    got_xt, got_tx = Signal(8), Signal(8)
-    want_xt, want_tx = Signal(8), Signal(8)
+    f_tx, f_xt, p_tx = Signal(), Signal(), Signal(8)
     m = Module()
-    m.d.comb += [got_xt.eq(pick_lanes(tx, x, t, 1, 8)), want_xt.eq(mm_lanes(x, t, 1, 8)),
-                 got_tx.eq(pick_lanes(xt, t, x, 1, 8)), want_tx.eq(mm_lanes(t, x, 1, 8))]
+    m.d.comb += [f_tx.eq(tx), f_xt.eq(xt), p_tx.eq(pick_lanes(xt, t, x, 1, 8))]
     sim = Simulator(m)
     wrong = []
 
     async def bench(ctx):
-        for a in range(256):
-            for b in range(256):
-                ctx.set(x, a)
-                ctx.set(t, b)
-                if (ctx.get(got_xt), ctx.get(got_tx)) != (ctx.get(want_xt), ctx.get(want_tx)):
+        for a in range(-128, 128):
+            for b in range(-128, 128):
+                ctx.set(x, a & 255)
+                ctx.set(t, b & 255)
+                want = (int(abs(b) > abs(a)), int(abs(a) > abs(b)),
+                        (a if abs(a) > abs(b) else b) & 255)
+                if (ctx.get(f_tx), ctx.get(f_xt), ctx.get(p_tx)) != want:
                     wrong.append((a, b))
 
     sim.add_testbench(bench)

@@ -52,16 +52,7 @@ FIFO_DEPTH = 8
 
 def mm_lanes(a, b, p: int, width: int):
     """Per lane: ``b`` if ``|b| > |a|`` else ``a`` (magnitudes with one extra bit)."""
-    out = []
-    for x, y in zip(lanes_of(a, p, width), lanes_of(b, p, width)):
-        # no negation in series with a compare: same signs compare the values, opposite
-        # signs look at the sign of x + y (exact for -2^(width-1) too)
-        sx, sy = x[-1], y[-1]
-        s = x + y
-        same = Mux(sx, y < x, y > x)
-        diff = Mux(sy, s < 0, s > 0)
-        out.append(Mux(Mux(sx == sy, same, diff), y, x))
-    return Cat(*out)
+    return pick_lanes(mag_flags(a, b, p, width)[0], a, b, p, width)
 
 
 def mag_flags(a, b, p: int, width: int):
@@ -69,6 +60,8 @@ def mag_flags(a, b, p: int, width: int):
     (what :func:`mm_lanes` decides for ``mm_lanes(a, b)`` and ``mm_lanes(b, a)``)."""
     ba, ab = [], []
     for x, y in zip(lanes_of(a, p, width), lanes_of(b, p, width)):
+        # no negation in series with a compare: same signs compare the values, opposite
+        # signs look at the sign of x + y (exact for -2^(width-1) too)
         sx, sy = x[-1], y[-1]
         s = x + y
         lt, gt, neg, pos = y < x, y > x, s < 0, s > 0
