@@ -21,126 +21,29 @@ threshold hint, quantile blocks of 256 decided in bulk.
 Torch runs with one thread by default (the numba kernels are single-threaded;
 ``--threads`` changes it).
 
-Where the time goes (11.7M elements, one core; kernels timed alone, each
-figure against torch's ``add_`` on the same arrays, ~2.0 ms, under a load of
-5-8 on 2 cores):
+What each mode costs (11.7M elements, one core; the figures per machine, and
+what was tried, are in the README's Dropback "Speed" paragraph):
 
 * top-k, stored w0: one fused pass (SGD step, score, counts, tracked/reset/
-  pending decision) reads w, g and w0 and writes w and the mask: ~3.7 ms, about
-  1.8x the SGD update alone. Then the elements left pending are decided: in
-  this benchmark ~10k in the prediction band and ~120-150k below it (weights
-  tracked on the previous step that drop out: fresh random gradients churn the
-  tracked set), reset after the pass (~1 ms). A hint miss (first steps, jumps)
-  costs ~5 passes; after the warm-up the band has adapted and every step hits.
-* top-k, CounterInit: the same pass with w0 regenerated per element; the PRNG
-  (three xorshift rounds on 32-bit lanes, int32 -> float64 -> float32) costs
-  ~3.2 ms per 11.7M values by itself, 1.6x an SGD step.
-* quantile: in this benchmark, with stored w0, theta settles ON an edge of the
-  estimator's integer regions (float32 rounding of the factors; the fraction
-  tracked, 9.3%, sits between the fractions that the step sizes on either
-  side balance), so ~90% of the blocks straddle two step sizes. Those blocks
-  are now decided in bulk too (golden.quantile._edge_run: the decisions are
-  known, and theta's end bits follow from a closed form per run of untracked
-  elements, O(tracked elements) per block): on 11.7M such scores the
-  estimator went from ~17 ms (serial chain) to ~12 ms, its per-up walk being
-  latency-bound (~8 ns per tracked element). The update/score/write-back
-  loops walk each parameter from its last element down (descending chunks
-  with ascending loops defeated the hardware prefetchers: 2x slower), on
-  unsigned indices (numba's negative-index test on ``m-1-i`` stopped
-  vectorization) and in chunks of 512 (buffers in L1): ~4.8 ms alone.
-  Session 4 (load ~6): quantile 10.50x -> 5.58x SGD, quantile with
-  CounterInit 6.52x -> 4.31x (the same tracked counts: same semantics).
-  Session 6 (load ~2): at the benchmark's edge only the down step changes, so
-  the walk over the tracked elements is a shift-only chain (~5 cycles per
-  tracked element instead of ~25), and the tracked positions come from a
-  64-wide compress-store (golden.quantile._walk_up/_walk_down): the
-  estimator alone 10.4 -> 7.9 ms, the step 5.37x -> 4.47x SGD. With the walk
-  and the positions removed (a timing experiment, wrong theta) the step was
-  2.97x.
-  Session 7 (load 3-5): the estimator's pieces timed on 65,536 of the
-  benchmark's keys held in L2, 178 times over (11.7M keys): band count 0.76
-  ms, mask loop 0.81, tracked positions 0.74, the walk 1.14, and the whole
-  _blocks 6.05 ms: ~2.6 ms were per-block set-up (region cache and edge-piece
-  look-ups, the walk's divisor and shifts) and its branches. Straddling blocks
-  now go in runs (golden.quantile._edge_run: the set-up once per run of blocks
-  at one edge) -> 4.20 ms, and one 64-key pass gives the band count, the mask
-  and the positions (_band_gt64: one load, two compares, a mask store, a
-  compress-store) -> 3.1 ms; the fused step calls _blocks per 512-element
-  chunk, so it goes straight into the run while theta is at the cached edge
-  (run constants cached with the pieces). Benchmark, per-round median:
-  quantile 4.44x (load 4.1) -> 3.92x with the runs and the 64-key pass (load
-  4.2) -> 3.58x with the cached run (load 2.2); tracked counts unchanged.
-  quantile with CounterInit 4.33x -> 4.25x -> 4.76x: its theta sits inside a
-  region (95% plain bulk blocks) that the cached edge pieces also cover, and
-  the cached run was entered and left at once for each such block; with the
-  cache check skipping the run where the plain step applies, a diagnostic of
-  that mode alone went 4.62x -> 4.09x (stored w0 unchanged, 3.37x vs 3.38x).
-  The final bench (load 1.0): 2.41, 3.83, 3.93, 4.59; quantile's 3.58 above
-  and 3.93 here are the same code, so the spread between runs is wide. In the
-  fused step (a synthetic settled state
-  from the saved stream, one chunk loop, stored w0): the streams alone
-  (estimator replaced by a fixed threshold) 1.66x SGD. Tried and dropped:
-  software prefetch (llvm.prefetch, one or two chunks ahead, of w, g, w0 and
-  the mask) made the step slower (4.67x -> 6.0-6.2x; the streams alone
-  1.66x -> 3.36x); transfer tables for the walk: the entry bits of the
-  benchmark's blocks are not confined to a small window (from ~700 ulps below
-  the edge to ~120k above; 16 consecutive values hold 15% of the entries),
-  and walks started at the two ends of a +-16 window end on the same bits for
-  only 47% of the blocks, so tables (or bracketing) would cover too few.
-  Session 8 (load ~5, the benchmark's settled state after 12 steps, stored
-  w0, medians of 15 rounds, each piece against the SGD step of its round):
-  the step 3.51x; the 62 kernel calls alone 3.20x, so ~0.3x is Python around
-  them (_work 0.14x; the 62 numba dispatches with empty arrays 0.04-0.05x).
-  With warm caches (a do-nothing kernel in its place) the Python part is only
-  ~170 us per step (0.065x): the step's own streams evict the interpreter's
-  objects, so it runs cold. Inside the kernel: update + key alone 1.62x,
-  + the estimator 2.78x (the estimator ~1.16x), update + key + a fixed-
-  threshold write-back 2.04x (the streams), all of it 3.37x. On 11.7M
-  synthetic elements against torch's add_: the update loop is vectorized
-  (16-lane zmm, two shuffles per vector for the descending order) and
-  memory-bound (0.54x when its data sit in L2, 1.53x from memory); a single
-  fused pass without buffers (read w, g, w0; write w and the mask) is 1.86-
-  1.99x, 1.40x without the mask store, so the 1.42x byte floor is not reached
-  by 5 descending streams (numba's descending SGD alone is 1.02x, the fused
-  pass ascending 1.80x); the chunk buffers add little (1.86x with the buffers
-  and no mask store). Tried and dropped: chunks of 2048-16384 (1.48x -> 2.07-
-  2.38x for the update), ascending chunks (3.05x), software prefetch of the
-  next chunks again (1.81x -> 2.29-2.61x), the next chunk's update fused into
-  this chunk's write-back loop (1.80x -> 2.50x). Kept: one kernel call for all
-  parameters (golden.dropback._quantile_all, a table of addresses cached
-  between steps; the chunk buffers and region cache kept too): in one process
-  on the same kernels, 25 rounds alternating the two Python paths (load 4.0),
-  3.46x -> 3.26x SGD (median per-round difference 0.20x); tracked counts
-  unchanged. Benchmark runs (per-round median, the spread between runs is
-  wide): quantile 3.47x before (load 5.7), 3.43x after (load 3.0).
-  Session 9, on an AVX2 machine (AMD EPYC without AVX-512; SGD step ~5.7 ms):
-  LLVM scalarizes the 64-lane compress-store of golden.quantile._band_gt64
-  into one data-dependent branch per key (the scan of 11.7M L2-resident keys:
-  18.4 ms; compares and mask alone 1.8 ms); the positions from a byte table
-  instead (golden.quantile._POS_LUT): 4.6 ms, and quantile 7.15x -> 4.46x SGD
-  in back-to-back bench runs (top-k 3.43x/3.45x on this machine, against
-  2.41x on the AVX-512 one).
-  Session 10, same machine: the top-k pass's per-chunk counts were int64
-  (numba widens int32 + int32), which held its loop to 4 lanes on AVX2; in
-  int32 it runs 8-wide (top-k 4.0-4.25x -> 2.8-3.4x at load 2), and the mask
-  bytes go straight into the mask without AVX-512 (Dropback.direct_mask);
-  bench at load 1.2: top-k 2.62x, quantile 3.94x, CounterInit 4.85x/6.62x.
-  Session 13, same machine, the old and new code paired in one process (40
-  rounds, median new/old per round): with a fixed-threshold compare in place
-  of the estimator the step took 0.71 of the time, without the mask store
-  0.956; chunks of 1024 instead of 512 took 0.92-0.99 (kept where there is no
-  AVX-512); walking the compare words instead of the position table and
-  prefetching gained nothing (README, Speed).
-  Session 14, on an AMD Zen 4 EPYC with AVX-512 (SGD step ~3.8 ms): Zen 4
-  runs the memory form of vpcompressd (LLVM's lowering of the compress-store
-  in _band_gt64) as microcode: the scan of 11.7M L2-resident keys took 17.2
-  ms with it, 1.70 ms with the register form and a full 16-lane store (now
-  used), 1.72 ms with the byte table. Paired, the stored-w0 quantile step went
-  6.31x/6.07x -> 2.79x/2.89x SGD. The top-k hint pass writes its mask
-  directly on Zen with AVX-512 too (paired: 0.91-0.97 of the buffered step's
-  time), and the CounterInit loops add the chunk start to the index in 32
-  bits (w0 regeneration 6.46 -> 5.64 ms per 11.7M values; paired steps
-  0.93-0.96 for top-k, 0.81-0.98 for quantile).
+  pending decision) reads w, g and w0 and writes w and the mask. Then the
+  elements left pending are decided: in this benchmark ~10k in the prediction
+  band and ~120-150k below it (weights tracked on the previous step that drop
+  out: fresh random gradients churn the tracked set). A hint miss (first
+  steps, jumps) costs ~5 passes; after the warm-up every step hits.
+* CounterInit modes: the same passes with w0 regenerated per element; the
+  PRNG (three xorshift rounds on 32-bit lanes, int32 -> float64 -> float32)
+  costs 1.0-1.7x an SGD step by itself, depending on the machine, which is
+  why these modes stay above 3x.
+* quantile: with stored w0, theta settles ON an edge of the estimator's
+  integer regions (float32 rounding of the factors), so most blocks straddle
+  two step sizes; they are decided in bulk in runs at one edge
+  (golden.quantile._edge_run: the decisions are known, and theta's end bits
+  follow from a closed form per run of untracked elements). One 64-key scan
+  (golden.quantile._band_gt64) gives each block's band count, mask and
+  tracked positions. The rest is the streams: update, score and write-back,
+  walking each parameter from its last element down in chunks held in L1
+  (512 elements with AVX-512, 1024 without), in one kernel call for all
+  parameters (golden.dropback._quantile_all).
 """
 
 from __future__ import annotations
