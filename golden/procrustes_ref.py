@@ -809,9 +809,9 @@ def epoch_batches(n: int, batch: int, gen: torch.Generator) -> list[torch.Tensor
     """One epoch's minibatches: a fresh ``torch.randperm(n)`` from ``gen``, cut into
     ``n // batch`` full batches. The ``n % batch`` images left over are not used this
     epoch (the next permutation mixes them back in): every step averages the loss over
-    exactly ``batch`` images. A partial batch (3 images for 1,347 at batch 32) gives a
-    step with ~10x the gradient noise, and the quantile estimator's tracked count, which
-    is not fixed, can jump on it. ``batch`` must be in [1, n]."""
+    exactly ``batch`` images. A partial batch (4 images for 1,348 at batch 32) gives a
+    step with ~2.8x the gradient noise (sqrt(32/4)), and the quantile estimator's tracked
+    count, which is not fixed, can jump on it. ``batch`` must be in [1, n]."""
     _int_in("batch", batch, 1, max(int(n), 1))
     order = torch.randperm(n, generator=gen)
     return [order[s:s + batch] for s in range(0, n - batch + 1, batch)]
